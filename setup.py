@@ -1,0 +1,36 @@
+"""solo-megatron: pre-training SOLO-style encoder-free vision-language models on megatron-core."""
+
+from pathlib import Path
+
+from setuptools import find_namespace_packages, setup
+
+setup(
+    name="solo-megatron",
+    version="0.1.0",
+    description="Pre-train SOLO-style single-transformer vision-language models on megatron-core",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # megatron/ is a PEP 420 namespace shared with megatron-core: never add megatron/__init__.py.
+    packages=find_namespace_packages(include=["megatron.solo", "megatron.solo.*"]),
+    install_requires=[
+        "torch>=2.4",  # `pip install torch==2.13.0` first on CPU machines (see README)
+        "megatron-core==0.16.1",
+        "numpy>=1.24",
+        "pillow>=10.0",
+        "sentencepiece>=0.2",
+        "protobuf>=4.21",  # sentencepiece's model proto: reading tokenizers that carry SOLO's pieces
+        "psutil>=5.9",  # dist_checkpointing's writer hangs without it (megatron_core_cpu.md §3)
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6.100",
+            "scikit-image>=0.22",  # real sample photos, shipped in the wheel
+            "mistral-common>=1.5",  # ships Mistral-7B-v0.1's tokenizer.model (the default tokenizer)
+        ],
+        "hf": ["transformers>=4.46", "safetensors>=0.4"],
+    },
+)
