@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import io
 import os
 import warnings
@@ -41,6 +40,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own warning threshold (~0.25 GiB of RGB)
 WHITE = (255, 255, 255)
+ORIENTATION_TAG = 0x0112
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
@@ -164,7 +164,8 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
         img = _open(source, name, max_pixels)
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(ORIENTATION_TAG, 1) != 1:  # exif_transpose copies even when nothing changes
+            img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as e:
         raise ImageError("decompression_bomb", name, str(e)) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -296,36 +297,44 @@ def load_and_resize(source: ImageSource, config: ImageConfig = DEFAULT_CONFIG) -
 
 def patchify_uint8(pixels: np.ndarray, patch_size: int = PATCH_SIZE) -> np.ndarray:
     """[H, W, 3] uint8 → [n_rows·n_cols, 3·P·P] uint8: row-major patches, each flattened C×P×P."""
-    height, width, channels = pixels.shape
-    if channels != 3 or height % patch_size or width % patch_size:
-        raise ValueError(f"pixels must be [H, W, 3] with H, W multiples of {patch_size}, got {pixels.shape}")
-    rows, cols = height // patch_size, width // patch_size
-    grid = pixels.reshape(rows, patch_size, cols, patch_size, 3).transpose(0, 2, 4, 1, 3)
-    return np.ascontiguousarray(grid).reshape(rows * cols, 3 * patch_size * patch_size)
+    grid = _patch_grid(pixels, patch_size)
+    return np.ascontiguousarray(grid).reshape(grid.shape[0] * grid.shape[1], -1)
 
 
 def normalize_patches(patches: np.ndarray, config: ImageConfig = DEFAULT_CONFIG) -> np.ndarray:
-    """[n, 3·P·P] uint8 → float32 ``(x/255 - mean)/std`` per channel, bit-equal to the float32 arithmetic."""
-    n, dim = patches.shape
+    """[n, 3·P·P] uint8 → float32 ``(x/255 - mean)/std`` per channel."""
     plane = config.patch_size * config.patch_size
-    if patches.dtype != np.uint8 or dim != 3 * plane:
+    if patches.dtype != np.uint8 or patches.ndim != 2 or patches.shape[1] != 3 * plane:
         raise ValueError(f"patches must be uint8 [n, {3 * plane}], got {patches.dtype} {patches.shape}")
-    lut = _normalize_lut(config.mean, config.std)
-    channels = patches.reshape(n, 3, plane)
-    out = np.empty((n, 3, plane), dtype=np.float32)
-    for c in range(3):  # a 256-entry table per channel: one gather instead of three float ops per value
-        np.take(lut[c], channels[:, c], out=out[:, c])
-    return out.reshape(n, dim)
+    out = patches.reshape(-1, 3, plane).astype(np.float32)
+    return _normalize_(out, config, channel_axis=1).reshape(patches.shape)
 
 
-@functools.lru_cache(maxsize=8)
-def _normalize_lut(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    values = np.arange(256, dtype=np.float32) / np.float32(255)
-    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
-    std32 = np.asarray(std, dtype=np.float32)[:, None]
-    lut = (values[None, :] - mean32) / std32  # the same float32 ops as ToTensor + Normalize
-    lut.setflags(write=False)
-    return lut
+def image_to_patches(img: Image.Image, config: ImageConfig = DEFAULT_CONFIG) -> np.ndarray:
+    """An RGB image already at its target size → normalised float32 patches [n, 3·P·P]."""
+    grid = _patch_grid(np.asarray(img.convert("RGB") if img.mode != "RGB" else img), config.patch_size)
+    # One cast-copy straight into patch order (astype on the strided view would keep its memory order).
+    out = np.empty(grid.shape, dtype=np.float32)
+    np.copyto(out, grid, casting="unsafe")
+    return _normalize_(out, config, channel_axis=2).reshape(grid.shape[0] * grid.shape[1], -1)
+
+
+def _patch_grid(pixels: np.ndarray, patch_size: int) -> np.ndarray:
+    """[H, W, 3] → a [rows, cols, 3, P, P] view (no copy)."""
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.shape[0] % patch_size or pixels.shape[1] % patch_size:
+        raise ValueError(f"pixels must be [H, W, 3] with H, W multiples of {patch_size}, got {pixels.shape}")
+    rows, cols = pixels.shape[0] // patch_size, pixels.shape[1] // patch_size
+    return pixels.reshape(rows, patch_size, cols, patch_size, 3).transpose(0, 2, 4, 1, 3)
+
+
+def _normalize_(x: np.ndarray, config: ImageConfig, channel_axis: int) -> np.ndarray:
+    """In place on float32 ``x``: the same float32 ops, in the same order, as ToTensor + Normalize."""
+    shape = [1] * x.ndim
+    shape[channel_axis] = 3
+    np.divide(x, np.float32(255), out=x)
+    np.subtract(x, np.asarray(config.mean, np.float32).reshape(shape), out=x)
+    np.divide(x, np.asarray(config.std, np.float32).reshape(shape), out=x)
+    return x
 
 
 @dataclass(frozen=True)
@@ -342,12 +351,6 @@ class ProcessedImage:
     @property
     def num_tokens(self) -> int:
         return layout_length(self.n_rows, self.n_cols)
-
-
-def image_to_patches(img: Image.Image, config: ImageConfig = DEFAULT_CONFIG) -> np.ndarray:
-    """An RGB image already at its target size → normalised float32 patches [n, 3·P·P]."""
-    pixels = np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
-    return normalize_patches(patchify_uint8(pixels, config.patch_size), config)
 
 
 def process_image(source: ImageSource, config: ImageConfig = DEFAULT_CONFIG) -> ProcessedImage:
