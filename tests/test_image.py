@@ -246,10 +246,11 @@ def test_transparent_files_composite_on_white(img, fmt):
     assert np.asarray(loaded)[0, -1].tolist() == [255, 255, 255]
 
 
-def test_rgb_png_with_transparent_color_key():
-    img = Image.new("RGB", (2, 1), (0, 0, 0))
-    img.putpixel((0, 0), (9, 9, 9))
-    loaded = im.load_image(encode(img, "PNG", transparency=(0, 0, 0)))
+@pytest.mark.parametrize("mode, key, kept", [("RGB", (0, 0, 0), (9, 9, 9)), ("L", 0, 9)])
+def test_png_with_transparent_color_key(mode, key, kept):
+    img = Image.new(mode, (2, 1), key)
+    img.putpixel((0, 0), kept)
+    loaded = im.load_image(encode(img, "PNG", transparency=key))
     assert np.asarray(loaded).tolist() == [[[9, 9, 9], [255, 255, 255]]]
 
 
