@@ -18,7 +18,7 @@ setup(
         "torch>=2.4",  # `pip install torch==2.13.0` first on CPU machines (see README)
         "megatron-core==0.16.1",
         "numpy>=1.24",
-        "pillow>=10.0",
+        "pillow>=10.3",  # 16-bit grey PNGs open as I;16 from 10.3 on
         "sentencepiece>=0.2",
         "protobuf>=4.21",  # sentencepiece's model proto: reading tokenizers that carry SOLO's pieces
         "psutil>=5.9",  # dist_checkpointing's writer hangs without it (megatron_core_cpu.md §3)

@@ -73,6 +73,8 @@ def test_encode_decode_round_trip(tokenizer, text):
 def test_decode_skips_vision_tokens_and_keeps_spacing(tokenizer):
     ids = tokenizer.encode("A cat") + tokenizer.image_token_ids(100, 50) + tokenizer.encode("and a dog", eos=True)
     assert tokenizer.decode(ids) == "A cat and a dog"
+    after_bos = tokenizer.encode("hi") + tokenizer.image_token_ids(64, 64) + tokenizer.encode("there", bos=True)
+    assert tokenizer.decode(after_bos) == "hi there"
     assert tokenizer.decode(tokenizer.image_token_ids(64, 64)) == ""
     assert tokenizer.decode(tokenizer.encode("box") + [tokenizer.loc_token_id(3)]) == "box<loc_3>"
     with pytest.raises(ValueError, match="cannot decode id 33100"):

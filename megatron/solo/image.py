@@ -26,7 +26,6 @@ import base64
 import binascii
 import io
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -61,7 +60,11 @@ class ImageError(ValueError):
         assert reason in self.REASONS, reason
         self.reason = reason
         self.source = source
+        self.detail = detail
         super().__init__(f"{source}: {reason.replace('_', ' ')}: {detail}")
+
+    def __reduce__(self):  # crosses process boundaries (preprocessing workers) intact
+        return type(self), (self.reason, self.source, self.detail)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -177,7 +180,7 @@ def describe_source(source: ImageSource) -> str:
     """A short human-readable name of an image source, for error messages."""
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
-        return text[:48] + "…" if text.startswith("data:") and len(text) > 48 else text
+        return text[:48] + "…" if text[:5].lower() == "data:" and len(text) > 48 else text
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<{len(source)} bytes>"
     if isinstance(source, Image.Image):
@@ -188,10 +191,7 @@ def describe_source(source: ImageSource) -> str:
 def _open(source, name: str, max_pixels: int | None) -> Image.Image:
     fp = _as_file(source, name)
     try:
-        with warnings.catch_warnings():
-            # Pillow warns above its own limit; ours (checked right after) is the one that decides.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
+        img = Image.open(fp)  # reads the header only: the pixel check below runs before any decoding
     except Image.DecompressionBombError as e:
         raise ImageError("decompression_bomb", name, f"{e} (raise PIL.Image.MAX_IMAGE_PIXELS to allow it)") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
@@ -206,7 +206,7 @@ def _decode_error(e: Exception, name: str) -> ImageError:
 
 
 def _as_file(source, name: str) -> BinaryIO:
-    if isinstance(source, str) and source.startswith("data:"):
+    if isinstance(source, str) and source[:5].lower() == "data:":
         return io.BytesIO(_decode_data_url(source, name))
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
@@ -223,12 +223,17 @@ def _as_file(source, name: str) -> BinaryIO:
 
 
 def _decode_data_url(url: str, name: str) -> bytes:
-    """``data:[<mime>][;base64],<payload>`` → bytes. Like the reference, the MIME type is not trusted."""
-    header, sep, payload = url.partition(",")
-    if not sep or ";base64" not in header:
+    """``data:<anything>,<base64>`` → bytes.
+
+    Like the reference, the header (MIME type, ``;base64``) is not trusted and the payload is always
+    base64; whitespace (line-wrapped base64, a trailing newline) is ignored. Unlike the reference, other
+    non-alphabet characters are an error instead of being silently dropped.
+    """
+    _, sep, payload = url.partition(",")
+    if not sep:
         raise ImageError("bad_data_url", name, "expected 'data:<mime>;base64,<payload>'")
     try:
-        data = base64.b64decode(payload, validate=True)
+        data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as e:
         raise ImageError("bad_data_url", name, f"invalid base64: {e}") from e
     if not data:
@@ -250,15 +255,35 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img
     if img.mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply first
         img = img.convert("LA" if img.mode == "La" else "RGBA")
-    elif img.mode == "PA" or (img.mode in ("P", "L", "RGB") and "transparency" in img.info):
+    elif img.mode in ("1", "I", "I;16", "I;16B", "I;16L", "I;16N") and "transparency" in img.info:
+        return _composite_on_white(to_rgb(_without_transparency(img)), _colour_key_alpha(img))
+    elif img.mode == "PA" or (img.mode in ("P", "L", "RGB") and "transparency" in img.info) or (
+        img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
+    ):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):
-        background = Image.new("RGB", img.size, WHITE)
-        background.paste(img.convert("RGB"), mask=img.getchannel("A"))
-        return background
+        return _composite_on_white(img.convert("RGB"), img.getchannel("A"))
     if img.mode.startswith("I") or img.mode == "F":
         return Image.fromarray(_high_depth_to_uint8(img), "L").convert("RGB")
     return img.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def _composite_on_white(rgb: Image.Image, alpha: Image.Image) -> Image.Image:
+    background = Image.new("RGB", rgb.size, WHITE)
+    background.paste(rgb, mask=alpha)
+    return background
+
+
+def _colour_key_alpha(img: Image.Image) -> Image.Image:
+    """Alpha (0/255) of a grey image whose ``transparency`` is a single key value (PNG tRNS)."""
+    opaque = np.asarray(img).astype(np.int64) != int(img.info["transparency"])
+    return Image.fromarray(opaque.astype(np.uint8) * 255, "L")
+
+
+def _without_transparency(img: Image.Image) -> Image.Image:
+    img = img.copy()
+    img.info.pop("transparency", None)
+    return img
 
 
 def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
@@ -312,7 +337,7 @@ def normalize_patches(patches: np.ndarray, config: ImageConfig = DEFAULT_CONFIG)
 
 def image_to_patches(img: Image.Image, config: ImageConfig = DEFAULT_CONFIG) -> np.ndarray:
     """An RGB image already at its target size → normalised float32 patches [n, 3·P·P]."""
-    grid = _patch_grid(np.asarray(img.convert("RGB") if img.mode != "RGB" else img), config.patch_size)
+    grid = _patch_grid(np.asarray(to_rgb(img)), config.patch_size)
     # One cast-copy straight into patch order (astype on the strided view would keep its memory order).
     out = np.empty(grid.shape, dtype=np.float32)
     np.copyto(out, grid, casting="unsafe")

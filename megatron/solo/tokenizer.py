@@ -161,7 +161,8 @@ class SoloTokenizer:
             if run:
                 text = self._sp.decode(run)
                 # SentencePiece drops the leading space of what it decodes; keep it between segments.
-                if pieces and self._sp.id_to_piece(run[0]).startswith("▁"):
+                first = next((i for i in run if not self._sp.is_control(i)), None)
+                if pieces and first is not None and self._sp.id_to_piece(first).startswith("▁"):
                     text = " " + text
                 pieces.append(text)
                 run.clear()
