@@ -40,8 +40,9 @@ def make_jpegs(quality: int) -> list[bytes]:
 
 
 def floor(data: bytes) -> Image.Image:
-    """What any pipeline must do: decode to RGB and resize to the target size."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    """What any pipeline must do: decode to RGB and resize to the target size (no copy when already RGB)."""
+    img = Image.open(io.BytesIO(data))
+    img = img if img.mode == "RGB" else img.convert("RGB")
     return img.resize(im.target_size(*img.size), Image.Resampling.BILINEAR)
 
 
