@@ -253,19 +253,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode → 8-bit RGB. Transparency is composited on white; 16-bit/float data is rescaled."""
     if img.mode == "RGB" and "transparency" not in img.info:
         return img
+    if img.mode in ("P", "PA"):  # palette transparency (tRNS entries, PA, RGBA palettes): Pillow resolves it
+        has_alpha = img.mode == "PA" or "transparency" in img.info or img.palette.mode == "RGBA"
+        img = img.convert("RGBA" if has_alpha else "RGB")
+    elif "transparency" in img.info and img.mode not in ("RGBA", "LA", "La", "RGBa"):
+        # A colour key (PNG tRNS) on a grey or RGB image of any bit depth.
+        return _composite_on_white(to_rgb(_without_transparency(img)), _colour_key_alpha(img))
     if img.mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply first
         img = img.convert("LA" if img.mode == "La" else "RGBA")
-    elif img.mode in ("1", "I", "I;16", "I;16B", "I;16L", "I;16N") and "transparency" in img.info:
-        return _composite_on_white(to_rgb(_without_transparency(img)), _colour_key_alpha(img))
-    elif img.mode == "PA" or (img.mode in ("P", "L", "RGB") and "transparency" in img.info) or (
-        img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
-    ):
-        img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):
         return _composite_on_white(img.convert("RGB"), img.getchannel("A"))
     if img.mode.startswith("I") or img.mode == "F":
         return Image.fromarray(_high_depth_to_uint8(img), "L").convert("RGB")
-    return img.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX
+    return img.convert("RGB")  # 1, L, RGB, CMYK, YCbCr, LAB, HSV, RGBX
 
 
 def _composite_on_white(rgb: Image.Image, alpha: Image.Image) -> Image.Image:
@@ -275,8 +275,9 @@ def _composite_on_white(rgb: Image.Image, alpha: Image.Image) -> Image.Image:
 
 
 def _colour_key_alpha(img: Image.Image) -> Image.Image:
-    """Alpha (0/255) of a grey image whose ``transparency`` is a single key value (PNG tRNS)."""
-    opaque = np.asarray(img).astype(np.int64) != int(img.info["transparency"])
+    """Alpha (0/255) of an image whose ``transparency`` is one key value (grey) or colour (RGB)."""
+    differs = np.asarray(img).astype(np.int64) != np.asarray(img.info["transparency"], dtype=np.int64)
+    opaque = differs.any(axis=-1) if differs.ndim == 3 else differs
     return Image.fromarray(opaque.astype(np.uint8) * 255, "L")
 
 
