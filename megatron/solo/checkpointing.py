@@ -1,0 +1,160 @@
+"""Megatron checkpoints of SOLO models: layout, metadata, atomic save and load.
+
+A checkpoint root looks like Megatron-LM's::
+
+    ROOT/
+      latest_checkpointed_iteration.txt   "release" (a converted model) or the last saved iteration
+      release/ | iter_0000050/            megatron-core dist_checkpointing (torch_dist), layout-free:
+                                          loads at any TP/PP/DP (the optimizer as "fully_reshardable")
+      solo_config.json                    architecture (ModelConfig) + padded vocabulary size
+      tokenizer.model, solo_tokenizer.json   the SoloTokenizer the model was trained with
+
+The padded vocabulary is a property of the checkpoint (33152 from TP=1, 33280 from TP=2): a model loading
+it keeps that size, which works at any tensor-parallel size dividing it. Iteration directories are written
+under a temporary name and renamed when complete; the tracker file is replaced atomically afterwards, so a
+crash mid-save leaves the previous checkpoint the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from megatron.solo.config import ModelConfig
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+METADATA_FILE = "solo_config.json"
+FORMAT_VERSION = 1
+RELEASE = "release"
+
+
+@dataclass(frozen=True)
+class CheckpointMetadata:
+    """What a model needs to be rebuilt from a checkpoint before its tensors are loaded."""
+
+    model: ModelConfig
+    padded_vocab_size: int
+
+    def __post_init__(self) -> None:
+        if self.padded_vocab_size < self.model.vocab_size:
+            raise ValueError(f"padded_vocab_size: {self.padded_vocab_size} < vocab_size {self.model.vocab_size}")
+
+    def check_tensor_parallel(self, tensor_parallel: int) -> None:
+        if self.padded_vocab_size % tensor_parallel:
+            raise ValueError(f"tensor_model_parallel_size: {tensor_parallel} does not divide the checkpoint's "
+                             f"padded vocabulary ({self.padded_vocab_size})")
+
+    def to_json(self) -> str:
+        return json.dumps({"format_version": FORMAT_VERSION, "model": self.model.to_dict(),
+                           "padded_vocab_size": self.padded_vocab_size}, indent=2) + "\n"
+
+    @classmethod
+    def read(cls, root: str | os.PathLike) -> CheckpointMetadata:
+        path = Path(root) / METADATA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not a SOLO checkpoint (no {METADATA_FILE})")
+        data = json.loads(path.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
+        return cls(ModelConfig.from_dict(data["model"]), int(data["padded_vocab_size"]))
+
+    def write(self, root: str | os.PathLike) -> None:
+        _atomic_write_text(Path(root) / METADATA_FILE, self.to_json())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int | None) -> Path:
+    return Path(root) / (RELEASE if iteration is None else f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str | os.PathLike) -> int | None:
+    """The tracker's iteration (``None`` for a release checkpoint); FileNotFoundError when there is none."""
+    tracker = Path(root) / TRACKER_FILE
+    if not tracker.is_file():
+        raise FileNotFoundError(f"{root}: no checkpoint ({TRACKER_FILE} is missing)")
+    text = tracker.read_text().strip()
+    if text == RELEASE:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"{tracker}: expected an iteration number or {RELEASE!r}, got {text!r}")
+    return int(text)
+
+
+def has_checkpoint(root: str | os.PathLike | None) -> bool:
+    return root is not None and (Path(root) / TRACKER_FILE).is_file()
+
+
+def save_sharded(root: str | os.PathLike, iteration: int | None, sharded_state: dict[str, Any],
+                 metadata: CheckpointMetadata, content_metadata: dict | None = None) -> Path:
+    """Collectively save ``sharded_state`` as ``root``'s checkpoint for ``iteration`` and mark it latest."""
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = final.with_name(f".{final.name}.incomplete")
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        metadata.write(root)
+    _barrier()
+    dist_checkpointing.save(sharded_state, str(tmp), sharded_strategy=("torch_dist", 1),
+                            content_metadata=content_metadata)
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write_text(root / TRACKER_FILE, f"{RELEASE if iteration is None else iteration}\n")
+    _barrier()
+    return final
+
+
+def load_sharded(root: str | os.PathLike, sharded_state: dict[str, Any], iteration: int | None | str = "latest"):
+    """Collectively load ``sharded_state``'s tensors from ``root`` (the tracker's iteration by default)."""
+    if iteration == "latest":
+        iteration = latest_iteration(root)
+    path = iteration_dir(root, iteration)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint directory is missing")
+    return dist_checkpointing.load(sharded_state, str(path))
+
+
+def save_model(root: str | os.PathLike, model, metadata: CheckpointMetadata, iteration: int | None = None) -> Path:
+    """Save one pipeline stage's ``SoloModel`` weights (collective over all ranks)."""
+    return save_sharded(root, iteration, {"model": model.sharded_state_dict()}, metadata)
+
+
+def load_model_state(model, state_dict: dict[str, torch.Tensor]) -> None:
+    """``load_state_dict`` that tolerates only megatron-core's ``_extra_state`` entries being absent."""
+    result = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_model(root: str | os.PathLike, model, iteration: int | None | str = "latest") -> None:
+    """Load one pipeline stage's ``SoloModel`` weights from ``root`` (collective)."""
+    loaded = load_sharded(root, {"model": model.sharded_state_dict()}, iteration)
+    load_model_state(model, loaded["model"])

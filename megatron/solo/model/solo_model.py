@@ -1,0 +1,94 @@
+"""``SoloModel``: megatron-core's ``GPTModel`` whose input also takes raw pixel patches.
+
+At a ``<vpatch>`` position the decoder input is the ``<vpatch>`` token embedding **plus** the projected
+patch (``Linear(3·32·32 → hidden, bias=False)``), as in the reference. The projection is a plain replicated
+``nn.Linear`` on the first pipeline stage: its input is replicated across tensor-parallel ranks, so its
+gradients come out identical there and need no extra reduction. Patches are merged into the full-sequence
+embedding, and only then scattered for sequence parallelism.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from megatron.solo.model.attention import packed_causal_mask, thd_packed_seq_params
+from megatron.solo.model.specs import Backend
+
+
+class SoloModel(GPTModel):
+    """A Mistral decoder (RoPE, untied embeddings) with a patch projection on the first stage."""
+
+    def __init__(self, config: TransformerConfig, block_spec: ModuleSpec, *, vocab_size: int,
+                 max_sequence_length: int, patch_dim: int, rotary_base: float, backend: Backend,
+                 sliding_window: int | None, pre_process: bool = True, post_process: bool = True,
+                 vp_stage: int | None = None):
+        super().__init__(
+            config, block_spec, vocab_size=vocab_size, max_sequence_length=max_sequence_length,
+            pre_process=pre_process, post_process=post_process, position_embedding_type="rope",
+            rotary_base=rotary_base, share_embeddings_and_output_weights=False,
+            scatter_embedding_sequence_parallel=False,  # merge patches first, scatter after (forward)
+            vp_stage=vp_stage,
+        )
+        self.backend = backend
+        self.sliding_window = sliding_window
+        self.patch_dim = patch_dim
+        if pre_process:
+            self.patch_embedding = torch.nn.Linear(patch_dim, config.hidden_size, bias=False,
+                                                   dtype=config.params_dtype)
+            if config.perform_initialization:
+                config.init_method(self.patch_embedding.weight)
+
+    def embed(self, tokens: torch.Tensor, patches: torch.Tensor | None,
+              patch_index: torch.Tensor | None) -> torch.Tensor:
+        """[s, b, h] decoder input: token embeddings, plus projected patches at their flat positions.
+
+        tokens [b, s]; patches [p, patch_dim]; patch_index [p], flat ``row·s + col``.
+        """
+        emb = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h], the full sequence
+        if patches is not None and patches.numel() > 0:
+            b, s = tokens.shape
+            projected = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))
+            flat = emb.transpose(0, 1).reshape(b * s, -1)
+            flat = flat.index_add(0, patch_index, projected.to(flat.dtype))
+            emb = flat.view(b, s, -1).transpose(0, 1).contiguous()
+        if self.config.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)  # [s/tp, b, h]
+        return emb
+
+    def _preprocess(self, *args, **kwargs):
+        # GPTModel builds RoPE for positions 0..s-1 and ignores position_ids; packed documents restart
+        # their positions, so look the rotary table up by position (exact, not only relative).
+        out = list(super()._preprocess(*args, **kwargs))
+        position_ids = kwargs.get("position_ids")
+        if self.backend == "local" and position_ids is not None and out[1] is not None:
+            table = self.rotary_pos_emb(int(position_ids.max()) + 1)  # [P, 1, 1, d]
+            out[1] = table[position_ids.t()].squeeze(2)  # [s, b, 1, d]
+        return tuple(out)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int, patches: torch.Tensor | None = None, patch_index: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token loss [b, s] when ``labels`` are given, else logits [b, s, V/tp] (last pipeline stage).
+
+        tokens, position_ids, labels: int64 [b, s]; cu_seqlens: int32 [n + 1] over the flattened b·s
+        stream; patches [p, patch_dim] with patch_index [p] (used on the first pipeline stage only).
+        """
+        b, s = tokens.shape
+        if self.backend == "te":
+            # THD: the micro-batch is one stream of b·s tokens whose documents cu_seqlens delimits; flat
+            # patch indices (row·s + col) are already positions in that stream.
+            tokens, position_ids = tokens.reshape(1, b * s), position_ids.reshape(1, b * s)
+            labels = None if labels is None else labels.reshape(1, b * s)
+            mask, packed = None, thd_packed_seq_params(cu_seqlens, max_seqlen)
+        else:
+            mask, packed = packed_causal_mask(cu_seqlens, b, s, self.sliding_window), None
+        decoder_input = self.embed(tokens, patches, patch_index) if self.pre_process else None
+        out = super().forward(tokens, position_ids, mask, decoder_input=decoder_input, labels=labels,
+                              packed_seq_params=packed)
+        if not self.post_process:
+            return out  # hidden states [s, b, h] ([b·s, 1, h] under THD) for the next pipeline stage
+        return out.reshape(b, s, *out.shape[2:])

@@ -1,0 +1,64 @@
+"""Layer specs: megatron-core's local modules (CPU, tests) or Transformer Engine's (GPU).
+
+The two backends build identical checkpoints: megatron-core maps the local spec's keys onto the TE names
+(``input_layernorm`` → ``self_attention.linear_qkv.layer_norm_weight``) in ``sharded_state_dict``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+Backend = Literal["local", "te"]
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm that also runs under sequence parallelism.
+
+    megatron-core's ``WrappedTorchNorm`` refuses ``sequence_parallel``; the norm itself is pointwise over
+    the sequence, so only its weight gradient needs a TP all-reduce, which ``finalize_model_grads`` does
+    for parameters marked ``.sequence_parallel``.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_backend(backend: Backend | Literal["auto"]) -> Backend:
+    """``auto``: Transformer Engine on a CUDA machine that has it, the local spec otherwise."""
+    if backend == "auto":
+        return "te" if torch.cuda.is_available() and transformer_engine_available() else "local"
+    if backend == "te" and not transformer_engine_available():
+        raise ValueError("attention backend 'te' needs transformer-engine (use an NGC PyTorch container)")
+    if backend not in ("local", "te"):
+        raise ValueError(f"attention backend: unknown {backend!r}; choose local, te or auto")
+    return backend
+
+
+def decoder_block_spec(config: TransformerConfig, backend: Backend, vp_stage: int | None = None) -> ModuleSpec:
+    """The decoder of this pipeline stage: Mistral layers (RMSNorm, SwiGLU, GQA) and a final norm."""
+    if backend == "te":
+        layer = get_gpt_layer_with_transformer_engine_spec()
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+        return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
