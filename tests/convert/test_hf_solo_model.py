@@ -26,12 +26,15 @@ def models():
 
 
 def image_prompt(batch=1, seq=10, generator_seed=0):
-    """Token ids with a 2x2 'image' per sample: (ids [b,s], indices [b,s], patches [4b, PATCH_DIM])."""
+    """Token ids with a 2x2 'image' per sample: (ids [b,s], indices [b,s], patches [4b, PATCH_DIM]).
+
+    Sample b shows its 4 patches at positions 2b…2b+3 (sample 0 from position 0, as in SOLO's layout where
+    the image block opens the prompt); indices are global over the batch."""
     gen = torch.Generator().manual_seed(generator_seed)
     ids = torch.randint(3, TINY["vocab_size"], (batch, seq), generator=gen)
     indices = torch.full((batch, seq), -1)
     for b in range(batch):
-        indices[b, 2:6] = torch.arange(4 * b, 4 * b + 4)  # patch positions, global indices over the batch
+        indices[b, 2 * b: 2 * b + 4] = torch.arange(4 * b, 4 * b + 4)
     return ids, indices, torch.randn(4 * batch, PATCH_DIM, generator=gen)
 
 
@@ -94,24 +97,31 @@ def greedy_by_full_forwards(solo, ids, indices, patches, new_tokens):
     return ids
 
 
-@pytest.mark.parametrize("batch,extra", [(1, {}), (2, {}), (1, {"prefill_chunk_size": 4}), (1, {"use_cache": False})])
-def test_generate_with_an_image_equals_greedy_full_forwards(models, batch, extra):
+@pytest.mark.parametrize(
+    "batch,extra,patches_passed",
+    [
+        (1, {}, [True] + [False] * 5),  # prefill, then 5 cached steps
+        (2, {}, [True] + [False] * 5),
+        (1, {"prefill_chunk_size": 4}, [True, False, False] + [False] * 5),  # only chunk [0,4) shows patches
+        (1, {"use_cache": False}, [True] * 6),  # every step re-reads the whole prompt
+    ],
+)
+def test_generate_with_an_image_equals_greedy_full_forwards(models, monkeypatch, batch, extra, patches_passed):
     _, solo = models
     ids, indices, patches = image_prompt(batch=batch, generator_seed=batch)
-    calls = []
-    hook = solo.model.embed_vision_patch.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    try:
-        got = solo.generate(ids, vision_patch_indices=indices, vision_patches=patches,
-                            max_new_tokens=6, do_sample=False, **extra)
-    finally:
-        hook.remove()
-    want = greedy_by_full_forwards(solo, ids, indices, patches, 6)
-    assert torch.equal(got, want)
-    if extra.get("use_cache", True):
-        # Patches are projected only while prompt tokens with image positions are processed.
-        assert len(calls) == (2 if "prefill_chunk_size" in extra else 1)  # chunks [0,4) and [4,8) hold patches
-    else:
-        assert len(calls) == 6
+    passed = []
+    prepare = solo.prepare_inputs_for_generation
+
+    def spy(*args, **kwargs):
+        inputs = prepare(*args, **kwargs)
+        passed.append("vision_patches" in inputs)
+        return inputs
+
+    monkeypatch.setattr(solo, "prepare_inputs_for_generation", spy)
+    got = solo.generate(ids, vision_patch_indices=indices, vision_patches=patches, max_new_tokens=6, do_sample=False,
+                        **extra)
+    assert torch.equal(got, greedy_by_full_forwards(solo, ids, indices, patches, 6))
+    assert passed == patches_passed
 
 
 def test_text_only_generate_is_mistral_generate(models):

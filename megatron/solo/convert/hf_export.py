@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import Tensor
@@ -32,6 +32,9 @@ from torch import Tensor
 from megatron.solo.convert.hf_solo import AUTO_MAP, MODELING_FILES, SoloConfig
 from megatron.solo.convert.name_table import Arch, ConversionError, hf_shapes
 from megatron.solo.tokenizer import SoloTokenizer
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -75,7 +78,7 @@ def write_hf_export(
     return out_dir
 
 
-def read_hf_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Tensor], object]:
+def read_hf_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Tensor], "PretrainedConfig"]:
     """``(state_dict, config)`` of an HF Mistral or SOLO directory: safetensors (single or sharded with an
     index) or ``pytorch_model*.bin``. ``config`` is a ``MistralConfig`` or ``SoloConfig``."""
     from transformers import AutoConfig

@@ -205,8 +205,11 @@ def expand(arch: Arch) -> Iterator[tuple[Rule, str, tuple[str, ...]]]:
     """Every (rule, Megatron name, HF names) with the layer index filled in."""
     for rule in TABLE:
         for i in range(arch.num_layers) if rule.per_layer else [None]:
-            fmt = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
-            yield rule, fmt(rule.megatron), tuple(fmt(n) for n in rule.hf)
+            yield rule, _fill(rule.megatron, i), tuple(_fill(name, i) for name in rule.hf)
+
+
+def _fill(pattern: str, layer: int | None) -> str:
+    return pattern if layer is None else pattern.format(i=layer)
 
 
 def hf_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
@@ -230,7 +233,8 @@ def hf_to_megatron(
     """HF Mistral/SOLO state dict → megatron-core ``GPTModel`` state dict (plus ``patch_embedding.weight``).
 
     Vocabulary rows grow to ``padded_vocab_size`` and the patch projection is loaded or initialised as the
-    module docstring says; ``generator`` seeds only that initialisation.
+    module docstring says; ``generator`` seeds only that initialisation. Tensors that need no transform are
+    returned as they are (shared with ``hf_sd``, not copied: a 7B model is never held twice).
     """
     _check_keys(hf_sd, {n for _, _, names in expand(arch) for n in names}, _HARMLESS_HF, "HF",
                 optional={HF_PATCH})
@@ -250,7 +254,10 @@ def hf_to_megatron(
 
 
 def megatron_to_hf(m_sd: Mapping[str, Tensor], arch: Arch, *, vocab_size: int) -> dict[str, Tensor]:
-    """megatron-core ``GPTModel`` state dict (full tensors) → HF SOLO state dict with ``vocab_size`` rows."""
+    """megatron-core ``GPTModel`` state dict (full tensors) → HF SOLO state dict with ``vocab_size`` rows.
+
+    Outputs may be views of ``m_sd``'s tensors (q/k/v of the fused QKV, the first rows of the vocabulary).
+    """
     _check_keys(m_sd, {m for _, m, _ in expand(arch)}, _HARMLESS_MEGATRON, "Megatron")
     padded = m_sd["embedding.word_embeddings.weight"].shape[0]
     if not 1 <= vocab_size <= padded:
