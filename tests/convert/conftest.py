@@ -21,7 +21,9 @@ _CPU = torch.device("cpu")
 
 
 def _to_cpu(device):
-    if (isinstance(device, str) and device.startswith("cuda")) or (isinstance(device, torch.device) and device.type == "cuda"):
+    if isinstance(device, str) and device.startswith("cuda"):
+        return _CPU
+    if isinstance(device, torch.device) and device.type == "cuda":
         return _CPU
     return device
 

@@ -78,6 +78,15 @@ def test_with_images_it_adds_the_projected_patch_to_the_token_embedding(models):
     assert (got.logits - no_image).abs().max() > 1e-3  # the image matters
 
 
+def test_the_base_model_takes_the_vision_inputs_too(models):
+    _, solo = models
+    ids, indices, patches = image_prompt(batch=2)
+    with torch.no_grad():
+        got = solo.model(ids, vision_patch_indices=indices, vision_patches=patches).last_hidden_state
+        want = solo.model(inputs_embeds=hand_embeds(solo, ids, indices, patches)).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
 def test_images_take_any_float_dtype(models):
     _, solo = models
     ids, indices, patches = image_prompt()

@@ -141,7 +141,9 @@ def test_patch_projection_is_initialised_at_token_embedding_scale(mistral, arch)
 
 
 def test_patch_initialisation_is_deterministic_and_seedable(mistral, arch):
-    convert = lambda **kw: hf_to_megatron(mistral.state_dict(), arch, padded_vocab_size=PADDED, **kw)[MEGATRON_PATCH]  # noqa: E731
+    def convert(**kw):
+        return hf_to_megatron(mistral.state_dict(), arch, padded_vocab_size=PADDED, **kw)[MEGATRON_PATCH]
+
     assert torch.equal(convert(), convert())
     seeded = convert(generator=torch.Generator().manual_seed(1))
     assert torch.equal(seeded, convert(generator=torch.Generator().manual_seed(1)))
@@ -190,14 +192,16 @@ def test_a_checkpoint_with_more_layers_is_refused(arch):
 def test_wrong_shape_is_named(mistral, arch):
     hf_sd = dict(mistral.state_dict())
     hf_sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(95, 64)
-    with pytest.raises(ConversionError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' has shape \[95, 64\], expected \[F=96, H=64\]"):
+    message = r"'model\.layers\.0\.mlp\.up_proj\.weight' has shape \[95, 64\], expected \[F=96, H=64\]"
+    with pytest.raises(ConversionError, match=message):
         hf_to_megatron(hf_sd, arch, padded_vocab_size=PADDED)
 
 
 def test_wrong_patch_shape_is_named(mistral, arch):
     hf_sd = dict(mistral.state_dict())
     hf_sd[HF_PATCH] = torch.zeros(64, 768)
-    with pytest.raises(ConversionError, match="embed_vision_patch.weight' has shape \\[64, 768\\], expected \\[H=64, P=3072\\]"):
+    message = r"embed_vision_patch\.weight' has shape \[64, 768\], expected \[H=64, P=3072\]"
+    with pytest.raises(ConversionError, match=message):
         hf_to_megatron(hf_sd, arch, padded_vocab_size=PADDED)
 
 
@@ -221,5 +225,17 @@ def test_megatron_side_errors(mistral, arch):
     with pytest.raises(ConversionError, match=f"missing 1 key\\(s\\): {MEGATRON_PATCH}"):
         megatron_to_hf({k: v for k, v in m_sd.items() if k != MEGATRON_PATCH}, arch, vocab_size=300)
     bad = dict(m_sd, **{"output_layer.weight": torch.zeros(256, 64)})
-    with pytest.raises(ConversionError, match=r"'output_layer\.weight' has shape \[256, 64\], expected \[V=384, H=64\]"):
+    message = r"'output_layer\.weight' has shape \[256, 64\], expected \[V=384, H=64\]"
+    with pytest.raises(ConversionError, match=message):
         megatron_to_hf(bad, arch, vocab_size=300)
+
+
+def test_table_rules_are_validated_at_construction():
+    from megatron.solo.convert.name_table import Rule
+
+    with pytest.raises(ValueError, match="Rule.hf_shapes"):
+        Rule("x.weight", ("H",), ("a.weight", "b.weight"), (("H",),))
+    with pytest.raises(ValueError, match="unknown symbols \\['D'\\]"):
+        Rule("x.weight", ("H", "D"), ("a.weight",), (("H", "D"),))
+    with pytest.raises(ValueError, match="Rule.hf"):
+        Rule("layers.{i}.x.weight", ("H",), ("a.weight",), (("H",),))

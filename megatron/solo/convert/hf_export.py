@@ -34,7 +34,7 @@ from megatron.solo.convert.name_table import Arch, ConversionError, hf_shapes
 from megatron.solo.tokenizer import SoloTokenizer
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    from transformers import PreTrainedConfig
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -78,7 +78,7 @@ def write_hf_export(
     return out_dir
 
 
-def read_hf_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Tensor], "PretrainedConfig"]:
+def read_hf_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Tensor], "PreTrainedConfig"]:
     """``(state_dict, config)`` of an HF Mistral or SOLO directory: safetensors (single or sharded with an
     index) or ``pytorch_model*.bin``. ``config`` is a ``MistralConfig`` or ``SoloConfig``."""
     from transformers import AutoConfig
@@ -105,7 +105,9 @@ def _check_export_inputs(sd: Mapping[str, Tensor], cfg: SoloConfig, tokenizer: S
     want = hf_shapes(Arch.from_hf_config(cfg))
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing or unexpected:
-        raise ConversionError(f"state dict does not match solo_config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ConversionError(
+            f"state dict does not match solo_config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, shape in want.items():
         if tuple(sd[name].shape) != shape:
             raise ConversionError(f"{name!r} has shape {list(sd[name].shape)}, solo_config needs {list(shape)}")

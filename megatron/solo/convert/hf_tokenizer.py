@@ -76,7 +76,8 @@ def _merges_by_score(pieces: list[tuple[str, float]], vocab: dict[str, int]) -> 
     merges = []
     for piece, score in pieces:
         splits = [(piece[:cut], piece[cut:]) for cut in range(1, len(piece))]
-        splits = sorted((lr for lr in splits if lr[0] in vocab and lr[1] in vocab), key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        splits = [(left, right) for left, right in splits if left in vocab and right in vocab]
+        splits.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
         merges.extend((left, right, score) for left, right in splits)
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: ties keep vocabulary order
     return [(left, right) for left, right, _ in merges]

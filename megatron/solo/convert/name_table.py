@@ -157,6 +157,9 @@ QKV = Transform(_fuse_qkv, _split_qkv)
 GATE_UP = Transform(_fuse_gate_up, _split_gate_up)
 
 
+_SYMBOLS = {"H", "F", "F2", "Q", "KV", "QKV", "P", "V"}  # Arch.dims() plus V, the vocabulary rows
+
+
 @dataclass(frozen=True)
 class Rule:
     """One Megatron tensor and the HF tensors it is made of. Shapes use the symbols of :meth:`Arch.dims`;
@@ -169,6 +172,15 @@ class Rule:
     transform: Transform = COPY
     optional_in_hf: bool = False
     """Initialised when the HF checkpoint lacks it (the patch projection of a plain Mistral)."""
+
+    def __post_init__(self):
+        if len(self.hf) != len(self.hf_shapes):
+            raise ValueError(f"Rule.hf_shapes: {len(self.hf_shapes)} shapes for {len(self.hf)} names ({self.megatron})")
+        unknown = {s for shape in (self.megatron_shape, *self.hf_shapes) for s in shape} - _SYMBOLS
+        if unknown:
+            raise ValueError(f"Rule.megatron_shape/hf_shapes: unknown symbols {sorted(unknown)} ({self.megatron})")
+        if any(("{i}" in name) != self.per_layer for name in self.hf):
+            raise ValueError(f"Rule.hf: every name must be per layer ({{i}}) exactly when {self.megatron!r} is")
 
     @property
     def is_vocab(self) -> bool:
@@ -188,8 +200,14 @@ TABLE: tuple[Rule, ...] = (
         (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
         (("Q", "H"), ("KV", "H"), ("KV", "H")), QKV,
     ),
-    Rule("decoder.layers.{i}.self_attention.linear_proj.weight", ("H", "Q"), (_L + "self_attn.o_proj.weight",), (("H", "Q"),)),
-    Rule("decoder.layers.{i}.pre_mlp_layernorm.weight", ("H",), (_L + "post_attention_layernorm.weight",), (("H",),)),
+    Rule(
+        "decoder.layers.{i}.self_attention.linear_proj.weight", ("H", "Q"),
+        (_L + "self_attn.o_proj.weight",), (("H", "Q"),),
+    ),
+    Rule(
+        "decoder.layers.{i}.pre_mlp_layernorm.weight", ("H",),
+        (_L + "post_attention_layernorm.weight",), (("H",),),
+    ),
     Rule(
         "decoder.layers.{i}.mlp.linear_fc1.weight", ("F2", "H"),
         (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), (("F", "H"), ("F", "H")), GATE_UP,
@@ -215,7 +233,9 @@ def _fill(pattern: str, layer: int | None) -> str:
 def hf_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Expected HF names → shapes, with ``arch.vocab_size`` vocabulary rows (what an export holds)."""
     dims = arch.dims(V=arch.vocab_size)
-    return {name: _resolve(shape, dims) for rule, _, names in expand(arch) for name, shape in zip(names, rule.hf_shapes)}
+    return {
+        name: _resolve(shape, dims) for rule, _, names in expand(arch) for name, shape in zip(names, rule.hf_shapes)
+    }
 
 
 def megatron_shapes(arch: Arch, padded_vocab_size: int) -> dict[str, tuple[int, ...]]:
@@ -309,10 +329,9 @@ def _few(names: list[str], limit: int = 5) -> str:
 def _vocab_rows(hf_sd: Mapping[str, Tensor], arch: Arch, padded_vocab_size: int) -> int:
     """Rows of the HF embeddings, checked against ``arch.vocab_size`` ≤ ``padded_vocab_size``."""
     rows = hf_sd["model.embed_tokens.weight"].shape[0]
-    if hf_sd["lm_head.weight"].shape[0] != rows:
-        raise ConversionError(
-            f"HF 'lm_head.weight' has {hf_sd['lm_head.weight'].shape[0]} rows but 'model.embed_tokens.weight' has {rows}"
-        )
+    head_rows = hf_sd["lm_head.weight"].shape[0]
+    if head_rows != rows:
+        raise ConversionError(f"HF 'lm_head.weight' has {head_rows} rows but 'model.embed_tokens.weight' has {rows}")
     if rows > arch.vocab_size:
         raise ConversionError(
             f"HF 'model.embed_tokens.weight' has {rows} rows, more than the vocabulary ({arch.vocab_size}): "

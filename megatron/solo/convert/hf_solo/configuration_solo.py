@@ -26,7 +26,8 @@ class SoloConfig(MistralConfig):
 
     def __post_init__(self, **kwargs):
         # Checked here: the strict-dataclass validators are collected on MistralConfig, not on subclasses.
-        if isinstance(self.vision_patch_size, bool) or not isinstance(self.vision_patch_size, int) or self.vision_patch_size < 1:
+        size = self.vision_patch_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"SoloConfig.vision_patch_size must be a positive int, got {self.vision_patch_size!r}")
         super().__post_init__(**kwargs)
 

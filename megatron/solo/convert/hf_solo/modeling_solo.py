@@ -59,24 +59,14 @@ class SoloModel(MistralModel):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         inputs_embeds: torch.Tensor | None = None,
-        use_cache: bool | None = None,
         vision_patch_indices: torch.LongTensor | None = None,
         vision_patches: torch.Tensor | None = None,
         **kwargs,
     ):
+        """``MistralModel.forward`` on the merged input; attention_mask, position_ids, … pass through."""
         inputs_embeds = self.embed_inputs(input_ids, inputs_embeds, vision_patch_indices, vision_patches)
-        return super().forward(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **kwargs,
-        )
+        return super().forward(inputs_embeds=inputs_embeds, **kwargs)
 
 
 class SoloForCausalLM(MistralForCausalLM):
@@ -106,7 +96,11 @@ class SoloForCausalLM(MistralForCausalLM):
         vision_patches: torch.Tensor | None = None,
         **kwargs,
     ):
-        """Mistral's causal-LM forward; ``labels`` give the shifted cross-entropy with ignore index -100."""
+        """Mistral's causal-LM forward; ``labels`` give the shifted cross-entropy with ignore index -100.
+
+        The parameters are spelled out because ``generate`` inspects this signature (attention_mask,
+        position_ids, logits_to_keep) to decide what to pass.
+        """
         inputs_embeds = self.model.embed_inputs(input_ids, inputs_embeds, vision_patch_indices, vision_patches)
         return super().forward(
             attention_mask=attention_mask,
@@ -151,7 +145,9 @@ def _has_patches(indices, patches, batch_seq: torch.Size, patch_dim: int) -> boo
             raise ValueError("vision_patches were given without vision_patch_indices")
         return False
     if tuple(indices.shape) != tuple(batch_seq):
-        raise ValueError(f"vision_patch_indices has shape {list(indices.shape)}, expected [batch, seq] = {list(batch_seq)}")
+        raise ValueError(
+            f"vision_patch_indices has shape {list(indices.shape)}, expected [batch, seq] = {list(batch_seq)}"
+        )
     if indices.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"vision_patch_indices must be an integer tensor, got {indices.dtype}")
     n = 0 if patches is None else patches.shape[0]
