@@ -138,6 +138,20 @@ def test_auto_tokenizer_has_solo_ids_and_sentencepiece_text_ids(export_dir, toke
     assert hf.decode(image_and_text, skip_special_tokens=True) == tokenizer.decode(image_and_text)
 
 
+def test_auto_tokenizer_matches_sentencepiece_on_random_text(export_dir, tokenizer):
+    """Seeded random strings, heavy in runs of spaces, tabs, newlines, digits, accents, CJK and emoji."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(export_dir)
+    rng = random.Random(0)
+    alphabet = list("ab cde") + ["  ", "   ", "\n", "\t", "é", "漢", "😀", "X", "0", "12", ".", ",", "?"]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(1500)]
+    mismatches = [t for t in texts if hf(t).input_ids != tokenizer.encode(t, bos=True)]
+    assert mismatches == []
+
+
 def test_auto_model_resolves_solo_locally_once_the_package_is_imported(export_dir, solo):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -198,17 +212,25 @@ def test_export_checks_its_inputs_before_writing(solo, tokenizer, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_solo7b_style_checkpoint_keeps_its_patch_projection(tmp_path):
-    """SOLO-7B's release: model_type "mistral", vocab 33029, model.embed_vision_patch.weight; here as a .bin."""
+@pytest.mark.parametrize("sharded", [False, True])
+def test_solo7b_style_checkpoint_keeps_its_patch_projection(tmp_path, sharded):
+    """SOLO-7B's release: model_type "mistral", vocab 33029, model.embed_vision_patch.weight; here as .bin files."""
     mistral = random_mistral(vocab_size=SOLO_VOCAB)
     sd = dict(mistral.state_dict())
     sd[HF_PATCH] = torch.randn(TINY["hidden_size"], 3072, generator=torch.Generator().manual_seed(7))
     mistral.config.vision_patch_size = 32
     mistral.config.save_pretrained(tmp_path)
-    torch.save(sd, tmp_path / "pytorch_model.bin")
+    if sharded:
+        keys = sorted(sd)
+        weight_map = {k: f"pytorch_model-0000{1 + (i % 2)}-of-00002.bin" for i, k in enumerate(keys)}
+        for file_name in set(weight_map.values()):
+            torch.save({k: sd[k] for k in keys if weight_map[k] == file_name}, tmp_path / file_name)
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    else:
+        torch.save(sd, tmp_path / "pytorch_model.bin")
 
     hf_sd, config = read_hf_checkpoint(tmp_path)
-    assert config.model_type == "mistral"
+    assert config.model_type == "mistral" and set(hf_sd) == set(sd)
     arch = Arch.from_hf_config(config)
     m_sd = hf_to_megatron(hf_sd, arch, padded_vocab_size=33152)
 

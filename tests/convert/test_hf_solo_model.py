@@ -141,6 +141,14 @@ def test_text_only_generate_is_mistral_generate(models):
     assert got.shape == (1, ids.shape[1] + 5)
 
 
+def test_text_only_generate_from_inputs_embeds_still_works(models):
+    mistral, solo = models
+    ids, _, _ = image_prompt()
+    embeds = solo.model.embed_tokens(ids).detach()
+    got = solo.generate(inputs_embeds=embeds, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, mistral.generate(inputs_embeds=embeds, max_new_tokens=4, do_sample=False))
+
+
 def test_bad_vision_inputs_are_explained(models):
     _, solo = models
     ids, indices, patches = image_prompt()

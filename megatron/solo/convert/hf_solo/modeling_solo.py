@@ -113,9 +113,15 @@ class SoloForCausalLM(MistralForCausalLM):
             **kwargs,
         )
 
-    def prepare_inputs_for_generation(self, input_ids, vision_patch_indices=None, vision_patches=None, **kwargs):
-        """The base preparation, plus the vision inputs for exactly the tokens this step processes."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+    def prepare_inputs_for_generation(
+        self, input_ids, inputs_embeds=None, vision_patch_indices=None, vision_patches=None, **kwargs
+    ):
+        """The base preparation, plus the vision inputs for exactly the tokens this step processes.
+
+        ``inputs_embeds`` is named so that ``generate`` keeps accepting text-only ``inputs_embeds`` (it checks
+        this signature); with vision inputs, pass ``input_ids``.
+        """
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         if vision_patch_indices is None:
             return model_inputs
         step_ids = model_inputs.get("input_ids")
