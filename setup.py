@@ -30,7 +30,10 @@ setup(
             "hypothesis>=6.100",
             "scikit-image>=0.22",  # real sample photos, shipped in the wheel
             "mistral-common>=1.5",  # ships Mistral-7B-v0.1's tokenizer.model (the default tokenizer)
+            "transformers>=5.23",  # the HF conversion tests (tests/convert)
+            "safetensors>=0.4",
         ],
-        "hf": ["transformers>=4.46", "safetensors>=0.4"],
+        # SoloConfig is a transformers-5 dataclass config; 5.23 is the version the HF side is tested with.
+        "hf": ["transformers>=5.23", "safetensors>=0.4"],
     },
 )
