@@ -12,7 +12,7 @@ from transformers import MistralConfig
 
 from megatron.solo.convert.hf_export import read_hf_checkpoint, write_hf_export
 from megatron.solo.convert.hf_solo import MODELING_FILES, SoloConfig, SoloForCausalLM
-from megatron.solo.convert.name_table import HF_PATCH, MEGATRON_PATCH, Arch, ConversionError, hf_to_megatron
+from megatron.solo.convert.name_table import HF_PATCH, MEGATRON_PATCH, model_config_from_hf, ConversionError, hf_to_megatron
 from tiny_models import TINY, random_mistral
 
 SOLO_VOCAB = 33029
@@ -231,7 +231,7 @@ def test_solo7b_style_checkpoint_keeps_its_patch_projection(tmp_path, sharded):
 
     hf_sd, config = read_hf_checkpoint(tmp_path)
     assert config.model_type == "mistral" and set(hf_sd) == set(sd)
-    arch = Arch.from_hf_config(config)
+    arch = model_config_from_hf(config)
     m_sd = hf_to_megatron(hf_sd, arch, padded_vocab_size=33152)
 
     assert torch.equal(m_sd[MEGATRON_PATCH], sd[HF_PATCH])  # loaded, not re-initialised

@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from tiny_models import TINY, random_mistral
-from megatron.solo.convert.name_table import MEGATRON_PATCH, Arch, hf_to_megatron, megatron_to_hf
+from megatron.solo.convert.name_table import MEGATRON_PATCH, model_config_from_hf, hf_to_megatron, megatron_to_hf
 
 PADDED = 384  # 300 real rows + 84 padding rows, like Megatron's multiple-of-128 padding
 SEQ = 12
 
 
-def build_gpt(arch: Arch, padded_vocab_size: int, rope_theta: float):
+def build_gpt(arch, padded_vocab_size: int, rope_theta: float):
     """A megatron-core GPTModel shaped like ``arch``: local spec, RMSNorm, SwiGLU, GQA, RoPE, untied, no bias."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -55,9 +55,9 @@ def rope_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rope_theta", [1e4, 1e6])
-def test_hf_mistral_and_megatron_give_the_same_logits(megatron_cpu, rope_theta):
+def test_hf_mistral_and_megatron_give_the_same_logits(megatron_world, rope_theta):
     hf = random_mistral(rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
-    arch = Arch.from_hf_config(hf.config)
+    arch = model_config_from_hf(hf.config)
     gpt = build_gpt(arch, PADDED, rope_theta)
     load_megatron(gpt, hf_to_megatron(hf.state_dict(), arch, padded_vocab_size=PADDED))
     ids = torch.randint(0, TINY["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(3))
@@ -72,11 +72,11 @@ def test_hf_mistral_and_megatron_give_the_same_logits(megatron_cpu, rope_theta):
     assert torch.count_nonzero(got[..., TINY["vocab_size"]:]) == 0  # padding rows of the output layer are zero
 
 
-def test_a_rope_permutation_of_q_and_k_would_break_parity(megatron_cpu):
+def test_a_rope_permutation_of_q_and_k_would_break_parity(megatron_world):
     """The control: permuting q/k rows (as Llama's Meta → HF conversion does) changes the logits a lot, so
     the parity above really shows that HF's rows are already in megatron-core's RoPE layout."""
     hf = random_mistral()
-    arch = Arch.from_hf_config(hf.config)
+    arch = model_config_from_hf(hf.config)
     sd = dict(hf.state_dict())
     for i in range(arch.num_layers):
         for proj, heads in (("q_proj", arch.num_attention_heads), ("k_proj", arch.num_query_groups)):
@@ -90,13 +90,13 @@ def test_a_rope_permutation_of_q_and_k_would_break_parity(megatron_cpu):
     assert (gpt_logits(gpt, ids)[..., : TINY["vocab_size"]] - want).abs().max() > 1e-2
 
 
-def test_solo_hf_model_matches_megatron_with_patches_through_decoder_input(megatron_cpu):
+def test_solo_hf_model_matches_megatron_with_patches_through_decoder_input(megatron_world):
     """Images too: Megatron's decoder_input = word embedding + patch_embedding(patch) at patch positions
     equals SoloForCausalLM (HF) on weights that went HF → Megatron → HF."""
     from megatron.solo.convert.hf_solo import SoloConfig
 
     hf = random_mistral(SoloConfig, vision_patch_size=4)  # patch_dim 48
-    arch = Arch.from_hf_config(hf.config)
+    arch = model_config_from_hf(hf.config)
     m_sd = hf_to_megatron(hf.state_dict(), arch, padded_vocab_size=PADDED)
     hf.load_state_dict(megatron_to_hf(m_sd, arch, vocab_size=arch.vocab_size))
     gpt = build_gpt(arch, PADDED, 1e4)

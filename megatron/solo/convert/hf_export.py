@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from megatron.solo.convert.hf_solo import AUTO_MAP, MODELING_FILES, SoloConfig
-from megatron.solo.convert.name_table import Arch, ConversionError, hf_shapes
+from megatron.solo.convert.name_table import ConversionError, hf_shapes, model_config_from_hf
 from megatron.solo.tokenizer import SoloTokenizer
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ def _check_export_inputs(sd: Mapping[str, Tensor], cfg: SoloConfig, tokenizer: S
         raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
     if tokenizer.vocab_size != cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but solo_config.vocab_size is {cfg.vocab_size}")
-    want = hf_shapes(Arch.from_hf_config(cfg))
+    want = hf_shapes(model_config_from_hf(cfg))
     missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing or unexpected:
         raise ConversionError(

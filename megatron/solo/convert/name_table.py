@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
+
+from megatron.solo.config import ModelConfig
 
 PATCH_INIT_SEED = 0
 HF_PATCH = "model.embed_vision_patch.weight"
@@ -56,100 +58,80 @@ class ConversionError(ValueError):
     """A state dict that does not fit the table: a missing/unexpected key or a wrong shape."""
 
 
-@dataclass(frozen=True)
-class Arch:
-    """The shapes that the name table needs. ``vocab_size`` is the real (unpadded) vocabulary of the
-    Megatron model, which may exceed the HF checkpoint's (33029 vs plain Mistral's 32000)."""
+def model_config_from_hf(cfg, *, vocab_size: int | None = None) -> ModelConfig:
+    """The architecture of a ``MistralConfig`` (plain Mistral or SOLO-7B's) or a ``SoloConfig``.
 
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    head_dim: int
-    """Per-head size (megatron's ``kv_channels``)."""
-    vocab_size: int
-    patch_dim: int = 3072
-    """Flattened pixel patch size: 3·32·32."""
+    ``vocab_size`` overrides the config's, e.g. 33029 when converting plain Mistral (32000) for SOLO.
+    """
+    if getattr(cfg, "tie_word_embeddings", False):
+        raise ConversionError("tied input/output embeddings are not supported: SOLO's Megatron model is untied")
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ConversionError(f"hidden_act must be 'silu' (SwiGLU), got {cfg.hidden_act!r}")
+    heads = cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope_theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default":
+        raise ConversionError(f"rope_type must be 'default', got {rope.get('rope_type')!r}")
+    return ModelConfig(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=heads,
+        num_query_groups=getattr(cfg, "num_key_value_heads", None) or heads,
+        kv_channels=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        vocab_size=vocab_size if vocab_size is not None else cfg.vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        rotary_base=float(rope_theta),
+        norm_epsilon=cfg.rms_norm_eps,
+        sliding_window=getattr(cfg, "sliding_window", None),
+        patch_size=getattr(cfg, "vision_patch_size", 32),
+    )
 
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Arch.{f.name} must be a positive int, got {value!r}")
-        if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
-                f"Arch.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"Arch.num_query_groups ({self.num_query_groups})"
-            )
 
-    @classmethod
-    def from_hf_config(cls, cfg, *, vocab_size: int | None = None) -> "Arch":
-        """From a ``MistralConfig`` (plain Mistral or SOLO-7B's) or a ``SoloConfig``.
-
-        ``vocab_size`` overrides the config's, e.g. 33029 when converting plain Mistral (32000) for SOLO.
-        """
-        if getattr(cfg, "tie_word_embeddings", False):
-            raise ConversionError("tied input/output embeddings are not supported: SOLO's Megatron model is untied")
-        if getattr(cfg, "hidden_act", "silu") != "silu":
-            raise ConversionError(f"hidden_act must be 'silu' (SwiGLU), got {cfg.hidden_act!r}")
-        heads = cfg.num_attention_heads
-        patch_dim = getattr(cfg, "patch_dim", None) or 3 * getattr(cfg, "vision_patch_size", 32) ** 2
-        return cls(
-            num_layers=cfg.num_hidden_layers,
-            hidden_size=cfg.hidden_size,
-            ffn_hidden_size=cfg.intermediate_size,
-            num_attention_heads=heads,
-            num_query_groups=getattr(cfg, "num_key_value_heads", None) or heads,
-            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-            vocab_size=vocab_size if vocab_size is not None else cfg.vocab_size,
-            patch_dim=patch_dim,
-        )
-
-    def dims(self, **extra: int) -> dict[str, int]:
-        """Values of the symbolic dimensions used in :data:`TABLE`."""
-        q, kv = self.num_attention_heads * self.head_dim, self.num_query_groups * self.head_dim
-        return dict(H=self.hidden_size, F=self.ffn_hidden_size, F2=2 * self.ffn_hidden_size, Q=q, KV=kv,
-                    QKV=q + 2 * kv, P=self.patch_dim, **extra)
+def _dims(arch: ModelConfig, **extra: int) -> dict[str, int]:
+    """Values of the symbolic dimensions used in :data:`TABLE`."""
+    q, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
+    return dict(H=arch.hidden_size, F=arch.ffn_hidden_size, F2=2 * arch.ffn_hidden_size, Q=q, KV=kv,
+                QKV=q + 2 * kv, P=arch.patch_dim, **extra)
 
 
 # --- transforms: (HF tensors → one Megatron tensor, Megatron tensor → HF tensors) ------------------
 
 
-def _copy(tensors: Sequence[Tensor], arch: Arch) -> Tensor:
+def _copy(tensors: Sequence[Tensor], arch: ModelConfig) -> Tensor:
     return tensors[0]
 
 
-def _uncopy(tensor: Tensor, arch: Arch) -> tuple[Tensor, ...]:
+def _uncopy(tensor: Tensor, arch: ModelConfig) -> tuple[Tensor, ...]:
     return (tensor,)
 
 
-def _fuse_qkv(tensors: Sequence[Tensor], arch: Arch) -> Tensor:
+def _fuse_qkv(tensors: Sequence[Tensor], arch: ModelConfig) -> Tensor:
     """q [nq·d, H], k [nkv·d, H], v [nkv·d, H] → [(nq+2nkv)·d, H], grouped per KV head: [q_g…, k_g, v_g]."""
     q, k, v = tensors
     g, d, h = arch.num_query_groups, arch.head_dim, arch.hidden_size
     return torch.cat([q.reshape(g, -1, h), k.reshape(g, d, h), v.reshape(g, d, h)], dim=1).reshape(-1, h)
 
 
-def _split_qkv(tensor: Tensor, arch: Arch) -> tuple[Tensor, ...]:
+def _split_qkv(tensor: Tensor, arch: ModelConfig) -> tuple[Tensor, ...]:
     g, d, h = arch.num_query_groups, arch.head_dim, arch.hidden_size
     per_group = tensor.reshape(g, -1, h)
     q, k, v = per_group.split([per_group.shape[1] - 2 * d, d, d], dim=1)
     return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
 
 
-def _fuse_gate_up(tensors: Sequence[Tensor], arch: Arch) -> Tensor:
+def _fuse_gate_up(tensors: Sequence[Tensor], arch: ModelConfig) -> Tensor:
     return torch.cat(list(tensors), dim=0)
 
 
-def _split_gate_up(tensor: Tensor, arch: Arch) -> tuple[Tensor, ...]:
+def _split_gate_up(tensor: Tensor, arch: ModelConfig) -> tuple[Tensor, ...]:
     return tuple(tensor.chunk(2, dim=0))
 
 
 @dataclass(frozen=True)
 class Transform:
-    to_megatron: Callable[[Sequence[Tensor], Arch], Tensor]
-    to_hf: Callable[[Tensor, Arch], tuple[Tensor, ...]]
+    to_megatron: Callable[[Sequence[Tensor], ModelConfig], Tensor]
+    to_hf: Callable[[Tensor, ModelConfig], tuple[Tensor, ...]]
 
 
 COPY = Transform(_copy, _uncopy)
@@ -157,12 +139,12 @@ QKV = Transform(_fuse_qkv, _split_qkv)
 GATE_UP = Transform(_fuse_gate_up, _split_gate_up)
 
 
-_SYMBOLS = {"H", "F", "F2", "Q", "KV", "QKV", "P", "V"}  # Arch.dims() plus V, the vocabulary rows
+_SYMBOLS = {"H", "F", "F2", "Q", "KV", "QKV", "P", "V"}  # _dims() plus V, the vocabulary rows
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One Megatron tensor and the HF tensors it is made of. Shapes use the symbols of :meth:`Arch.dims`;
+    """One Megatron tensor and the HF tensors it is made of. Shapes use the symbols of :func:`_dims`;
     ``V`` is the vocabulary rows on either side (HF: the checkpoint's; Megatron: padded)."""
 
     megatron: str
@@ -219,7 +201,7 @@ TABLE: tuple[Rule, ...] = (
 )
 
 
-def expand(arch: Arch) -> Iterator[tuple[Rule, str, tuple[str, ...]]]:
+def expand(arch: ModelConfig) -> Iterator[tuple[Rule, str, tuple[str, ...]]]:
     """Every (rule, Megatron name, HF names) with the layer index filled in."""
     for rule in TABLE:
         for i in range(arch.num_layers) if rule.per_layer else [None]:
@@ -230,17 +212,17 @@ def _fill(pattern: str, layer: int | None) -> str:
     return pattern if layer is None else pattern.format(i=layer)
 
 
-def hf_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+def hf_shapes(arch: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Expected HF names → shapes, with ``arch.vocab_size`` vocabulary rows (what an export holds)."""
-    dims = arch.dims(V=arch.vocab_size)
+    dims = _dims(arch, V=arch.vocab_size)
     return {
         name: _resolve(shape, dims) for rule, _, names in expand(arch) for name, shape in zip(names, rule.hf_shapes)
     }
 
 
-def megatron_shapes(arch: Arch, padded_vocab_size: int) -> dict[str, tuple[int, ...]]:
+def megatron_shapes(arch: ModelConfig, padded_vocab_size: int) -> dict[str, tuple[int, ...]]:
     """Expected Megatron names → full (unsharded) shapes."""
-    dims = arch.dims(V=padded_vocab_size)
+    dims = _dims(arch, V=padded_vocab_size)
     return {m_name: _resolve(rule.megatron_shape, dims) for rule, m_name, _ in expand(arch)}
 
 
@@ -248,7 +230,7 @@ def megatron_shapes(arch: Arch, padded_vocab_size: int) -> dict[str, tuple[int, 
 
 
 def hf_to_megatron(
-    hf_sd: Mapping[str, Tensor], arch: Arch, *, padded_vocab_size: int, generator: torch.Generator | None = None
+    hf_sd: Mapping[str, Tensor], arch: ModelConfig, *, padded_vocab_size: int, generator: torch.Generator | None = None
 ) -> dict[str, Tensor]:
     """HF Mistral/SOLO state dict → megatron-core ``GPTModel`` state dict (plus ``patch_embedding.weight``).
 
@@ -259,7 +241,7 @@ def hf_to_megatron(
     _check_keys(hf_sd, {n for _, _, names in expand(arch) for n in names}, _HARMLESS_HF, "HF",
                 optional={HF_PATCH})
     hf_rows = _vocab_rows(hf_sd, arch, padded_vocab_size)
-    hf_dims, m_dims = arch.dims(V=hf_rows), arch.dims(V=padded_vocab_size)
+    hf_dims, m_dims = _dims(arch, V=hf_rows), _dims(arch, V=padded_vocab_size)
     out: dict[str, Tensor] = {}
     for rule, m_name, hf_names in expand(arch):
         if rule.optional_in_hf and hf_names[0] not in hf_sd:
@@ -273,7 +255,7 @@ def hf_to_megatron(
     return out
 
 
-def megatron_to_hf(m_sd: Mapping[str, Tensor], arch: Arch, *, vocab_size: int) -> dict[str, Tensor]:
+def megatron_to_hf(m_sd: Mapping[str, Tensor], arch: ModelConfig, *, vocab_size: int) -> dict[str, Tensor]:
     """megatron-core ``GPTModel`` state dict (full tensors) → HF SOLO state dict with ``vocab_size`` rows.
 
     Outputs may be views of ``m_sd``'s tensors (q/k/v of the fused QKV, the first rows of the vocabulary).
@@ -282,7 +264,7 @@ def megatron_to_hf(m_sd: Mapping[str, Tensor], arch: Arch, *, vocab_size: int) -
     padded = m_sd["embedding.word_embeddings.weight"].shape[0]
     if not 1 <= vocab_size <= padded:
         raise ConversionError(f"vocab_size {vocab_size} must be in 1..{padded} (the Megatron embedding's rows)")
-    m_dims, hf_dims = arch.dims(V=padded), arch.dims(V=vocab_size)
+    m_dims, hf_dims = _dims(arch, V=padded), _dims(arch, V=vocab_size)
     out: dict[str, Tensor] = {}
     for rule, m_name, hf_names in expand(arch):
         tensor = _checked(m_sd[m_name], m_name, rule.megatron_shape, m_dims, "Megatron")
@@ -326,7 +308,7 @@ def _few(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _vocab_rows(hf_sd: Mapping[str, Tensor], arch: Arch, padded_vocab_size: int) -> int:
+def _vocab_rows(hf_sd: Mapping[str, Tensor], arch: ModelConfig, padded_vocab_size: int) -> int:
     """Rows of the HF embeddings, checked against ``arch.vocab_size`` ≤ ``padded_vocab_size``."""
     rows = hf_sd["model.embed_tokens.weight"].shape[0]
     head_rows = hf_sd["lm_head.weight"].shape[0]
@@ -335,7 +317,7 @@ def _vocab_rows(hf_sd: Mapping[str, Tensor], arch: Arch, padded_vocab_size: int)
     if rows > arch.vocab_size:
         raise ConversionError(
             f"HF 'model.embed_tokens.weight' has {rows} rows, more than the vocabulary ({arch.vocab_size}): "
-            "refusing to drop rows; pass the tokenizer's vocab_size to Arch.from_hf_config"
+            "refusing to drop rows; pass the tokenizer's vocab_size to model_config_from_hf"
         )
     if padded_vocab_size < arch.vocab_size:
         raise ConversionError(f"padded_vocab_size {padded_vocab_size} is smaller than vocab_size {arch.vocab_size}")
@@ -354,7 +336,7 @@ def _extend_vocab_rows(weight: Tensor, vocab_size: int, padded_vocab_size: int) 
     return out
 
 
-def _init_patch_projection(embed_tokens: Tensor, arch: Arch, generator: torch.Generator | None) -> Tensor:
+def _init_patch_projection(embed_tokens: Tensor, arch: ModelConfig, generator: torch.Generator | None) -> Tensor:
     """[H, P] ~ N(0, std²), std = rms(embed_tokens)/sqrt(P): unit-variance patches land at token-embedding scale."""
     if generator is None:
         generator = torch.Generator().manual_seed(PATCH_INIT_SEED)
@@ -364,7 +346,6 @@ def _init_patch_projection(embed_tokens: Tensor, arch: Arch, generator: torch.Ge
 
 
 __all__ = [
-    "Arch",
     "ConversionError",
     "HF_PATCH",
     "MEGATRON_PATCH",
@@ -376,5 +357,6 @@ __all__ = [
     "hf_shapes",
     "hf_to_megatron",
     "megatron_shapes",
+    "model_config_from_hf",
     "megatron_to_hf",
 ]
