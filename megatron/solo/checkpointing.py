@@ -145,9 +145,12 @@ def save_model(root: str | os.PathLike, model, metadata: CheckpointMetadata, ite
     return save_sharded(root, iteration, {"model": model.sharded_state_dict()}, metadata)
 
 
-def load_model_state(model, state_dict: dict[str, torch.Tensor]) -> None:
-    """``load_state_dict`` that tolerates only megatron-core's ``_extra_state`` entries being absent."""
-    result = model.load_state_dict(state_dict, strict=False)
+def load_model_state(model, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
+    """``load_state_dict`` that tolerates only megatron-core's ``_extra_state`` entries being absent.
+
+    ``assign=True`` makes the given tensors the parameters (a model built on the meta device).
+    """
+    result = model.load_state_dict(state_dict, strict=False, assign=assign)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -1,8 +1,7 @@
-"""HF Mistral ↔ megatron-core GPTModel: the converted weights give the same logits (CPU, fp32, one process)."""
+"""HF Mistral / SoloForCausalLM ↔ our megatron-core SoloModel: the converted weights give the same logits (CPU, fp32, one process)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tiny_models import TINY, random_mistral
 from megatron.solo.convert.name_table import MEGATRON_PATCH, model_config_from_hf, hf_to_megatron, megatron_to_hf
@@ -12,40 +11,27 @@ SEQ = 12
 
 
 def build_gpt(arch, padded_vocab_size: int, rope_theta: float):
-    """A megatron-core GPTModel shaped like ``arch``: local spec, RMSNorm, SwiGLU, GQA, RoPE, untied, no bias."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
+    """Our megatron-core model (``SoloModel``: GPTModel, local spec) shaped like ``arch``, fp32."""
+    from megatron.solo.model import build_model, make_transformer_config
 
-    cfg = TransformerConfig(
-        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
-        num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
-        kv_channels=arch.head_dim, normalization="RMSNorm", layernorm_epsilon=TINY["rms_norm_eps"],
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True, params_dtype=torch.float32,
-        bias_dropout_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-    )
-    return GPTModel(
-        cfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=padded_vocab_size,
-        max_sequence_length=TINY["max_position_embeddings"], position_embedding_type="rope",
-        rotary_base=rope_theta, share_embeddings_and_output_weights=False,
-    ).eval()
+    arch = arch.replace(rotary_base=rope_theta)
+    return build_model(arch, make_transformer_config(arch), padded_vocab_size=padded_vocab_size).eval()
 
 
 def load_megatron(gpt, m_sd):
-    """Load everything but the patch projection (GPTModel has none); only ``_extra_state`` may stay unset."""
-    result = gpt.load_state_dict({k: v for k, v in m_sd.items() if k != MEGATRON_PATCH}, strict=False)
-    assert not result.unexpected_keys
-    assert all(k.endswith("._extra_state") for k in result.missing_keys), result.missing_keys
+    """Load every tensor, the patch projection included; only ``_extra_state`` may stay unset."""
+    from megatron.solo.checkpointing import load_model_state
+
+    load_model_state(gpt, m_sd)
 
 
-def gpt_logits(gpt, ids, decoder_input=None):
+def gpt_logits(gpt, ids, patch_index=None, patches=None):
+    """Each row one document: positions 0..s-1, cu_seqlens at row boundaries. patch_index: flat row·s+col."""
     b, s = ids.shape
     pos = torch.arange(s).expand(b, s)
-    causal = ~torch.tril(torch.ones(s, s, dtype=torch.bool))[None, None]  # [1,1,s,s], True = masked out
+    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32)
     with torch.no_grad():
-        return gpt(ids, pos, causal, decoder_input=decoder_input)  # [b, s, padded vocab]
+        return gpt(ids, pos, cu, s, patches, patch_index)  # [b, s, padded vocab]
 
 
 def rope_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -90,9 +76,9 @@ def test_a_rope_permutation_of_q_and_k_would_break_parity(megatron_world):
     assert (gpt_logits(gpt, ids)[..., : TINY["vocab_size"]] - want).abs().max() > 1e-2
 
 
-def test_solo_hf_model_matches_megatron_with_patches_through_decoder_input(megatron_world):
-    """Images too: Megatron's decoder_input = word embedding + patch_embedding(patch) at patch positions
-    equals SoloForCausalLM (HF) on weights that went HF → Megatron → HF."""
+def test_solo_hf_model_matches_megatron_solo_model_on_image_and_text(megatron_world):
+    """Images too: our Megatron SoloModel (vpatch embedding + projected patch) equals SoloForCausalLM (HF)
+    on weights that went HF → Megatron → HF."""
     from megatron.solo.convert.hf_solo import SoloConfig
 
     hf = random_mistral(SoloConfig, vision_patch_size=4)  # patch_dim 48
@@ -110,12 +96,26 @@ def test_solo_hf_model_matches_megatron_with_patches_through_decoder_input(megat
 
     with torch.no_grad():
         want = hf(ids, vision_patch_indices=indices, vision_patches=patches).logits
-        emb = gpt.embedding(input_ids=ids, position_ids=None)  # [s, b, h]
-        projected = F.linear(patches, m_sd[MEGATRON_PATCH])  # [N, h]
-        is_patch = (indices >= 0).t()[..., None]
-        emb = emb + torch.where(is_patch, projected[indices.clamp(min=0)].transpose(0, 1), 0.0)
-    got = gpt_logits(gpt, ids, decoder_input=emb)
+    flat = indices.reshape(-1)
+    patch_index = torch.nonzero(flat >= 0).squeeze(1)  # row·s + col of each patch, in patch order
+    got = gpt_logits(gpt, ids, patch_index=patch_index, patches=patches[flat[patch_index]])
 
     delta = (got[..., : TINY["vocab_size"]] - want).abs().max().item()
     print(f"image+text: max|Δlogits| SoloForCausalLM vs megatron-core = {delta:.3g}")
     assert delta <= 1e-5
+
+
+def test_sliding_window_matches_hf_mistral(megatron_world):
+    """A window shorter than the sequence: our mask (q - k < W) is HF Mistral's rule, not off by one."""
+    hf = random_mistral(sliding_window=4)
+    arch = model_config_from_hf(hf.config)
+    assert arch.sliding_window == 4
+    gpt = build_gpt(arch, PADDED, 1e4)
+    load_megatron(gpt, hf_to_megatron(hf.state_dict(), arch, padded_vocab_size=PADDED))
+    ids = torch.randint(0, TINY["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = hf(ids).logits
+        unwindowed = build_gpt(arch.replace(sliding_window=None), PADDED, 1e4)
+    load_megatron(unwindowed, hf_to_megatron(hf.state_dict(), arch, padded_vocab_size=PADDED))
+    assert (gpt_logits(gpt, ids)[..., : TINY["vocab_size"]] - want).abs().max() <= 1e-5
+    assert (gpt_logits(unwindowed, ids)[..., : TINY["vocab_size"]] - want).abs().max() > 1e-3  # control

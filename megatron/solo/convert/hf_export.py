@@ -78,9 +78,10 @@ def write_hf_export(
     return out_dir
 
 
-def read_hf_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, Tensor], "PreTrainedConfig"]:
+def read_hf_checkpoint(directory: str | os.PathLike) -> tuple[Mapping[str, Tensor], "PreTrainedConfig"]:
     """``(state_dict, config)`` of an HF Mistral or SOLO directory: safetensors (single or sharded with an
-    index) or ``pytorch_model*.bin``. ``config`` is a ``MistralConfig`` or ``SoloConfig``."""
+    index) or ``pytorch_model*.bin``. ``config`` is a ``MistralConfig`` or ``SoloConfig``. Safetensors
+    weights are read lazily, tensor by tensor, as the mapping is indexed."""
     from transformers import AutoConfig
 
     directory = Path(directory)
@@ -186,7 +187,27 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def _read_weights(directory: Path) -> dict[str, Tensor]:
+class LazyTensors(Mapping):
+    """Name → tensor over safetensors files, read on access: converting a 7B model holds its tensors once
+    (as they are transformed) instead of the whole source checkpoint plus its converted copy."""
+
+    def __init__(self, files: Mapping[str, Path]):
+        self._files = dict(files)
+
+    def __getitem__(self, name: str) -> Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._files[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def _read_weights(directory: Path) -> Mapping[str, Tensor]:
     for index_name, single_name in ((SAFE_INDEX, SAFE_WEIGHTS), (BIN_INDEX, BIN_WEIGHTS)):
         if (directory / index_name).is_file():
             return _read_sharded(directory, index_name)
@@ -195,9 +216,9 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{directory}: no {SAFE_WEIGHTS}, {SAFE_INDEX}, {BIN_WEIGHTS} or {BIN_INDEX}")
 
 
-def _read_sharded(directory: Path, index_name: str) -> dict[str, Tensor]:
+def _read_sharded(directory: Path, index_name: str) -> Mapping[str, Tensor]:
     weight_map: dict[str, str] = json.loads((directory / index_name).read_text())["weight_map"]
-    out: dict[str, Tensor] = {}
+    shards = []
     for file_name in sorted(set(weight_map.values())):
         shard = _load_file(directory / file_name)
         listed = {k for k, f in weight_map.items() if f == file_name}
@@ -205,18 +226,21 @@ def _read_sharded(directory: Path, index_name: str) -> dict[str, Tensor]:
             raise ConversionError(
                 f"{directory / file_name} holds {sorted(set(shard) ^ listed)[:5]} contrary to {index_name}"
             )
-        out.update(shard)
-    return out
+        shards.append(shard)
+    if all(isinstance(shard, LazyTensors) for shard in shards):
+        return LazyTensors({name: path for shard in shards for name, path in shard._files.items()})
+    return {name: tensor for shard in shards for name, tensor in shard.items()}
 
 
-def _load_file(path: Path) -> dict[str, Tensor]:
+def _load_file(path: Path) -> Mapping[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: listed in the index but missing")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+        with safe_open(str(path), framework="pt") as f:
+            return LazyTensors({name: path for name in f.keys()})
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 __all__ = ["DEFAULT_MAX_SHARD_BYTES", "read_hf_checkpoint", "write_hf_export"]

@@ -1,0 +1,106 @@
+"""Whole-checkpoint conversion: an HF Mistral/SOLO directory ↔ a Megatron SOLO checkpoint.
+
+``hf_to_megatron_checkpoint`` builds the model on the meta device and *assigns* the converted tensors, so
+nothing is allocated twice; the result is a layout-free dist_checkpointing "release" checkpoint (it loads
+at any TP/PP/DP). The tensor-parallel size chosen at conversion only fixes the vocabulary padding
+(a multiple of 128·TP, as the reference did) and is validated against the architecture, as is PP.
+``megatron_to_hf_checkpoint`` loads a checkpoint (release or any training iteration) at TP=PP=1 in one
+process and writes an HF export with our ``SoloForCausalLM`` (see ``hf_export``).
+Both run in a single process (a world of one is formed if none exists).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from megatron.solo.checkpointing import CheckpointMetadata, load_model, load_model_state, save_model
+from megatron.solo.config import ModelConfig
+from megatron.solo.convert.hf_export import read_hf_checkpoint, write_hf_export
+from megatron.solo.convert.hf_solo import SoloConfig
+from megatron.solo.convert.name_table import PATCH_INIT_SEED, hf_to_megatron, megatron_to_hf, model_config_from_hf
+from megatron.solo.model import build_model, make_transformer_config
+from megatron.solo.parallel import initialize_model_parallel
+from megatron.solo.tokenizer import SoloTokenizer
+
+
+def solo_config_from_model_config(cfg: ModelConfig, tokenizer: SoloTokenizer) -> SoloConfig:
+    """The HF config of a Megatron architecture (untied, SwiGLU, RMSNorm, default RoPE)."""
+    return SoloConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups, head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_sequence_length, rms_norm_eps=cfg.norm_epsilon,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base},
+        sliding_window=cfg.sliding_window, tie_word_embeddings=False, vision_patch_size=cfg.patch_size,
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+    )
+
+
+def _source_tokenizer(hf_dir: Path, tokenizer_model: str | os.PathLike | None) -> SoloTokenizer:
+    path = Path(tokenizer_model) if tokenizer_model is not None else hf_dir
+    if tokenizer_model is None and not (hf_dir / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"{hf_dir}: no tokenizer.model; pass --tokenizer-model PATH")
+    return SoloTokenizer(path)
+
+
+def _floating_dtype(tensors) -> torch.dtype:
+    for name in tensors:
+        if tensors[name].is_floating_point():
+            return tensors[name].dtype
+    raise ValueError("the checkpoint holds no floating-point tensor")
+
+
+def hf_to_megatron_checkpoint(
+    hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+    tokenizer_model: str | os.PathLike | None = None, dtype: torch.dtype | None = None, seed: int = PATCH_INIT_SEED,
+) -> CheckpointMetadata:
+    """Convert an HF ``MistralForCausalLM`` (or SOLO-7B HF) directory into a Megatron release checkpoint."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if (out_dir / "latest_checkpointed_iteration.txt").exists():
+        raise FileExistsError(f"{out_dir} already holds a checkpoint; choose an empty --out")
+    tokenizer = _source_tokenizer(hf_dir, tokenizer_model)
+    hf_sd, hf_config = read_hf_checkpoint(hf_dir)
+    cfg = model_config_from_hf(hf_config, vocab_size=tokenizer.vocab_size)
+    cfg.validate_parallel(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
+    metadata = CheckpointMetadata(cfg, cfg.padded_vocab_size(tensor_parallel))
+    dtype = dtype or _floating_dtype(hf_sd)
+    m_sd = hf_to_megatron(hf_sd, cfg, padded_vocab_size=metadata.padded_vocab_size,
+                          generator=torch.Generator().manual_seed(seed))
+    m_sd = {name: tensor.to(dtype) for name, tensor in m_sd.items()}
+
+    initialize_model_parallel(1, 1)
+    with torch.device("meta"):  # shapes only: the converted tensors are assigned, not copied
+        model = build_model(cfg, make_transformer_config(cfg, params_dtype=dtype, perform_initialization=False),
+                            padded_vocab_size=metadata.padded_vocab_size)
+    load_model_state(model, m_sd, assign=True)
+    save_model(out_dir, model, metadata)
+    tokenizer.save_pretrained(out_dir)
+    return metadata
+
+
+def load_full_model(load_dir: str | os.PathLike, *, iteration: int | None | str = "latest",
+                    dtype: torch.dtype = torch.float32):
+    """(model, metadata): the whole SOLO model of a Megatron checkpoint in this process (TP=PP=1)."""
+    metadata = CheckpointMetadata.read(load_dir)
+    cfg = metadata.model
+    initialize_model_parallel(1, 1)
+    model = build_model(cfg, make_transformer_config(cfg, params_dtype=dtype, perform_initialization=False),
+                        padded_vocab_size=metadata.padded_vocab_size)
+    load_model(load_dir, model, iteration)
+    return model.eval(), metadata
+
+
+def megatron_to_hf_checkpoint(
+    load_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iteration: int | None | str = "latest",
+    dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
+) -> Path:
+    """Export a Megatron SOLO checkpoint as an HF ``SoloForCausalLM`` directory (safetensors + code)."""
+    model, metadata = load_full_model(load_dir, iteration=iteration, dtype=dtype)
+    state = {name: tensor for name, tensor in model.state_dict().items() if not name.endswith("_extra_state")}
+    hf_sd = megatron_to_hf(state, metadata.model, vocab_size=metadata.model.vocab_size)
+    tokenizer = SoloTokenizer.from_pretrained(load_dir)
+    solo_config = solo_config_from_model_config(metadata.model, tokenizer)
+    return write_hf_export(out_dir, hf_sd, solo_config, tokenizer, dtype, overwrite=overwrite)

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""HF Mistral/SOLO ↔ Megatron SOLO checkpoints.
+
+    python tools/convert_checkpoint.py hf-to-megatron --hf-model DIR --out DIR \
+        [--tensor-model-parallel-size N] [--pipeline-model-parallel-size M] [--tokenizer-model PATH]
+    python tools/convert_checkpoint.py megatron-to-hf --load DIR --out DIR [--iteration K] [--dtype bf16]
+
+hf-to-megatron: a HF ``MistralForCausalLM`` directory (e.g. Mistral-7B-v0.1) or a SOLO-7B HF checkpoint →
+a Megatron dist checkpoint (layout-free: it loads at any TP/PP/DP; the TP size sets the vocabulary
+padding, 128·TP). The vocabulary grows to 33029 (new rows: the mean of the existing ones), the patch
+projection is loaded from SOLO-7B or initialised at token-embedding scale, and the tokenizer is copied.
+megatron-to-hf: a Megatron checkpoint (the latest iteration, ``release``, or ``--iteration``) → an HF
+directory with safetensors and our ``SoloForCausalLM`` code (``model_type: solo``), loadable with
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    to_mg = sub.add_parser("hf-to-megatron", help="HF Mistral / SOLO-7B directory → Megatron checkpoint")
+    to_mg.add_argument("--hf-model", required=True, type=Path, help="HF model directory")
+    to_mg.add_argument("--out", required=True, type=Path, help="Megatron checkpoint directory to create")
+    to_mg.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    to_mg.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    to_mg.add_argument("--tokenizer-model", type=Path, default=None,
+                       help="tokenizer.model (default: the one in --hf-model)")
+    to_mg.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the HF weights' dtype")
+    to_mg.add_argument("--seed", type=int, default=0, help="seed of the patch projection's initialisation")
+    to_hf = sub.add_parser("megatron-to-hf", help="Megatron checkpoint → HF SoloForCausalLM directory")
+    to_hf.add_argument("--load", required=True, type=Path, help="Megatron checkpoint directory")
+    to_hf.add_argument("--out", required=True, type=Path, help="HF directory to write")
+    to_hf.add_argument("--iteration", type=int, default=None, help="default: the latest (or release)")
+    to_hf.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron.solo.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
+
+    if args.direction == "hf-to-megatron":
+        meta = hf_to_megatron_checkpoint(
+            args.hf_model, args.out, tensor_parallel=args.tensor_model_parallel_size,
+            pipeline_parallel=args.pipeline_model_parallel_size, tokenizer_model=args.tokenizer_model,
+            dtype=DTYPES[args.dtype] if args.dtype else None, seed=args.seed)
+        print(f"wrote {args.out}: {meta.model.num_layers} layers, hidden {meta.model.hidden_size}, "
+              f"vocab {meta.model.vocab_size} (padded {meta.padded_vocab_size})")
+    else:
+        iteration = "latest" if args.iteration is None else args.iteration
+        out = megatron_to_hf_checkpoint(args.load, args.out, iteration=iteration, dtype=DTYPES[args.dtype],
+                                        overwrite=args.overwrite)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":  # required: torch_dist saving spawns a Manager process
+    sys.exit(main())
