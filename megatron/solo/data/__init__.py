@@ -1,0 +1,12 @@
+"""Offline preprocessing: raw data → packed, indexed binaries (and the reader the training loader uses).
+
+One module per stage, each importable on its own (worker processes import only the light ones)::
+
+    sources.py        input formats → RawRecord → Sample (turns of text and image references)
+    encode.py         Sample → Document (token ids, per-token targets, images encoded once)
+    codec.py          the stored image encodings (jpeg, webp, png, webp-lossless, raw)
+    packing.py        Documents → Packs of at most seq_length tokens (best-fit over a bounded buffer)
+    packed_format.py  the on-disk layout (see its docstring): writer and reader (PackedDataset)
+    pipeline.py       the driver: ordered worker pool, checkpoints and --resume, stats, atomic outputs
+    describe.py       human-readable view of one pack (tools/inspect_mm_data.py)
+"""
