@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 import json
 import os
 import sys
@@ -24,8 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron.solo.data.describe import describe_pack, save_images
-    from megatron.solo.data.packed_format import PackedDataset
+    with warnings.catch_warnings():  # megatron-core's notes about Transformer Engine/Apex: irrelevant here
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        from megatron.solo.data.describe import describe_pack, save_images
+        from megatron.solo.data.packed_format import PackedDataset
     from megatron.solo.tokenizer import SoloTokenizer
 
     try:

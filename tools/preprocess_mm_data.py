@@ -12,6 +12,7 @@ OUT.errors.jsonl and OUT.stats.json; see megatron/solo/data/packed_format.py for
 from __future__ import annotations
 
 import argparse
+import warnings
 import sys
 
 # Only light modules at the top: worker processes re-import this file as their __main__.
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from megatron.solo.data.pipeline import PreprocessConfig, default_workers  # torch: kept out of workers
+    from megatron.solo.data.pipeline import PreprocessConfig, default_workers
 
     return PreprocessConfig(
         inputs=tuple(args.input),
@@ -87,6 +88,9 @@ def config_from_args(args: argparse.Namespace):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():  # megatron-core's notes about Transformer Engine/Apex: irrelevant here
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        import megatron.solo.data.pipeline  # noqa: F401  (torch, megatron-core: kept out of the workers)
     try:
         config = config_from_args(args)
     except ValueError as e:

@@ -37,3 +37,15 @@ def output_bytes(prefix: str) -> dict[str, bytes]:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def sleepy_identity(x):
+    """For the ordered-map test: finishes in an order unrelated to the input's."""
+    import time
+
+    time.sleep(((x * 7919) % 13) / 1000)
+    return x
+
+
+def no_setup(*args):
+    pass

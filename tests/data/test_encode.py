@@ -12,7 +12,7 @@ from megatron.solo import image as im
 from megatron.solo.data import codec
 from megatron.solo.data.encode import EncodeConfig, encode_sample
 from megatron.solo.data.errors import Origin, SampleError
-from megatron.solo.data.sources import ImageRef, Sample, Turn
+from megatron.solo.data.samples import ImageRef, Sample, Turn
 
 ORIGIN = Origin("in.jsonl", line=9)
 PNG = EncodeConfig(image_format="png")

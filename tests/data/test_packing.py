@@ -93,6 +93,17 @@ def test_packing_invariants(specs, seq_length, buffer_size, seed):
         [[(p.origin, len(p)) for p in pack.documents] for pack in packs]
 
 
+@given(st.lists(st.integers(1, 150), max_size=80), st.integers(1, 16))
+def test_flush_leaves_no_two_packs_that_could_be_one(lengths, buffer_size):
+    packer = Packer(PackConfig(seq_length=200, buffer_size=buffer_size))
+    for i, n in enumerate(lengths):
+        packer.add(make_doc(i, [("text", n)]))
+    flushed = packer.flush()
+    assert packer.open_packs == 0 and all(0 < p.length <= 200 for p in flushed)
+    sizes = sorted(p.length for p in flushed)
+    assert len(sizes) < 2 or sizes[0] + sizes[1] > 200  # first-fit decreasing: at most one half-empty pack
+
+
 def reference_greedy(lengths, seq_length):
     """The reference's sequential packer, without its overflow: close the pack when the next doc won't fit."""
     packs, current = [], 0

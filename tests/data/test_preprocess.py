@@ -442,3 +442,33 @@ def test_cli_main_progress_and_errors(tmp_path, small_photos, capsys):
     with pytest.raises(SystemExit) as e:
         tool.main(["--input", str(path), "--output-prefix", prefix, "--seq-length", "4"])
     assert e.value.code == 2 and "PackConfig.seq_length" in capsys.readouterr().err
+
+
+def test_ordered_map_keeps_input_order_whatever_the_timing():
+    from data_helpers import no_setup, sleepy_identity
+
+    from megatron.solo.data.progress import ordered_map
+
+    items = list(range(60))
+    for workers in (0, 2):
+        got = list(ordered_map(sleepy_identity, items, workers=workers, initializer=no_setup, initargs=(), window=8))
+        assert got == items
+
+
+def test_progress_line_on_a_terminal_and_in_logs():
+    from megatron.solo.data.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, log = Terminal(), io.StringIO()
+    for stream in (tty, log):
+        progress = Progress(stream, interval=0)
+        progress.update(0, 0, 0, 0)
+        time.sleep(0.25)
+        progress.update(10, 5000, 1, 2, final=True)
+    assert tty.getvalue().startswith("\r\x1b[K") and tty.getvalue().endswith("\n")
+    assert "\r" not in log.getvalue() and len(log.getvalue().splitlines()) == 2
+    last = log.getvalue().splitlines()[-1]
+    assert "10 samples (" in last and "5.00k tokens (" in last and "1 packs" in last and "2 skipped" in last

@@ -1,4 +1,4 @@
-"""Input formats: discovery, detection, record cutting (with resume positions) and parsing into turns."""
+"""Input formats: discovery, detection, record cutting (with resume positions), parsing into turns."""
 
 import base64
 import gzip
@@ -8,15 +8,16 @@ import pytest
 import zstandard
 from data_helpers import write_jsonl, write_tar
 
-from megatron.solo.data import sources
+from megatron.solo.data import samples, sources
 from megatron.solo.data.errors import Origin, SampleError
-from megatron.solo.data.sources import ImageRef, RawRecord, Turn
+from megatron.solo.data.samples import ImageRef, Turn
+from megatron.solo.data.sources import RawRecord
 
 
 def parse(fmt, payload, image_root="/imgs", origin=Origin("in.jsonl", line=1)):
     if isinstance(payload, (dict, list)):
         payload = json.dumps(payload).encode()
-    return sources.parse_record(RawRecord(origin, payload), fmt, image_root)
+    return samples.parse_record(RawRecord(origin, payload), fmt, image_root)
 
 
 def reason_of(fmt, payload, **kw) -> str:
@@ -163,10 +164,10 @@ def test_imagenet_records_sorted_with_class_names_and_resume(tmp_path):
     names = {"n01": "tench", "n02": "great_white-shark"}
     full = _assert_resumable([root], "imagenet", class_names=names)
     assert [r.origin.key for _, r in full] == ["n01/x.jpg", "n02/a.JPEG", "n02/b.JPEG", "n03/y.png"]
-    sample = sources.parse_record(full[1][1], "imagenet")
+    sample = samples.parse_record(full[1][1], "imagenet")
     assert sample.turns == (Turn("assistant", (ImageRef(str(root / "n02" / "a.JPEG")), "great white shark")),)
     with pytest.raises(SampleError, match="n03") as e:
-        sources.parse_record(full[3][1], "imagenet")
+        samples.parse_record(full[3][1], "imagenet")
     assert e.value.reason == "unknown_class"
 
 
@@ -235,9 +236,9 @@ def test_caption_text_webdataset_parsing():
         Turn("assistant", (ImageRef("/imgs/a.jpg"), "A cat.")),)
     assert parse("text", {"text": "  keep\nverbatim \n"}).turns == (Turn("assistant", ("  keep\nverbatim \n",)),)
     origin = Origin("s.tar", key="000")
-    wds = sources.parse_record(RawRecord(origin, {"jpg": b"JJ", "png": b"PP", "txt": b"cap"}), "webdataset")
+    wds = samples.parse_record(RawRecord(origin, {"jpg": b"JJ", "png": b"PP", "txt": b"cap"}), "webdataset")
     assert wds.turns == (Turn("assistant", (ImageRef(b"JJ"), "cap")),)
-    meta = sources.parse_record(RawRecord(origin, {"webp": b"W", "json": b'{"caption": "from json", "url": "u"}'}),
+    meta = samples.parse_record(RawRecord(origin, {"webp": b"W", "json": b'{"caption": "from json", "url": "u"}'}),
                                 "webdataset")
     assert meta.turns[0].parts == (ImageRef(b"W"), "from json")
 
@@ -246,6 +247,8 @@ def test_caption_text_webdataset_parsing():
     "fmt, payload, reason",
     [
         ("chat", b"{not json", "malformed_json"),
+        ("chat", b"[" * 100_000 + b"]" * 100_000, "malformed_json"),
+        ("text", b'{"text": 1' + b"1" * 5000 + b"}", "malformed_json"),
         ("text", b'{"text": "caf\xe9"}', "non_utf8"),
         ("chat", [{"role": "human", "content": "hi"}], "unknown_role"),
         ("chat", [{"role": "user"}], "missing_field"),
@@ -287,7 +290,7 @@ def test_bad_records_have_named_reasons(fmt, payload, reason):
 )
 def test_bad_webdataset_keys(group, reason):
     with pytest.raises(SampleError) as e:
-        sources.parse_record(RawRecord(Origin("s.tar", key="k"), group), "webdataset")
+        samples.parse_record(RawRecord(Origin("s.tar", key="k"), group), "webdataset")
     assert e.value.reason == reason and "s.tar[k]" in str(e.value)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from megatron.solo import image as _image
 from megatron.solo.data import codec
 from megatron.solo.data.errors import Origin, SampleError
-from megatron.solo.data.sources import ImageRef, Sample, Turn
+from megatron.solo.data.samples import ImageRef, Sample, Turn
 from megatron.solo.image import DEFAULT_CONFIG, ImageConfig, ImageError
 
 TEMPLATES = ("mistral", "plain")
@@ -132,7 +132,7 @@ def encode_sample(sample: Sample, tokenizer, config: EncodeConfig) -> Document:
         ids.append(part_ids)
         flags.append(target)
         length += len(part_ids)
-    tokens = np.fromiter((i for part in ids for i in part), dtype=np.int32, count=length)
+    tokens = np.concatenate([np.asarray(part, dtype=np.int32) for part in ids])
     targets = np.repeat(np.array(flags, dtype=bool), [len(p) for p in ids])
     if config.append_eod:
         tokens = np.append(tokens, np.int32(tokenizer.eos_id))

@@ -10,9 +10,10 @@ Policy (deterministic: a function of the document order only):
   and are their own documents for attention and positions.
 * **Best fit over a bounded buffer.** Up to ``buffer_size`` packs stay open. A document goes into the open
   pack it fills best (least room left after it; the oldest on ties). If none has room, a new pack is
-  opened, first closing the fullest open pack when the buffer is full. Full packs close at once; the rest
-  close, oldest first, at :meth:`Packer.flush`. ``buffer_size=1`` is the reference's sequential greedy
-  packer (without its overflow), which wastes on average half a document per pack.
+  opened, first closing the fullest open pack when the buffer is full. Full packs close at once. At the
+  end (:meth:`Packer.flush`) the documents still open are re-packed first-fit decreasing.
+  ``buffer_size=1`` is the reference's sequential greedy packer (without its overflow), which wastes on
+  average half a document per pack.
 """
 
 from __future__ import annotations
@@ -83,10 +84,21 @@ class Packer:
         return closed
 
     def flush(self) -> list[Pack]:
-        """Close every open pack, oldest first."""
-        closed = [Pack(tuple(p.documents)) for p in self._open]
+        """Close every open pack. Their documents are re-packed first-fit decreasing, so that the end of the
+        input leaves at most one pack under half full instead of up to ``buffer_size``; within each pack
+        they keep their order in the buffer."""
+        docs = [d for p in self._open for d in p.documents]
         self._open = []
-        return closed
+        rooms: list[int] = []
+        members: list[list[int]] = []
+        for i in sorted(range(len(docs)), key=lambda i: -len(docs[i])):  # stable: deterministic
+            k = next((k for k, room in enumerate(rooms) if room >= len(docs[i])), len(rooms))
+            if k == len(rooms):
+                rooms.append(self.config.seq_length)
+                members.append([])
+            rooms[k] -= len(docs[i])
+            members[k].append(i)
+        return [Pack(tuple(docs[i] for i in sorted(m))) for m in members]
 
     @property
     def open_packs(self) -> int:

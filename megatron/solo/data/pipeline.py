@@ -4,8 +4,8 @@ Outputs for ``output_prefix=OUT`` (see :mod:`~megatron.solo.data.packed_format` 
 ``OUT.bin/.idx``, ``OUT.pack.bin/.idx``, ``OUT.errors.jsonl`` (one line per skipped sample: file, line or
 key, reason, detail) and ``OUT.stats.json`` (renamed into place last: its presence means complete).
 
-Everything is built in the work directory ``OUT.partial/`` (locked against a second run on the same
-prefix) and renamed into place only when complete. Every ``checkpoint_interval`` seconds the driver
+Everything is built in the work directory ``OUT.partial/`` (:mod:`~megatron.solo.data.workdir`) and
+renamed into place only when complete. Every ``checkpoint_interval`` seconds the driver
 flushes the data files and saves, atomically, what it needs to go on: the input position, the packer's
 open packs, the files' sizes and the counters. ``resume=True`` truncates the files back to the last
 checkpoint and continues from there; since workers return results in input order and packing happens
@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
-import pickle
-import shutil
 import signal
 import sys
 import time
@@ -36,12 +33,11 @@ from megatron.solo.data.errors import SampleError
 from megatron.solo.data.packing import Pack, PackConfig, Packer
 from megatron.solo.data.progress import Progress, ordered_map
 from megatron.solo.data.worker import WorkerConfig, init_worker, process_batch
+from megatron.solo.data.workdir import WorkDir, read_stats, write_atomic
 from megatron.solo.tokenizer import SoloTokenizer
 
 FORMAT_VERSION = 1
 KILL_AFTER_PACKS_ENV = "SOLO_PREPROCESS_KILL_AFTER_PACKS"  # test hook: SIGKILL this process after N packs
-WORK_SUFFIX = ".partial"
-CHECKPOINT = "checkpoint.pkl"
 
 
 def default_workers() -> int:
@@ -180,11 +176,11 @@ def preprocess(config: PreprocessConfig, *, stream: TextIO | None = None) -> dic
     class_names = _class_names(config, fmt)
     tokenizer = SoloTokenizer(config.tokenizer_model)
     meta = _metadata(config, fmt, files, tokenizer)
-    with _WorkDir(config.output_prefix) as work:
-        state = work.start(config.resume, meta["fingerprint"], config.pack)
+    with WorkDir(config.output_prefix) as work:
+        state = _start(work, config, meta["fingerprint"])
         if state is None:
             print(f"preprocess: {config.output_prefix} is already complete", file=stream)
-            return json.loads(open(config.output_prefix + ".stats.json").read())
+            return read_stats(config.output_prefix)
         try:
             if not state.finalizing:  # else: killed while renaming the finished files into place
                 run = _Run(config, work, state, packed_format.token_dtype(tokenizer.vocab_size), stream)
@@ -197,6 +193,22 @@ def preprocess(config: PreprocessConfig, *, stream: TextIO | None = None) -> dic
             print(f"preprocess: stopped; `--resume` continues from the last checkpoint in {work.path}", file=stream)
             raise
         return work.install()
+
+
+def _start(work: WorkDir, config: PreprocessConfig, fingerprint: str) -> _State | None:
+    """The state to run from: fresh, or the checkpoint of an interrupted run; None if already complete."""
+    if config.resume and not work.exists() and (read_stats(config.output_prefix) or {}).get("fingerprint") == fingerprint:
+        return None
+    state = work.load() if work.claim(config.resume) else None
+    if state is None:
+        work.reset()
+        return _State(fingerprint, packer=Packer(config.pack))
+    if state.fingerprint != fingerprint:
+        raise RuntimeError(
+            f"{work.path} was made from other inputs or settings (input files, their sizes or times, "
+            "tokenizer, image/template/packing flags changed): delete it or rerun with the original ones"
+        )
+    return state
 
 
 def _class_names(config: PreprocessConfig, fmt: str) -> dict[str, str] | None:
@@ -233,7 +245,7 @@ def _file_signature(path: str) -> tuple[int, int]:
 
 
 class _Run:
-    def __init__(self, config: PreprocessConfig, work: "_WorkDir", state: _State, dtype: type, stream: TextIO):
+    def __init__(self, config: PreprocessConfig, work: WorkDir, state: _State, dtype: type, stream: TextIO):
         self.config = config
         self.work = work
         self.state = state
@@ -272,7 +284,7 @@ class _Run:
         self.writer.finalize()
         self.errors.close()
         stats = self.state.stats.to_json(self.config.pack.seq_length, self.state.packer, meta)
-        _write_text(self.work.file("stats.json"), json.dumps(stats, indent=2) + "\n")
+        write_atomic(self.work.file("stats.json"), (json.dumps(stats, indent=2) + "\n").encode())
         self._update_progress(final=True)
         self.state.finalizing = True
         self.work.save(self.state)
@@ -322,134 +334,6 @@ def _batches(items, size: int) -> Iterator[list]:
     it = iter(items)
     while batch := list(islice(it, size)):
         yield batch
-
-
-# ---------------------------------------------------------------------------------------------
-# Work directory: lock, checkpoints, atomic installation
-
-
-class _WorkDir:
-    """``OUT.partial/``: the files being built, the checkpoint and a lock."""
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-        self.path = prefix + WORK_SUFFIX
-        self.data_prefix = os.path.join(self.path, "data")
-        self._lock = None
-
-    def __enter__(self) -> "_WorkDir":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._lock is not None:
-            self._lock.close()
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def start(self, resume: bool, fingerprint: str, pack_config: PackConfig) -> _State | None:
-        """The state to continue from (fresh or checkpointed); None when a resumed run is already complete."""
-        if not os.path.isdir(self.path):
-            if resume and self._complete(fingerprint):
-                return None
-            os.makedirs(self.path)
-            self._acquire()
-            return self._fresh(fingerprint, pack_config)
-        if not resume:
-            raise RuntimeError(
-                f"{self.path} holds an interrupted run: pass --resume to continue it, or delete it to start over"
-            )
-        self._acquire()
-        if not os.path.exists(self.file(CHECKPOINT)):  # killed before its first checkpoint
-            return self._fresh(fingerprint, pack_config)
-        with open(self.file(CHECKPOINT), "rb") as f:
-            state = pickle.load(f)
-        if state.fingerprint != fingerprint:
-            raise RuntimeError(
-                f"{self.path} was made from other inputs or settings (input files, their sizes or times, "
-                "tokenizer, image/template/packing flags changed): delete it or rerun with the original ones"
-            )
-        return state
-
-    def _fresh(self, fingerprint: str, pack_config: PackConfig) -> _State:
-        for name in os.listdir(self.path):
-            if name != "lock":
-                os.unlink(self.file(name))
-        return _State(fingerprint, packer=Packer(pack_config))
-
-    def _complete(self, fingerprint: str) -> bool:
-        try:
-            with open(self.prefix + ".stats.json") as f:
-                return json.load(f).get("fingerprint") == fingerprint
-        except (OSError, ValueError):
-            return False
-
-    def _acquire(self) -> None:
-        self._lock = open(self.file("lock"), "a")
-        try:
-            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another preprocessing run is writing {self.prefix} (lock {self.file('lock')})") from None
-
-    def open_errors(self, size: int):
-        f = open(self.file("errors.jsonl"), "a+b" if size else "wb")
-        f.truncate(size)
-        f.seek(size)
-        return _TextAppender(f)
-
-    def save(self, state: _State) -> None:
-        _write_bytes(self.file(CHECKPOINT), pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def install(self) -> dict:
-        """Rename the finished files into place, the stats last; returns the stats."""
-        targets = [self.prefix + p[len(self.data_prefix):] for p in packed_format.output_files(self.data_prefix)]
-        moves = list(zip(packed_format.output_files(self.data_prefix), targets))
-        moves += [(self.file("errors.jsonl"), self.prefix + ".errors.jsonl"), (self.file("stats.json"), self.prefix + ".stats.json")]
-        for src, dst in moves:
-            if os.path.exists(src):  # absent: already moved by a run killed while installing
-                os.replace(src, dst)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
-        with open(self.prefix + ".stats.json") as f:
-            stats = json.load(f)
-        self.discard()
-        return stats
-
-    def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-class _TextAppender:
-    """A binary file written with str lines (UTF-8), so that sizes are byte offsets for truncation."""
-
-    def __init__(self, f):
-        self._f = f
-
-    def write(self, text: str) -> None:
-        self._f.write(text.encode("utf-8"))
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-
-def _write_text(path: str, text: str) -> None:
-    _write_bytes(path, text.encode("utf-8"))
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["FORMAT_VERSION", "KILL_AFTER_PACKS_ENV", "PreprocessConfig", "Stats", "default_workers", "preprocess"]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from megatron.solo.data.encode import Document, EncodeConfig, encode_sample
 from megatron.solo.data.errors import SampleError
-from megatron.solo.data.sources import RawRecord, parse_record
+from megatron.solo.data.samples import parse_record
+from megatron.solo.data.sources import RawRecord
 
 
 @dataclass(frozen=True)
