@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mistral: [INST] user [/INST] assistant</s> (default); plain: the reference's concatenation")
     g.add_argument("--image-format", default=codec.DEFAULT_FORMAT, choices=tuple(codec.CODECS),
                    help="how resized images are stored (default jpeg; png/webp-lossless are lossless, raw is uint8)")
-    g.add_argument("--image-quality", type=int, default=codec.DEFAULT_QUALITY, help="quality of jpeg/webp (default 95)")
+    g.add_argument("--image-quality", type=int, default=codec.DEFAULT_QUALITY, help="quality of jpeg/webp (default %(default)s)")
     g.add_argument("--max-aspect-distortion", type=float, default=4.0,
                    help="skip images (as 'sliver') whose aspect ratio the size rule changes by more than this "
                    "factor (default 4; 0 = never)")

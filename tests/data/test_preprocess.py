@@ -243,10 +243,12 @@ def test_strict_fails_on_the_first_bad_sample_and_leaves_nothing(tmp_path, small
 
 
 def mixed_corpus(tmp_path, photos, n_captions=30, n_texts=12, seed=0):
-    """Captions of every photo and text documents of varied lengths (some longer than a pack)."""
+    """Captions of every photo (one far longer than a pack) and text documents of varied lengths (some
+    longer than a pack)."""
     rng = np.random.default_rng(seed)
     words = "the a photo of cat dog sky red blue small large street near house tree over under".split()
-    caps = [{"image": str(photos[i % len(photos)]), "caption": " ".join(rng.choice(words, rng.integers(2, 30)))}
+    caps = [{"image": str(photos[i % len(photos)]),
+             "caption": " ".join(rng.choice(words, 2000 if i == 7 else rng.integers(2, 30)))}
             for i in range(n_captions)]
     texts = [{"text": " ".join(rng.choice(words, int(rng.integers(5, 900))))} for _ in range(n_texts)]
     return [write_jsonl(tmp_path / "caps.jsonl", caps, raw_lines=[b"not json"]),
@@ -258,6 +260,7 @@ def test_stats_add_up(tmp_path, small_photos, run_preprocess):
     captions = run_preprocess([inputs[0]], "captions", seq_length=512)
     texts = run_preprocess([inputs[1]], "texts", seq_length=512)
     assert captions[1]["skipped"] == {"malformed_json": 1} and texts[1]["skipped"] == {}
+    assert captions[1]["truncated_documents"] == 1 and captions[1]["truncated_tokens"] > 1000
     assert texts[1]["split_documents"] > 0 and texts[1]["continuation_chunks"] >= texts[1]["split_documents"]
     for prefix, stats in (captions, texts):
         ds = PackedDataset(prefix)
@@ -282,11 +285,15 @@ def test_stats_add_up(tmp_path, small_photos, run_preprocess):
 
 def test_output_is_byte_identical_for_any_worker_count(tmp_path, small_photos, run_preprocess):
     inputs, fmt = mixed_corpus(tmp_path, small_photos, n_captions=40, n_texts=0)
+    lines = inputs[0].read_bytes().splitlines(keepends=True)
+    (tmp_path / "caps-1.jsonl").write_bytes(b"".join(lines[:25]))
+    (tmp_path / "caps-2.jsonl").write_bytes(b"".join(lines[25:]))
     outputs = {}
     for workers in (0, 1, 2):
-        prefix, _ = run_preprocess([inputs[0]], f"w{workers}", seq_length=256, workers=workers,
-                                   pack=PackConfig(seq_length=256, buffer_size=4))
+        prefix, stats = run_preprocess([tmp_path / "caps-*.jsonl"], f"w{workers}", seq_length=256, workers=workers,
+                                       pack=PackConfig(seq_length=256, buffer_size=4))
         outputs[workers] = output_bytes(prefix)
+        assert stats["input_files"] == 2 and stats["samples"] == 41
     assert outputs[0][".errors.jsonl"] and len(PackedDataset(str(tmp_path / "w0"))) > 3
     assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
 

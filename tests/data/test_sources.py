@@ -2,6 +2,7 @@
 
 import base64
 import gzip
+import io
 import json
 
 import pytest
@@ -129,10 +130,32 @@ def test_json_array_records_and_a_malformed_file(tmp_path):
     good = tmp_path / "a.json"
     good.write_text(json.dumps([{"text": str(i)} for i in range(3)]))
     bad = tmp_path / "b.json"
-    bad.write_text("[{\"text\": 1},")
+    bad.write_text('[{"text": "fine"}, {"text": oops}]')
     full = _assert_resumable([good, bad], "text")
-    assert [r.origin.key for _, r in full[:3]] == ["item 0", "item 1", "item 2"]
-    assert full[3][1].reason == "malformed_json" and full[3][1].origin == Origin(str(bad))
+    assert [r.origin.key for _, r in full[:4]] == ["item 0", "item 1", "item 2", "item 0"]
+    assert full[4][1].reason == "malformed_json" and full[4][1].origin == Origin(str(bad), key="item 1")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 20])
+def test_json_items_stream_across_chunk_boundaries(chunk):
+    items = [{"t": "a [tricky], {string}", "n": 12345678901234, "u": "é€😀"}, 3.25e10, [1, [2, []]], "x", None,
+             {"nested": {"deep": [{"k": "v"}] * 3}}, 987654321]
+    data = (" \n[ " + " ,\n ".join(json.dumps(i, ensure_ascii=False) for i in items) + " ]\n").encode()
+    assert list(sources._json_items(io.BytesIO(data), chunk)) == items
+    assert list(sources._json_items(io.BytesIO(b'{"a": [1, 2]}'), chunk)) == [{"a": [1, 2]}]
+    assert list(sources._json_items(io.BytesIO(b" [ ] "), chunk)) == []
+    for broken in (b"[1, 2", b"[1 2]", b"[1, 2] 3", b'[{"a": 1}, ]'):
+        with pytest.raises(json.JSONDecodeError):
+            list(sources._json_items(io.BytesIO(broken), chunk))
+    with pytest.raises(UnicodeDecodeError):
+        list(sources._json_items(io.BytesIO(b'["caf\xe9"]'), chunk))
+
+
+def test_detection_reads_a_whole_first_line_however_long(tmp_path):
+    url = "data:image/png;base64," + "A" * (3 << 20)  # a 3 MB first line
+    path = write_jsonl(tmp_path / "big.jsonl", [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}]}])
+    assert sources.detect_format([str(path)]) == "chat"
 
 
 def test_tar_records_grouped_by_key_and_resume(tmp_path):

@@ -3,16 +3,20 @@
 The stored image is the image *after* the size rule (both sides multiples of the patch size), so decoding
 it and running :func:`megatron.solo.image.image_to_patches` gives the model's patches with no resizing.
 
-========================  ====  ========================================================================
-format                    code  bytes per vision token, speed (skimage photos, benchmarks/bench_preprocess.py)
-========================  ====  ========================================================================
-``jpeg`` (default)        2     quality 95, 4:4:4 chroma (no subsampling: 32-px patches keep colour edges);
-                                about 300 B per patch, PSNR ≈ 48 dB, max pixel error ≈ 20/255
-``webp``                  3     lossy WebP at the same quality: smaller, ~15× slower to encode
-``png``                   1     lossless (zlib level 1: fast), ≈ 1.1 KB per patch
-``webp-lossless``         4     lossless, ≈ 0.8 KB per patch
-``raw``                   0     uint8 RGB, row-major H×W×3: 3072 B per patch, no decoding cost
-========================  ====  ========================================================================
+=================  ====  ==========================================================================
+format             code  measured (benchmarks/bench_preprocess.py; bytes per patch, i.e. per <vpatch>)
+=================  ====  ==========================================================================
+``jpeg`` default   2     quality 92, 4:4:4 chroma (no subsampling: 32-px patches keep colour edges):
+                         241 B on web-like photos (JPEG q90 sources, 256-2048 px), 338 B on nine skimage
+                         photos at native size (each ≤ 401 B); PSNR 39-52 dB, max error ≤ 35 levels
+``webp``           3     lossy WebP, same quality: 145 B, but the pipeline runs ~4× slower (encoding)
+``png``            1     lossless, zlib level 1 (fast): 1159 B
+``webp-lossless``  4     lossless, method 0: 843 B
+``raw``            0     uint8 RGB, row-major H×W×3: 3072 B, no decoding at load
+=================  ====  ==========================================================================
+
+The reference stored 3072 fp16 values: 6144 B per patch. Quality 95 would cost ~450 B per patch on the
+native-size photos (over the 400-byte budget) for ~3 dB more PSNR.
 
 Lossless and raw round trips are bit-exact to the front end; lossy ones change pixels by a few levels.
 """

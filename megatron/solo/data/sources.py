@@ -14,6 +14,7 @@ where reading stopped. See :mod:`~megatron.solo.data.samples` for the record sha
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import io
@@ -24,12 +25,16 @@ import zlib
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
 
+import zstandard
+
 from megatron.solo.data.errors import Origin, SampleError
 
 FORMATS = ("chat", "llava", "caption", "webdataset", "imagenet", "text")
 IMAGENET_EXTS = (".jpeg", ".jpg", ".png", ".webp")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 PEEK_BYTES = 1 << 20
+# What a damaged file raises while being read: gzip (OSError, EOFError), zlib, zstd, tarfile (OSError).
+READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError)
 
 
 class RawRecord(NamedTuple):
@@ -80,7 +85,7 @@ def _detect_one(path: str) -> str | None:
         return "webdataset"
     try:
         first = _peek_first_item(path)
-    except (OSError, ValueError, EOFError, zlib.error) as e:
+    except (*READ_ERRORS, ValueError, RecursionError) as e:
         raise ValueError(f"{path}: cannot read its first record to detect the format: {e}") from e
     return classify(first)
 
@@ -106,21 +111,10 @@ def classify(obj: Any) -> str | None:
 
 def _peek_first_item(path: str) -> Any:
     with open_binary(path) as f:
-        head = f.read(PEEK_BYTES)
-    text = head.decode("utf-8", errors="replace").lstrip()
-    if _is_json_array(path):
-        if not text.startswith("["):
-            raise ValueError("a .json input must hold a JSON array of records")
-        text = text[1:].lstrip()
-    else:
-        text = next((line for line in text.splitlines() if line.strip()), "")
-    try:
-        return json.JSONDecoder().raw_decode(text)[0]
-    except json.JSONDecodeError:
-        if _is_json_array(path):  # a first item larger than the peek: parse the whole file
-            items = _load_json_array(path)
-            return items[0] if items else None
-        raise
+        if _is_json_array(path):
+            return next(_json_items(f), None)
+        line = next((line for line in f if line.strip()), b"")  # whole, however long (data URLs)
+    return json.loads(line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +127,6 @@ def open_binary(path: str) -> BinaryIO:
     if lower.endswith(".gz"):
         return gzip.open(path, "rb")
     if lower.endswith(".zst"):
-        import zstandard
-
         raw = open(path, "rb")
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return open(path, "rb")
@@ -189,36 +181,81 @@ def _jsonl_records(path: str, skip: int) -> Iterator[tuple[int, RawRecord | Samp
                 if k >= skip:
                     yield k, RawRecord(Origin(path, line=line_no), line)
                 k += 1
-    except (OSError, EOFError, ValueError, zlib.error) as e:  # gzip/zstd damage surfaces as these
+    except READ_ERRORS as e:
         if k >= skip:
             yield k, SampleError("unreadable_input", Origin(path, line=line_no + 1), f"{type(e).__name__}: {e}")
 
 
 def _json_array_records(path: str, skip: int) -> Iterator[tuple[int, RawRecord | SampleError]]:
-    try:
-        items = _load_json_array(path)
-    except SampleError as e:
-        if skip == 0:
-            yield 0, e
-        return
-    for k in range(skip, len(items)):
-        yield k, RawRecord(Origin(path, key=f"item {k}"), items[k])
-
-
-def _load_json_array(path: str) -> list:
-    origin = Origin(path)
+    k = 0
     try:
         with open_binary(path) as f:
-            data = f.read()
-    except (OSError, EOFError, ValueError, zlib.error) as e:
-        raise SampleError("unreadable_input", origin, f"{type(e).__name__}: {e}") from e
-    try:
-        obj = json.loads(data.decode("utf-8"))
+            for item in _json_items(f):
+                if k >= skip:
+                    yield k, RawRecord(Origin(path, key=f"item {k}"), item)
+                k += 1
+        return
     except UnicodeDecodeError as e:
-        raise SampleError("non_utf8", origin, str(e)) from e
+        reason, detail = "non_utf8", str(e)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, over-long integers, absurd nesting
-        raise SampleError("malformed_json", origin, f"{type(e).__name__}: {e}") from e
-    return obj if isinstance(obj, list) else [obj]
+        reason, detail = "malformed_json", f"{type(e).__name__}: {e}"
+    except READ_ERRORS as e:
+        reason, detail = "unreadable_input", f"{type(e).__name__}: {e}"
+    if k >= skip:  # the array cannot be read past this item
+        yield k, SampleError(reason, Origin(path, key=f"item {k}"), detail)
+
+
+def _json_items(f: BinaryIO, chunk: int = PEEK_BYTES) -> Iterator[Any]:
+    """The items of a JSON array (or the one top-level value), parsed incrementally: memory ~ one item,
+    not the whole file (LLaVA's 665K-sample JSON is a gigabyte)."""
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    buf, pos, eof = "", 0, False
+
+    def more() -> None:
+        nonlocal buf, pos, eof
+        data = f.read(chunk)
+        eof = not data
+        buf, pos = buf[pos:] + utf8.decode(data, final=eof), 0
+
+    def peek() -> str:  # the next non-space character, "" at the end
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or eof:
+                return buf[pos] if pos < len(buf) else ""
+            more()
+
+    def value() -> Any:
+        nonlocal pos
+        peek()  # raw_decode does not skip leading white space
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+                if eof or (end < len(buf) and buf[end] in " \t\r\n,]"):  # else a number may go on ("3.2" "5e1")
+                    pos = end
+                    return obj
+            except json.JSONDecodeError:
+                if eof:
+                    raise
+            more()
+
+    if peek() != "[":
+        yield value()
+    else:
+        pos += 1
+        if peek() != "]":
+            while True:
+                yield value()
+                if peek() != ",":
+                    break
+                pos += 1
+        if peek() != "]":
+            raise json.JSONDecodeError("expected ',' or ']'", buf, pos)
+        pos += 1
+    if peek():
+        raise json.JSONDecodeError("extra data after the top-level value", buf, pos)
 
 
 def _tar_records(path: str, skip: int) -> Iterator[tuple[int, RawRecord | SampleError]]:
@@ -242,7 +279,7 @@ def _tar_records(path: str, skip: int) -> Iterator[tuple[int, RawRecord | Sample
             _check_end_of_archive(tar)
             if key is not None and k >= skip:
                 yield k, RawRecord(Origin(path, key=key), group)
-    except (OSError, EOFError, tarfile.TarError, zlib.error) as e:
+    except (*READ_ERRORS, tarfile.TarError) as e:
         if k >= skip:
             yield k, SampleError("unreadable_input", Origin(path, key=key), f"{type(e).__name__}: {e}")
 
