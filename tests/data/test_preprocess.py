@@ -329,6 +329,7 @@ def resumed_config(inputs, prefix, workers=0):
                             pack=PackConfig(seq_length=256, buffer_size=4), workers=workers, resume=True, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_kill_then_resume_equals_an_uninterrupted_run(tmp_path, small_photos):
     inputs, _ = mixed_corpus(tmp_path, small_photos, n_captions=100, n_texts=0)
@@ -354,6 +355,7 @@ def test_kill_then_resume_equals_an_uninterrupted_run(tmp_path, small_photos):
     assert not os.path.exists(killed + ".partial")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_external_sigkill_mid_run_then_resume(tmp_path):
     rng = np.random.default_rng(1)

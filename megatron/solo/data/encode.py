@@ -196,6 +196,8 @@ def _load(ref: ImageRef, config: ImageConfig, origin: Origin):
         return _image.load_image(ref.source, max_pixels=config.max_pixels)
     except ImageError as e:
         raise SampleError(e.reason, origin, str(e)) from e
+    except MemoryError:
+        raise
     except Exception as e:  # Pillow raises assorted types on hostile bytes (struct.error, IndexError, …)
         name = _image.describe_source(ref.source)
         raise SampleError("corrupt_image", origin, f"{name}: {type(e).__name__}: {e}") from e

@@ -51,7 +51,7 @@ class RawRecord(NamedTuple):
 
 def resolve_inputs(patterns: Iterable[str]) -> list[str]:
     """Files, directories and globs (``**`` allowed) → paths, in argument order, globs sorted, no repeats."""
-    paths: list[str] = []
+    paths: dict[str, None] = {}  # ordered, no repeats
     for pattern in patterns:
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern, recursive=True))
@@ -61,8 +61,8 @@ def resolve_inputs(patterns: Iterable[str]) -> list[str]:
             matches = [pattern]
         else:
             raise FileNotFoundError(f"--input {pattern!r}: no such file or directory")
-        paths.extend(m for m in matches if m not in paths)
-    return paths
+        paths.update(dict.fromkeys(matches))
+    return list(paths)
 
 
 def detect_format(paths: list[str]) -> str:
