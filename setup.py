@@ -22,6 +22,7 @@ setup(
         "sentencepiece>=0.2",
         "protobuf>=4.21",  # sentencepiece's model proto: reading tokenizers that carry SOLO's pieces
         "psutil>=5.9",  # dist_checkpointing's writer hangs without it (megatron_core_cpu.md §3)
+        "zstandard>=0.22",  # preprocessing reads .zst inputs (SlimPajama ships .jsonl.zst)
     ],
     extras_require={
         "test": [

@@ -1,0 +1,212 @@
+"""Sample → Document: token ids, per-token loss targets, and the sample's images resized and encoded once.
+
+Document layout (``chat_template="mistral"``, the default)::
+
+    <s> [INST] user parts [/INST] assistant parts </s> [INST] … [/INST] last assistant parts </s>
+    ^bos                          ^targets       ^target                  ^targets        ^--append-eod
+
+* ``<s>`` (BOS) starts every document and is never a target: Mistral was trained with BOS at document
+  start. Documents in a pack are separated by stored boundaries, not by tokens.
+* Turn markers ``[INST]``/``[/INST]`` are plain text (no special ids), as in Mistral-instruct v0.1 and the
+  released SOLO SFT model; a system turn's parts open the next user turn. Assistant turns other than
+  the last end with ``</s>`` (a target); the last one's ``</s>`` is the ``--append-eod`` one.
+* ``chat_template="plain"`` reproduces the reference's ``--do_pretrain``: parts concatenated in order, no
+  markers, no per-turn ``</s>``. Single-assistant-turn samples (captions, labels, text) are the same in both.
+* ``target[i] = 1``: token i is to be predicted (text of assistant turns and their ``</s>``). Patch tokens
+  and the vision specials are never targets. The final EOS is a target iff the token before it is.
+* Each text part is tokenized on its own (SentencePiece adds its word-boundary prefix to each), as the
+  reference does; an image becomes ``tokenizer.image_layout_ids(rows, cols)`` and its pixels are stored
+  after the size rule, encoded by :mod:`~megatron.solo.data.codec`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from megatron.solo import image as _image
+from megatron.solo.data import codec
+from megatron.solo.data.errors import Origin, SampleError
+from megatron.solo.data.samples import ImageRef, Sample, Turn
+from megatron.solo.image import DEFAULT_CONFIG, ImageConfig, ImageError
+
+TEMPLATES = ("mistral", "plain")
+INST_OPEN, INST_CLOSE = "[INST]", "[/INST]"
+_EOS = object()  # marker for an end-of-turn </s> in a rendered sequence
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeConfig:
+    """How samples become documents."""
+
+    image: ImageConfig = DEFAULT_CONFIG
+    """Size rule, normalisation and decompression-bomb limit of the image front end."""
+    image_format: str = codec.DEFAULT_FORMAT
+    """How resized images are stored: jpeg (default), webp, png, webp-lossless or raw."""
+    image_quality: int = codec.DEFAULT_QUALITY
+    """Quality of the lossy formats (1-100)."""
+    chat_template: str = "mistral"
+    """``mistral`` ([INST] … [/INST] answer</s>) or ``plain`` (the reference's concatenation)."""
+    append_eod: bool = True
+    """End each document with EOS (a target iff the token before it is)."""
+    max_aspect_distortion: float | None = 4.0
+    """Refuse images (reason ``sliver``) whose aspect ratio the size rule changes by more than this factor."""
+
+    def __post_init__(self):
+        if self.image_format not in codec.CODECS:
+            raise ValueError(f"EncodeConfig.image_format must be one of {', '.join(codec.CODECS)}, got {self.image_format!r}")
+        if not (isinstance(self.image_quality, int) and 1 <= self.image_quality <= 100):
+            raise ValueError(f"EncodeConfig.image_quality must be an int in 1..100, got {self.image_quality!r}")
+        if self.chat_template not in TEMPLATES:
+            raise ValueError(f"EncodeConfig.chat_template must be one of {', '.join(TEMPLATES)}, got {self.chat_template!r}")
+        if self.max_aspect_distortion is not None and not self.max_aspect_distortion >= 1:
+            raise ValueError(f"EncodeConfig.max_aspect_distortion must be >= 1 or None, got {self.max_aspect_distortion!r}")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """One image of a document: where its ``<vision>`` token is, its patch grid and its stored bytes."""
+
+    position: int
+    n_rows: int
+    n_cols: int
+    codec: int
+    data: bytes
+
+    @property
+    def num_tokens(self) -> int:
+        return _image.layout_length(self.n_rows, self.n_cols)
+
+    def shifted(self, offset: int) -> "EncodedImage":
+        return EncodedImage(self.position + offset, self.n_rows, self.n_cols, self.codec, self.data)
+
+
+@dataclass(frozen=True)
+class Document:
+    """A tokenized sample (or a chunk of one)."""
+
+    tokens: np.ndarray
+    """int32 [n] token ids."""
+    targets: np.ndarray
+    """bool [n]: token i is to be predicted."""
+    images: tuple[EncodedImage, ...]
+    origin: Origin
+    continuation: bool = field(default=False)
+    """A chunk after the first of a split text document (it starts mid-text, without BOS)."""
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def cut_allowed(self, n: int) -> bool:
+        """Whether [0, n) / [n, len) leaves every image whole on one side."""
+        return all(not (im.position < n < im.position + im.num_tokens) for im in self.images)
+
+    def head(self, n: int) -> "Document":
+        """The first ``n`` tokens (an image may not straddle the cut)."""
+        assert self.cut_allowed(n), n
+        return Document(self.tokens[:n], self.targets[:n], tuple(im for im in self.images if im.position < n),
+                        self.origin, self.continuation)
+
+    def tail(self, n: int) -> "Document":
+        """Tokens from ``n`` on, as a continuation chunk."""
+        assert self.cut_allowed(n), n
+        images = tuple(im.shifted(-n) for im in self.images if im.position >= n)
+        return Document(self.tokens[n:], self.targets[n:], images, self.origin, continuation=True)
+
+
+def encode_sample(sample: Sample, tokenizer, config: EncodeConfig) -> Document:
+    """Sample → Document; raises :class:`SampleError` (bad image, sliver, nothing to learn)."""
+    ids: list[list[int]] = [[tokenizer.bos_id]]
+    flags: list[bool] = [False]
+    images: list[EncodedImage] = []
+    length = 1
+    for part, target in render(sample.turns, config.chat_template):
+        if isinstance(part, ImageRef):
+            encoded, part_ids = _encode_image(part, tokenizer, config, sample.origin, position=length)
+            images.append(encoded)
+            target = False
+        else:
+            part_ids = [tokenizer.eos_id] if part is _EOS else tokenizer.encode(part)
+        ids.append(part_ids)
+        flags.append(target)
+        length += len(part_ids)
+    tokens = np.concatenate([np.asarray(part, dtype=np.int32) for part in ids])
+    targets = np.repeat(np.array(flags, dtype=bool), [len(p) for p in ids])
+    if config.append_eod:
+        tokens = np.append(tokens, np.int32(tokenizer.eos_id))
+        targets = np.append(targets, targets[-1])
+    if not targets.any():
+        raise SampleError("no_targets", sample.origin, "no assistant text to learn (loss would be empty)")
+    return Document(tokens, targets, tuple(images), sample.origin)
+
+
+def render(turns: tuple[Turn, ...], template: str) -> Iterator[tuple[object, bool]]:
+    """Turns → (part, is_target) in token order; parts are text, ImageRef or the end-of-turn marker."""
+    turns = tuple(t for t in turns if t.parts)
+    if template == "plain":
+        for turn in turns:
+            for part in turn.parts:
+                yield part, turn.role == "assistant"
+        return
+    system: list = []
+    last = len(turns) - 1
+    for i, turn in enumerate(turns):
+        if turn.role == "system" and i < last:
+            system.extend(turn.parts)
+            continue
+        if turn.role == "assistant" and not system:
+            yield from ((p, True) for p in turn.parts)
+            if i < last:
+                yield _EOS, True
+            continue
+        # a user turn, or system parts with no user turn to open (then they stand as one)
+        user_parts = system + (list(turn.parts) if turn.role != "assistant" else [])
+        yield INST_OPEN, False
+        yield from ((p, False) for p in user_parts)
+        yield INST_CLOSE, False
+        system = []
+        if turn.role == "assistant":
+            yield from ((p, True) for p in turn.parts)
+            if i < last:
+                yield _EOS, True
+
+
+def _encode_image(ref: ImageRef, tokenizer, config: EncodeConfig, origin: Origin, position: int):
+    img = _load(ref, config.image, origin)
+    width, height = img.size
+    size = _image.target_size(width, height, config.image.patch_size, config.image.max_size)
+    distortion = _distortion((width, height), size)
+    if config.max_aspect_distortion is not None and distortion > config.max_aspect_distortion:
+        raise SampleError(
+            "sliver", origin,
+            f"{width}x{height} image would become {size[0]}x{size[1]}: aspect ratio changed {distortion:.1f}x "
+            f"(limit {config.max_aspect_distortion:g}x)",
+        )
+    resized = _image.resize_image(img, size)
+    data = codec.encode_image(resized, config.image_format, config.image_quality)
+    n_rows, n_cols = size[1] // config.image.patch_size, size[0] // config.image.patch_size
+    encoded = EncodedImage(position, n_rows, n_cols, codec.CODECS[config.image_format], data)
+    return encoded, tokenizer.image_layout_ids(n_rows, n_cols)
+
+
+def _load(ref: ImageRef, config: ImageConfig, origin: Origin):
+    try:
+        return _image.load_image(ref.source, max_pixels=config.max_pixels)
+    except ImageError as e:
+        raise SampleError(e.reason, origin, str(e)) from e
+    except MemoryError:
+        raise
+    except Exception as e:  # Pillow raises assorted types on hostile bytes (struct.error, IndexError, …)
+        name = _image.describe_source(ref.source)
+        raise SampleError("corrupt_image", origin, f"{name}: {type(e).__name__}: {e}") from e
+
+
+def _distortion(original: tuple[int, int], resized: tuple[int, int]) -> float:
+    """Factor by which the aspect ratio changes: 1.0 for a uniform scale."""
+    ratio = (original[0] / original[1]) / (resized[0] / resized[1])
+    return max(ratio, 1 / ratio)
+
+
+__all__ = ["TEMPLATES", "Document", "EncodeConfig", "EncodedImage", "encode_sample", "render"]
