@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_torchrun
+from model_helpers import run_torchrun
 
 pytestmark = pytest.mark.timeout(400)
 
