@@ -162,3 +162,24 @@ def test_bad_vision_inputs_are_explained(models):
         solo(ids, vision_patches=patches)
     with pytest.raises(ValueError, match="0..-1"):
         solo(ids, vision_patch_indices=indices)  # patch positions but no patches
+
+
+def test_beam_search_keeps_the_batch_wide_patch_tensor(models, monkeypatch):
+    """generate() repeats per-sample inputs per beam; vision_patches is batch-wide and must stay as given."""
+    _, solo = models
+    ids, indices, patches = image_prompt(batch=2)
+    seen = []
+    original = type(solo.model).embed_inputs
+
+    def spy(self, input_ids=None, inputs_embeds=None, vision_patch_indices=None, vision_patches=None):
+        if vision_patches is not None:
+            seen.append((vision_patch_indices.clone(), vision_patches.clone()))
+        return original(self, input_ids, inputs_embeds, vision_patch_indices, vision_patches)
+
+    monkeypatch.setattr(type(solo.model), "embed_inputs", spy)
+    with torch.no_grad():
+        solo.generate(ids, vision_patch_indices=indices, vision_patches=patches, max_new_tokens=2, num_beams=2,
+                      do_sample=False)
+    step_indices, step_patches = seen[0]
+    assert torch.equal(step_patches, patches)
+    assert torch.equal(step_indices, indices.repeat_interleave(2, dim=0))  # each beam points at its sample's

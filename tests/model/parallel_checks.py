@@ -1,6 +1,7 @@
 """Multi-process checks of SoloModel, run under torchrun by test_model_parallel.py (2 ranks, gloo, CPU).
 
-Reference: the TP=1/PP=1 model on every rank. Each layout (TP=2, TP=2+SP, PP=2, TP=1 reloaded from a
+Reference: the TP=1/PP=1 model on every rank, its initial weights perturbed (so a layout that failed to
+load the checkpoint would differ, whatever the seeds). Each layout (TP=2, TP=2+SP, PP=2, TP=1 reloaded from a
 TP=2 save) loads the same weights from a dist checkpoint saved at TP=1, runs the same micro-batches, and
 rank 0 writes the largest differences to ``OUT/results.json``.
 """
@@ -50,8 +51,8 @@ def micro_batches(n: int = 2, per: int = 2):
     return out
 
 
-def build(tp: int, pp: int = 1, sp: bool = False):
-    initialize_model_parallel(tp, pp, seed=1234)
+def build(tp: int, pp: int = 1, sp: bool = False, seed: int = 99):
+    initialize_model_parallel(tp, pp, seed=seed)
     tc = make_transformer_config(CFG, tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sp)
     return build_model(CFG, tc, padded_vocab_size=METADATA.padded_vocab_size,
                        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
@@ -93,7 +94,11 @@ GRADS = [("patch_embedding.weight", None), ("embedding.word_embeddings.weight", 
 
 
 def reference(ckpt: Path, batches):
-    model = build(1)
+    model = build(1, seed=1234)
+    generator = torch.Generator().manual_seed(7)  # weights no fresh build has: the checks must load them
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=generator))
     save_model(ckpt / "tp1", model, METADATA)
     losses = forward_backward(model, batches)
     return model, losses, {n: full_grad(model, n, d).clone() for n, d in GRADS}, logits(model, batches[0])

@@ -147,3 +147,36 @@ def test_config_errors_name_the_field(changes, field):
 def test_parallel_layout_errors_name_the_flag(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         get_preset("tiny").validate_parallel(**kwargs)
+
+
+def test_rope_is_looked_up_by_restarting_position_ids(model):
+    """Exact restart semantics (relative RoPE alone would hide a shift): the rotary table the decoder gets
+    at each slot is the one of that slot's position inside its document."""
+    rng = np.random.default_rng(6)
+    batch = collate([example(rng, [5, 9, 3], 2), example(rng, [11], 0)], 20, pad_id=2)
+    out = model._preprocess(input_ids=batch.tokens, position_ids=batch.position_ids)
+    table = model.rotary_pos_emb(64)  # [P, 1, 1, d]
+    assert torch.equal(out[1], table[batch.position_ids.t()].squeeze(2))
+    unpacked = table[:20].squeeze(1)[:, None].expand(20, 2, 1, -1)  # what positions 0..s-1 would give
+    assert out[1].shape == unpacked.shape and not torch.equal(out[1], unpacked)
+
+
+def test_text_only_step_under_ddp_with_overlapped_grad_reduce(megatron_world):
+    """The patch projection must get a (zero) gradient on steps without images, or DDP's bucket sync fails."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    tc = make_transformer_config(CFG)
+    ddp = DistributedDataParallel(tc, DistributedDataParallelConfig(overlap_grad_reduce=True,
+                                                                   use_distributed_optimizer=False),
+                                  build_model(CFG, tc))
+    rng = np.random.default_rng(7)
+    for n_patches in (0, 3):
+        batch = collate([example(rng, [10], n_patches)], 12, pad_id=2)
+        ddp.zero_grad_buffer()
+        loss = ddp(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
+                   None if n_patches == 0 else batch.patches, None if n_patches == 0 else batch.patch_index,
+                   labels=batch.labels)
+        masked_token_loss(batch.loss_mask, loss)[0].backward()
+        ddp.finish_grad_sync()
+        grad = ddp.module.patch_embedding.weight.main_grad
+        assert (grad.abs().sum() > 0) == (n_patches > 0)

@@ -21,12 +21,17 @@ Recompute = Literal["full", "selective"]
 
 def make_transformer_config(
     cfg: ModelConfig, *, tensor_parallel: int = 1, pipeline_parallel: int = 1, sequence_parallel: bool = False,
-    params_dtype: torch.dtype = torch.float32, backend: Backend = "local",
+    params_dtype: torch.dtype = torch.float32, backend: Backend | Literal["auto"] = "auto",
     recompute_granularity: Recompute | None = None, recompute_method: Literal["uniform", "block"] | None = None,
     recompute_num_layers: int | None = None, perform_initialization: bool = True,
     calculate_per_token_loss: bool = True,
 ) -> TransformerConfig:
-    """Mistral's decoder (RMSNorm, SwiGLU, GQA, no biases, no dropout) for one parallel layout."""
+    """Mistral's decoder (RMSNorm, SwiGLU, GQA, no biases, no dropout) for one parallel layout.
+
+    ``backend`` must be the one ``build_model`` gets (both default to ``auto``): it decides the fusions
+    and whether the sliding window goes to Transformer Engine or into the local mask.
+    """
+    backend = resolve_backend(backend)
     cfg.validate_parallel(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                           sequence_parallel=sequence_parallel)
     if params_dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -57,12 +62,13 @@ def make_transformer_config(
 
 
 def build_model(
-    cfg: ModelConfig, transformer_config: TransformerConfig, *, backend: Backend | Literal["auto"] = "local",
+    cfg: ModelConfig, transformer_config: TransformerConfig, *, backend: Backend | Literal["auto"] = "auto",
     padded_vocab_size: int | None = None, pre_process: bool = True, post_process: bool = True,
     vp_stage: int | None = None,
 ) -> SoloModel:
     """One pipeline stage of the SOLO model. ``padded_vocab_size`` defaults to the TP-padded vocab."""
     backend = resolve_backend(backend)
+    _check_backend_matches(cfg, transformer_config, backend)
     tp = transformer_config.tensor_model_parallel_size
     vocab = padded_vocab_size or cfg.padded_vocab_size(tp)
     if vocab < cfg.vocab_size or vocab % tp:
@@ -74,3 +80,13 @@ def build_model(
         backend=backend, sliding_window=cfg.sliding_window, pre_process=pre_process,
         post_process=post_process, vp_stage=vp_stage,
     )
+
+
+def _check_backend_matches(cfg: ModelConfig, tc: TransformerConfig, backend: Backend) -> None:
+    # With window_size set, megatron-core's local softmax swaps our packed mask for a plain sliding causal
+    # one (documents would see each other); without it TE would silently drop the window.
+    te_window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+    expected = te_window if backend == "te" else None
+    if tc.window_size != expected:
+        raise ValueError(f"backend: the TransformerConfig was made for another backend than {backend!r} "
+                         "(pass the same backend to make_transformer_config and build_model)")

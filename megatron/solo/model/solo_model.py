@@ -49,12 +49,15 @@ class SoloModel(GPTModel):
         tokens [b, s]; patches [p, patch_dim]; patch_index [p], flat ``row·s + col``.
         """
         emb = self.embedding(input_ids=tokens, position_ids=None)  # [s, b, h], the full sequence
-        if patches is not None and patches.numel() > 0:
-            b, s = tokens.shape
-            projected = self.patch_embedding(patches.to(self.patch_embedding.weight.dtype))
-            flat = emb.transpose(0, 1).reshape(b * s, -1)
-            flat = flat.index_add(0, patch_index, projected.to(flat.dtype))
-            emb = flat.view(b, s, -1).transpose(0, 1).contiguous()
+        b, s = tokens.shape
+        weight = self.patch_embedding.weight
+        if patches is None:  # text only: still run the projection (on nothing) so its weight gets a zero
+            patches = weight.new_zeros(0, self.patch_dim)  # gradient; DDP's bucket sync expects every grad
+            patch_index = torch.zeros(0, dtype=torch.long, device=tokens.device)
+        projected = self.patch_embedding(patches.to(weight.dtype))  # [p, h]
+        flat = emb.transpose(0, 1).reshape(b * s, -1)
+        flat = flat.index_add(0, patch_index, projected.to(flat.dtype))
+        emb = flat.view(b, s, -1).transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)  # [s/tp, b, h]
         return emb
@@ -76,6 +79,8 @@ class SoloModel(GPTModel):
 
         tokens, position_ids, labels: int64 [b, s]; cu_seqlens: int32 [n + 1] over the flattened b·s
         stream; patches [p, patch_dim] with patch_index [p] (used on the first pipeline stage only).
+        With the TE backend the stages exchange [b·s, 1, h] hidden states: a pipeline schedule must then
+        be called with ``seq_length=b·s, micro_batch_size=1``.
         """
         b, s = tokens.shape
         if self.backend == "te":

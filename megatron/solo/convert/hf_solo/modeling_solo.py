@@ -113,6 +113,20 @@ class SoloForCausalLM(MistralForCausalLM):
             **kwargs,
         )
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beams / ``num_return_sequences``: repeat per-sample tensors, but not ``vision_patches``.
+
+        ``vision_patches`` is one [N, D] tensor for the whole batch that the (repeated) indices point into;
+        repeating its rows like a per-sample tensor would silently hand every sequence the wrong patches.
+        """
+        patches = model_kwargs.pop("vision_patches", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if patches is not None:
+            model_kwargs["vision_patches"] = patches
+        return input_ids, model_kwargs
+
     def prepare_inputs_for_generation(
         self, input_ids, inputs_embeds=None, vision_patch_indices=None, vision_patches=None, **kwargs
     ):
