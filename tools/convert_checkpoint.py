@@ -33,8 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     to_mg = sub.add_parser("hf-to-megatron", help="HF Mistral / SOLO-7B directory → Megatron checkpoint")
     to_mg.add_argument("--hf-model", required=True, type=Path, help="HF model directory")
     to_mg.add_argument("--out", required=True, type=Path, help="Megatron checkpoint directory to create")
-    to_mg.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    to_mg.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    to_mg.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                       help="sets the vocabulary padding (128·TP) and is validated; the checkpoint loads at any TP")
+    to_mg.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                       help="validated against the layer count only: the checkpoint loads at any PP")
     to_mg.add_argument("--tokenizer-model", type=Path, default=None,
                        help="tokenizer.model (default: the one in --hf-model)")
     to_mg.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the HF weights' dtype")

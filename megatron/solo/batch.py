@@ -81,6 +81,8 @@ def _check_example(i: int, ex: PackedExample, seq_length: int, patch_dim: int) -
         problems.append(f"patches {ex.patches.shape} / patch_positions {len(ex.patch_positions)} do not match")
     elif len(ex.patch_positions) and (min(ex.patch_positions) < 0 or max(ex.patch_positions) >= n):
         problems.append("a patch position lies outside the pack")
+    elif np.ndim(ex.patch_positions) != 1 or len(np.unique(ex.patch_positions)) != len(ex.patch_positions):
+        problems.append("patch_positions must be 1-D and distinct (one patch per <vpatch> token)")
     if problems:
         raise ValueError(f"pack {i} of the micro-batch: " + "; ".join(problems))
 
@@ -91,6 +93,8 @@ def collate(examples: Sequence[PackedExample], seq_length: int, *, pad_id: int, 
     The last slot of a document has no label inside the document, so it is never a target (the packer
     stores documents whole, so nothing is lost). Padding forms one span per pack, never a target.
     """
+    if not examples:
+        raise ValueError("collate: no examples")
     b, s = len(examples), seq_length
     tokens = np.full((b, s), pad_id, dtype=np.int64)
     labels = np.full((b, s), pad_id, dtype=np.int64)

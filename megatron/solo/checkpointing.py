@@ -116,16 +116,19 @@ def save_sharded(root: str | os.PathLike, iteration: int | None, sharded_state: 
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        metadata.write(root)
     _barrier()
     dist_checkpointing.save(sharded_state, str(tmp), sharded_strategy=("torch_dist", 1),
                             content_metadata=content_metadata)
     _barrier()
     if _rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
+        old = final.with_name(f".{final.name}.old")
+        if final.exists():  # re-saving an iteration: never a moment where the tracker names a missing dir
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        metadata.write(root)
         _atomic_write_text(root / TRACKER_FILE, f"{RELEASE if iteration is None else iteration}\n")
+        shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 

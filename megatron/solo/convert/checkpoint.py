@@ -76,8 +76,8 @@ def hf_to_megatron_checkpoint(
         model = build_model(cfg, make_transformer_config(cfg, params_dtype=dtype, perform_initialization=False),
                             padded_vocab_size=metadata.padded_vocab_size)
     load_model_state(model, m_sd, assign=True)
+    tokenizer.save_pretrained(out_dir)  # before the tracker file marks the checkpoint complete
     save_model(out_dir, model, metadata)
-    tokenizer.save_pretrained(out_dir)
     return metadata
 
 

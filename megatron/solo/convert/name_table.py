@@ -317,7 +317,7 @@ def _vocab_rows(hf_sd: Mapping[str, Tensor], arch: ModelConfig, padded_vocab_siz
     if rows > arch.vocab_size:
         raise ConversionError(
             f"HF 'model.embed_tokens.weight' has {rows} rows, more than the vocabulary ({arch.vocab_size}): "
-            "refusing to drop rows; pass the tokenizer's vocab_size to model_config_from_hf"
+            "refusing to drop rows; convert with the tokenizer that has them (--tokenizer-model)"
         )
     if padded_vocab_size < arch.vocab_size:
         raise ConversionError(f"padded_vocab_size {padded_vocab_size} is smaller than vocab_size {arch.vocab_size}")
