@@ -36,10 +36,6 @@ class Batch:
     patches: torch.Tensor
     patch_index: torch.Tensor
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.tokens.shape)
-
     def to(self, device, non_blocking: bool = False) -> Batch:
         moved = {
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)

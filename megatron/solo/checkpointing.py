@@ -47,11 +47,6 @@ class CheckpointMetadata:
         if self.padded_vocab_size < self.model.vocab_size:
             raise ValueError(f"padded_vocab_size: {self.padded_vocab_size} < vocab_size {self.model.vocab_size}")
 
-    def check_tensor_parallel(self, tensor_parallel: int) -> None:
-        if self.padded_vocab_size % tensor_parallel:
-            raise ValueError(f"tensor_model_parallel_size: {tensor_parallel} does not divide the checkpoint's "
-                             f"padded vocabulary ({self.padded_vocab_size})")
-
     def to_json(self) -> str:
         return json.dumps({"format_version": FORMAT_VERSION, "model": self.model.to_dict(),
                            "padded_vocab_size": self.padded_vocab_size}, indent=2) + "\n"
@@ -100,10 +95,6 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
     if not text.isdigit():
         raise ValueError(f"{tracker}: expected an iteration number or {RELEASE!r}, got {text!r}")
     return int(text)
-
-
-def has_checkpoint(root: str | os.PathLike | None) -> bool:
-    return root is not None and (Path(root) / TRACKER_FILE).is_file()
 
 
 def save_sharded(root: str | os.PathLike, iteration: int | None, sharded_state: dict[str, Any],

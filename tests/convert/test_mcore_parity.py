@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tiny_models import TINY, random_mistral
-from megatron.solo.convert.name_table import MEGATRON_PATCH, model_config_from_hf, hf_to_megatron, megatron_to_hf
+from megatron.solo.convert.name_table import hf_to_megatron, megatron_to_hf, model_config_from_hf
 
 PADDED = 384  # 300 real rows + 84 padding rows, like Megatron's multiple-of-128 padding
 SEQ = 12

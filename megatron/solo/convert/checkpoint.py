@@ -48,8 +48,9 @@ def _source_tokenizer(hf_dir: Path, tokenizer_model: str | os.PathLike | None) -
 
 def _floating_dtype(tensors) -> torch.dtype:
     for name in tensors:
-        if tensors[name].is_floating_point():
-            return tensors[name].dtype
+        tensor = tensors[name]  # one read: the mapping may load lazily from disk
+        if tensor.is_floating_point():
+            return tensor.dtype
     raise ValueError("the checkpoint holds no floating-point tensor")
 
 

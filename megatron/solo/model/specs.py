@@ -51,14 +51,13 @@ def resolve_backend(backend: Backend | Literal["auto"]) -> Backend:
 
 def decoder_block_spec(config: TransformerConfig, backend: Backend, vp_stage: int | None = None) -> ModuleSpec:
     """The decoder of this pipeline stage: Mistral layers (RMSNorm, SwiGLU, GQA) and a final norm."""
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     if backend == "te":
-        layer = get_gpt_layer_with_transformer_engine_spec()
         from megatron.core.extensions.transformer_engine import TENorm
 
-        num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-        return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
+        return TransformerBlockSubmodules(layer_specs=[get_gpt_layer_with_transformer_engine_spec()] * num_layers,
+                                          layer_norm=TENorm)
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
