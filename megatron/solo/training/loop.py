@@ -1,11 +1,51 @@
-"""The training loop (placeholder while it is written: only --dry-run works)."""
+"""The training loop of ``pretrain_solo.py``: set up, step, log, checkpoint, stop cleanly.
+
+Each iteration runs megatron-core's schedule over ``num_microbatches`` micro-batches per data-parallel rank,
+checks the loss is finite on every rank *before* the optimizer steps (a NaN never reaches the weights), then
+steps the optimizer and the LR schedule. SIGTERM/SIGINT (a preempted job) saves at the end of the current
+iteration and exits 0; so do ``--exit-interval`` and ``--exit-duration-in-mins``.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
-from typing import Sequence
+import time
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Sequence
 
-from megatron.solo.training.arguments import ConfigError, parse_args
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron.solo.checkpointing import CheckpointMetadata
+from megatron.solo.parallel import init_distributed, initialize_model_parallel
+from megatron.solo.tokenizer import SoloTokenizer
+from megatron.solo.training.arguments import ConfigError, TrainConfig, check_model, parse_args, parse_data_path
+from megatron.solo.training.arguments import Layout, resolve_layout
+from megatron.solo.training.build import Components, build_components
+from megatron.solo.training.checkpoint import (
+    Start,
+    TrainingState,
+    load_training_checkpoint,
+    resolve_start,
+    save_training_checkpoint,
+)
+from megatron.solo.training.dataset import BlendedPackDataset, build_train_loader
+from megatron.solo.training.metrics import MetricSinks, Window, default_peak_tflops, loss_with_breakdown
+from megatron.solo.training.metrics import sum_micro_batches
+
+# Mistral's EOS, the reference's pad. Padding is its own attention span and never a target, so the id only
+# has to exist; the tokenizer's own pad id wins when the run knows its tokenizer.
+DEFAULT_PAD_ID = 2
+DEFAULT_VPATCH_ID = 32001  # SOLO's <vpatch>: 32000 + 1 after Mistral's 32000 pieces
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -15,7 +55,222 @@ def main(argv: Sequence[str] | None = None) -> int:
             from megatron.solo.training.dry_run import dry_run
 
             return dry_run(cfg)
-    except ConfigError as err:
+        return Trainer(cfg).run()
+    except (ConfigError, FileNotFoundError) as err:  # a flag, or a path a flag names
         print(f"pretrain_solo.py: error: {err}", file=sys.stderr)
         return 2
-    raise NotImplementedError("training")
+    except NonFiniteLossError as err:
+        print(f"pretrain_solo.py: {err}", file=sys.stderr)
+        return 3
+
+
+class Trainer:
+    """One rank's view of a run."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        init_distributed(timeout_s=cfg.distributed_timeout_minutes * 60)
+        self.layout: Layout = resolve_layout(cfg, dist.get_world_size())
+        self.start: Start = resolve_start(cfg)
+        check_model(cfg, self.start.model, self.start.padded_vocab_size)
+        initialize_model_parallel(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, seed=cfg.seed)
+        self.sinks = MetricSinks(cfg, enabled=_is_logging_rank())
+        self.tokenizer = _resolve_tokenizer(cfg, self.start)
+        # Data before the model: a wrong --data-path fails in seconds, not after building 7B parameters.
+        self.dataset = BlendedPackDataset(
+            parse_data_path(cfg.data_path), num_samples=max(cfg.train_iters, 1) * self.layout.global_batch_size,
+            seed=cfg.seed, decode_patches=parallel_state.is_pipeline_first_stage()) if cfg.data_path else None
+        self.parts: Components = build_components(cfg, self.start.model, self.start.padded_vocab_size)
+        self.metadata = CheckpointMetadata(self.start.model, self.start.padded_vocab_size)
+        self.state = TrainingState()
+        if self.start.kind != "scratch":
+            self.state = load_training_checkpoint(self.start, cfg, model=self.parts.model,
+                                                  optimizer=self.parts.optimizer, scheduler=self.parts.scheduler)
+        self.stop_requested = False
+        self.peak_tflops = cfg.peak_tflops or default_peak_tflops()
+
+    # -- set-up helpers ---------------------------------------------------------------------------
+
+    def _announce(self) -> None:
+        cfg, layout = self.cfg, self.layout
+        self.sinks.message(
+            f"SOLO pre-training: {self.start.description}; world {layout.world_size} = TP {cfg.tensor_model_parallel_size}"
+            f" × PP {cfg.pipeline_model_parallel_size} × DP {layout.data_parallel_size}; global batch "
+            f"{layout.global_batch_size} × {cfg.seq_length} tokens ({layout.num_microbatches} micro-batches of "
+            f"{cfg.micro_batch_size}); iteration {self.state.iteration}/{cfg.train_iters}")
+        describe = getattr(self.dataset, "describe", None)
+        if describe is not None:
+            for line in describe():
+                self.sinks.message(f"  data: {line}")
+
+    def _install_signal_handlers(self) -> None:
+        if not self.cfg.exit_signal_handler:
+            return
+
+        def request_stop(signum, _frame):
+            self.stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def _batches(self) -> Iterator:
+        return iter(build_train_loader(
+            self.dataset, seq_length=self.cfg.seq_length, micro_batch_size=self.cfg.micro_batch_size,
+            data_parallel_rank=parallel_state.get_data_parallel_rank(),
+            data_parallel_size=self.layout.data_parallel_size, consumed_samples=self.state.consumed_samples,
+            num_workers=self.cfg.num_workers, pad_id=self.pad_id, patch_dim=self.start.model.patch_dim))
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id if self.tokenizer is not None else DEFAULT_PAD_ID
+
+    @property
+    def vpatch_id(self) -> int:
+        return self.tokenizer.vision_patch_id if self.tokenizer is not None else DEFAULT_VPATCH_ID
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg = self.cfg
+        self._announce()
+        if cfg.save and self.tokenizer is not None and dist.get_rank() == 0:
+            self.tokenizer.save_pretrained(cfg.save)  # before any tracker file names a checkpoint here
+        self._install_signal_handlers()
+        batches = self._batches() if self.dataset is not None and self.state.iteration < cfg.train_iters else None
+        window, started, saved_at = Window(), time.monotonic(), None
+        while self.state.iteration < cfg.train_iters:
+            t0 = time.monotonic()
+            reduced, grad_norm = self.train_step(batches)
+            self.state.iteration += 1
+            self.state.consumed_samples += self.layout.global_batch_size
+            window.add(reduced, time.monotonic() - t0, grad_norm)
+            it = self.state.iteration
+            if it % cfg.log_interval == 0 or it == cfg.train_iters:
+                self._log(window)
+                window = Window()
+            saved_at = self._maybe_save(saved_at)
+            if cfg.kill_at_iteration == it:  # fault injection for the tests: the job dies, no clean-up at all
+                os.killpg(os.getpgid(0), signal.SIGKILL)
+            reason = self._exit_reason(started)
+            if reason:
+                self.sinks.message(f"stopping after iteration {it}: {reason}")
+                if cfg.save and saved_at != it:
+                    self.save()
+                self.sinks.close()
+                return 0
+        if cfg.save and saved_at != self.state.iteration:
+            self.save()
+        self.sinks.close()
+        return 0
+
+    def train_step(self, batches: Iterator | None) -> tuple[torch.Tensor, float | None]:
+        """One optimizer step over the global batch → ([keys, 2] sums reduced over DP, grad norm)."""
+        parts, cfg, layout = self.parts, self.cfg, self.layout
+        parts.ddp.zero_grad_buffer()
+        parts.optimizer.zero_grad()
+        b, s = cfg.micro_batch_size, cfg.seq_length
+        te = parts.model.backend == "te"  # THD: the stages exchange [b·s, 1, h]
+        outputs = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=batches, model=[parts.ddp],
+            num_microbatches=layout.num_microbatches, seq_length=b * s if te else s,
+            micro_batch_size=1 if te else b, forward_only=False)
+        reduced = self._reduce(outputs)
+        self._check_finite(reduced)
+        _, grad_norm, _ = parts.optimizer.step()
+        parts.scheduler.step(increment=1)
+        return reduced, grad_norm
+
+    def _forward_step(self, data_iterator, model):
+        try:
+            batch = next(data_iterator)
+        except StopIteration:
+            raise RuntimeError("the data loader ran out before --train-iters (a bug: it is sized to the run)") from None
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        batch = batch.to(device, non_blocking=True)
+        out = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches,
+                    batch.patch_index, labels=batch.labels)
+        image_rows = (batch.tokens == self.vpatch_id).any(dim=1)
+        return out, partial(loss_with_breakdown, batch.loss_mask, image_rows, batch.cu_seqlens)
+
+    def _reduce(self, outputs) -> torch.Tensor:
+        """Sum the loss pairs over micro-batches (last stage) and data-parallel ranks; zeros elsewhere."""
+        if not parallel_state.is_pipeline_last_stage():
+            return torch.zeros(4, 2)
+        sums = sum_micro_batches(outputs)
+        if torch.cuda.is_available():
+            sums = sums.cuda()
+        dist.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        return sums.cpu()
+
+    def _check_finite(self, reduced: torch.Tensor) -> None:
+        bad = torch.tensor([0.0 if torch.isfinite(reduced[0, 0]) else 1.0])
+        if torch.cuda.is_available():
+            bad = bad.cuda()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank learns it, before any of them steps
+        if bad.item():
+            last = "none yet" if not self.cfg.save else f"the latest in {self.cfg.save}"
+            raise NonFiniteLossError(
+                f"iteration {self.state.iteration + 1}: the loss is not finite; stopped before the optimizer step "
+                f"(weights untouched; checkpoint: {last}). Lower --lr, check --clip-grad, or inspect the "
+                f"samples after consumed sample {self.state.consumed_samples}.")
+
+    def _log(self, window: Window) -> None:
+        if not self.sinks.enabled:
+            return
+        metrics = window.summary(
+            iteration=self.state.iteration, consumed_samples=self.state.consumed_samples,
+            lr=self.parts.optimizer.param_groups[0]["lr"],
+            tokens_per_iteration=self.layout.global_batch_size * self.cfg.seq_length, model=self.start.model,
+            world_size=self.layout.world_size, peak_tflops=self.peak_tflops)
+        self.sinks.log(metrics, self.cfg.train_iters)
+
+    def _maybe_save(self, saved_at: int | None) -> int | None:
+        it = self.state.iteration
+        if self.cfg.save and self.cfg.save_interval and it % self.cfg.save_interval == 0:
+            self.save()
+            return it
+        return saved_at
+
+    def save(self) -> None:
+        t0 = time.monotonic()
+        path = save_training_checkpoint(self.cfg.save, self.state, model=self.parts.model,
+                                        optimizer=self.parts.optimizer, scheduler=self.parts.scheduler,
+                                        metadata=self.metadata, cfg=self.cfg)
+        self.sinks.message(f"saved {path} in {time.monotonic() - t0:.1f} s")
+
+    def _exit_reason(self, started: float) -> str | None:
+        cfg = self.cfg
+        flags = torch.tensor([
+            float(self.stop_requested),
+            float(cfg.exit_duration_in_mins is not None and time.monotonic() - started > 60 * cfg.exit_duration_in_mins),
+        ])
+        if torch.cuda.is_available():
+            flags = flags.cuda()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # one rank's signal stops all of them at the same step
+        if flags[0].item():
+            return "termination signal"
+        if flags[1].item():
+            return f"--exit-duration-in-mins {cfg.exit_duration_in_mins}"
+        if cfg.exit_interval and self.state.iteration % cfg.exit_interval == 0:
+            return f"--exit-interval {cfg.exit_interval}"
+        return None
+
+
+def _is_logging_rank() -> bool:
+    """The rank that sees the reduced loss: last pipeline stage, first tensor and data-parallel rank."""
+    return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0)
+
+
+def _resolve_tokenizer(cfg: TrainConfig, start: Start) -> SoloTokenizer | None:
+    """``--tokenizer-model``, else the starting checkpoint's; saved with every checkpoint of the run."""
+    if cfg.tokenizer_model is not None:
+        tokenizer = SoloTokenizer(cfg.tokenizer_model)
+    elif start.root is not None and (Path(start.root) / "tokenizer.model").is_file():
+        tokenizer = SoloTokenizer.from_pretrained(start.root)
+    else:
+        return None
+    if tokenizer.vocab_size != start.model.vocab_size:
+        raise ConfigError(f"--tokenizer-model: {tokenizer.vocab_size} tokens, but the model has "
+                          f"vocab_size={start.model.vocab_size}")
+    return tokenizer

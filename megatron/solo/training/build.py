@@ -1,0 +1,84 @@
+"""Model, DDP wrapper, optimizer and LR schedule of a training run (after ``initialize_model_parallel``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
+
+from megatron.solo.config import ModelConfig
+from megatron.solo.model import SoloModel, build_model, make_transformer_config
+from megatron.solo.training.arguments import TrainConfig
+
+PATCH_PARAMETERS = "patch_embedding."
+
+
+@dataclass
+class Components:
+    """One rank's share of the run: its pipeline stage of the model and what trains it."""
+
+    model: SoloModel  # unwrapped: checkpoints and tools use this
+    ddp: DistributedDataParallel  # what the schedule runs (wraps Float16Module under --bf16)
+    config: TransformerConfig
+    optimizer: object  # megatron-core MegatronOptimizer
+    scheduler: OptimizerParamScheduler
+
+
+def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size: int) -> Components:
+    """This rank's model stage, randomly initialised (from the seed), wrapped for training.
+
+    Always initialised, even when weights are loaded next: megatron-core 0.16.1 marks tensor-parallel
+    weights (``tensor_model_parallel``, ``partition_dim``) only inside its init functions, and without the
+    marks the gradient norm skips every sharded weight on tensor-parallel ranks > 0 (so clipping is wrong).
+    """
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    tc = make_transformer_config(
+        model_cfg, tensor_parallel=cfg.tensor_model_parallel_size, pipeline_parallel=cfg.pipeline_model_parallel_size,
+        sequence_parallel=cfg.sequence_parallel, params_dtype=dtype, backend=cfg.backend,
+        recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
+    )
+    model = build_model(model_cfg, tc, backend=cfg.backend, padded_vocab_size=padded_vocab_size,
+                        pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage())
+    if cfg.freeze_language_model:
+        freeze_language_model(model)
+    wrapped = Float16Module(tc, model) if cfg.bf16 else model
+    ddp = DistributedDataParallel(
+        tc, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer,
+                                          overlap_grad_reduce=False), wrapped)
+    tc.finalize_model_grads_func = finalize_model_grads  # DP all-reduce + per-token normalisation
+    tc.no_sync_func = ddp.no_sync  # grads accumulate over micro-batches; reduced once per step
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
+        bf16=cfg.bf16, params_dtype=dtype, use_distributed_optimizer=cfg.use_distributed_optimizer,
+    ), [ddp])  # megatron-core's default groups: no weight decay on 1-D params (norms) and biases
+    return Components(model, ddp, tc, optimizer, build_scheduler(cfg, optimizer))
+
+
+def freeze_language_model(model: SoloModel) -> None:
+    """Leave only the patch projection trainable (stage-0 warm-up); gradients still flow through the decoder."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith(PATCH_PARAMETERS)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer) -> OptimizerParamScheduler:
+    """Linear warmup from 0 to ``--lr``, then ``--lr-decay-style`` down to ``--min-lr`` at ``--lr-decay-iters``.
+
+    One scheduler step per iteration. On resume the checkpoint's schedule must match the flags unless
+    ``--override-opt-param-scheduler``.
+    """
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.lr_warmup_iters,
+        lr_decay_steps=max(cfg.decay_iters, cfg.lr_warmup_iters + 1), lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=max(cfg.train_iters, 1),
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=cfg.override_opt_param_scheduler,
+    )

@@ -1,0 +1,158 @@
+"""What a training step reports: losses split by pack kind, throughput, an MFU estimate, and where it goes.
+
+Losses travel as ``[sum, count]`` pairs from the loss function, are summed over micro-batches and
+data-parallel ranks, and only then divided, so every target token of the global batch weighs the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron.solo.config import ModelConfig
+from megatron.solo.model import masked_token_loss
+
+LOSS_KEYS = ("lm loss", "img lm loss", "txt lm loss")
+ATTENTION_KEY = "attention span²"  # Σ span² of the micro-batch's documents, for the attention FLOPs
+# Dense bf16 peak per device (vendor datasheets), for the MFU estimate when --peak-tflops is not given.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0}
+
+
+def loss_with_breakdown(loss_mask: torch.Tensor, image_rows: torch.Tensor, cu_seqlens: torch.Tensor,
+                        per_token_loss: torch.Tensor):
+    """``masked_token_loss`` plus [sum, count] for image-bearing and text-only packs, and Σ span².
+
+    loss_mask, per_token_loss [b, s]; image_rows bool [b]; cu_seqlens int32 [n + 1].
+    """
+    total, count, logs = masked_token_loss(loss_mask, per_token_loss)
+    per_row = (per_token_loss.detach().float() * loss_mask.float()).sum(1)  # [b]
+    rows = loss_mask.float().sum(1)
+    img = image_rows.to(per_row.dtype)
+    logs["img lm loss"] = torch.stack([(per_row * img).sum(), (rows * img).sum()])
+    logs["txt lm loss"] = torch.stack([(per_row * (1 - img)).sum(), (rows * (1 - img)).sum()])
+    spans = torch.diff(cu_seqlens.to(torch.float64))
+    logs[ATTENTION_KEY] = torch.stack([(spans * spans).sum().float(), spans.new_zeros(()).float()])
+    return total, count, logs
+
+
+def sum_micro_batches(outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """[len(LOSS_KEYS) + 1, 2]: every logged [sum, count] pair summed over this rank's micro-batches."""
+    keys = (*LOSS_KEYS, ATTENTION_KEY)
+    return torch.stack([torch.stack([out[k].float() for out in outputs]).sum(0) for k in keys])
+
+
+def model_flops(cfg: ModelConfig, tokens: int, span_sq: float) -> float:
+    """Training FLOPs (forward + backward, no recompute) of ``tokens`` token slots whose documents have
+    Σ length² = ``span_sq``: 6·N per token for the matmuls, 6·L·h·Σ len² for causal attention."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    per_layer = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_query_groups) + 3 * h * cfg.ffn_hidden_size
+    dense = cfg.num_layers * per_layer + h * cfg.vocab_size  # + the output layer; the patch projection is noise
+    return 6.0 * dense * tokens + 6.0 * cfg.num_layers * cfg.num_attention_heads * d * span_sq
+
+
+def default_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
+
+
+@dataclass
+class Window:
+    """Accumulates the iterations between two log lines."""
+
+    sums: torch.Tensor | None = None
+    iterations: int = 0
+    seconds: float = 0.0
+    grad_norms: list[float] = field(default_factory=list)
+
+    def add(self, reduced: torch.Tensor, seconds: float, grad_norm: float | None) -> None:
+        self.sums = reduced.clone() if self.sums is None else self.sums + reduced
+        self.iterations += 1
+        self.seconds += seconds
+        if grad_norm is not None:
+            self.grad_norms.append(float(grad_norm))
+
+    def summary(self, *, iteration: int, consumed_samples: int, lr: float, tokens_per_iteration: int,
+                model: ModelConfig, world_size: int, peak_tflops: float | None) -> dict:
+        """Averages over the window; losses are target-token means."""
+        sums = self.sums.double()
+        out = {"iteration": iteration, "consumed_samples": consumed_samples, "lr": lr}
+        for key, (total, count) in zip(LOSS_KEYS, sums[: len(LOSS_KEYS)].tolist()):
+            out[key.replace(" ", "_")] = total / count if count else None
+        out["target_tokens"] = int(sums[0, 1].item() / self.iterations)
+        out["ms_per_iteration"] = 1000.0 * self.seconds / self.iterations
+        out["tokens_per_s"] = tokens_per_iteration * self.iterations / self.seconds
+        out["grad_norm"] = self.grad_norms[-1] if self.grad_norms else None
+        flops = model_flops(model, tokens_per_iteration * self.iterations, float(sums[-1, 0]))
+        out["tflops_per_device"] = flops / self.seconds / world_size / 1e12
+        out["mfu"] = out["tflops_per_device"] / peak_tflops if peak_tflops else None
+        return out
+
+
+def format_line(m: dict, train_iters: int) -> str:
+    def num(value, fmt):
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+    return (f" iteration {m['iteration']:>7}/{train_iters} | consumed samples {m['consumed_samples']} | "
+            f"ms/iter {m['ms_per_iteration']:.1f} | lr {m['lr']:.3e} | lm loss {num(m['lm_loss'], '.5f')} | "
+            f"img {num(m['img_lm_loss'], '.5f')} | txt {num(m['txt_lm_loss'], '.5f')} | "
+            f"target tokens {m['target_tokens']} | tokens/s {m['tokens_per_s']:.4g} | "
+            f"grad norm {num(m['grad_norm'], '.4f')} | TFLOP/s/device {m['tflops_per_device']:.3g} | "
+            f"MFU {num(None if m['mfu'] is None else 100 * m['mfu'], '.1f')}%")
+
+
+class MetricSinks:
+    """stdout, an optional JSON-lines file, TensorBoard and W&B (the last two optional packages)."""
+
+    def __init__(self, cfg, enabled: bool):
+        self.enabled = enabled
+        self.metrics_file = cfg.metrics_file if enabled else None
+        self.tensorboard = self.wandb = None
+        if not enabled:
+            return
+        if cfg.tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ImportError(f"--tensorboard-dir needs the tensorboard package ({err})") from None
+            self.tensorboard = SummaryWriter(cfg.tensorboard_dir)
+        if cfg.wandb_project:
+            try:
+                import wandb
+            except ImportError as err:
+                raise ImportError(f"--wandb-project needs the wandb package ({err})") from None
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_exp_name, dir=cfg.wandb_save_dir,
+                                    config=cfg.to_dict(), resume="allow")
+        if self.metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(self.metrics_file)), exist_ok=True)
+
+    def log(self, metrics: dict, train_iters: int) -> None:
+        if not self.enabled:
+            return
+        print(format_line(metrics, train_iters), flush=True)
+        if self.metrics_file:
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "iteration"}
+        if self.tensorboard is not None:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(f"train/{key}", value, metrics["iteration"])
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=metrics["iteration"])
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()

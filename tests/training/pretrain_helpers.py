@@ -1,0 +1,99 @@
+"""Helpers of the trainer tests: tiny preprocessed data, a release checkpoint, running pretrain_solo.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SEQ_LENGTH = 128
+
+
+def preprocess_records(prefix: Path, records: list[dict]) -> str:
+    """JSONL ``records`` preprocessed in this process into packs of SEQ_LENGTH tokens at ``prefix``."""
+    from megatron.solo.data.encode import EncodeConfig
+    from megatron.solo.data.packing import PackConfig
+    from megatron.solo.data.pipeline import PreprocessConfig, preprocess
+
+    source = prefix.with_suffix(".jsonl")
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    preprocess(PreprocessConfig(inputs=(str(source),), output_prefix=str(prefix),
+                                encode=EncodeConfig(image_format="jpeg"), pack=PackConfig(seq_length=SEQ_LENGTH),
+                                workers=0, progress=False), stream=io.StringIO())
+    return str(prefix)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                                                            "MASTER_ADDR")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pretrain_command(args: list[str], nproc: int = 1) -> list[str]:
+    """A plain ``python`` run for one process (a world of one), torchrun for more."""
+    script = str(REPO / "pretrain_solo.py")
+    if nproc == 1:
+        return [sys.executable, script, *args]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={_free_port()}", script, *args]
+
+
+def run_pretrain(args: list[str], nproc: int = 1, timeout: float = 240, expect_rc: int | None = 0):
+    """Run pretrain_solo.py with a hard timeout (megatron-core hangs are a known trap)."""
+    cmd = pretrain_command(args, nproc)
+    # Its own session: a timeout (or an injected crash) takes down every process of the run, including
+    # data-loader workers and checkpoint writers that would otherwise hold the output pipes open.
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if expect_rc is not None and proc.returncode != expect_rc:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode} (expected {expect_rc}):\n"
+                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def start_pretrain(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(pretrain_command(args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, start_new_session=True)
+
+
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} early:\n{proc.stdout.read()[-3000:]}\n"
+                                 f"{proc.stderr.read()[-5000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    raise AssertionError(f"{path}: fewer than {n} lines after {timeout} s")
+
+
+def metrics(path: Path) -> dict[int, dict]:
+    """iteration → its metrics line."""
+    return {m["iteration"]: m for m in map(json.loads, path.read_text().splitlines())}
+
+
+def losses(path: Path) -> dict[int, float]:
+    return {it: m["lm_loss"] for it, m in metrics(path).items()}
