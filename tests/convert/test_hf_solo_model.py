@@ -183,3 +183,11 @@ def test_beam_search_keeps_the_batch_wide_patch_tensor(models, monkeypatch):
     step_indices, step_patches = seen[0]
     assert torch.equal(step_patches, patches)
     assert torch.equal(step_indices, indices.repeat_interleave(2, dim=0))  # each beam points at its sample's
+
+
+def test_generate_hands_the_kv_cache_on_under_the_installed_name(models, recwarn):
+    """transformers 5.24 renamed past_key_values → cache; generate must not trip the deprecation shim."""
+    _, solo = models
+    ids, indices, patches = image_prompt()
+    solo.generate(ids, vision_patch_indices=indices, vision_patches=patches, max_new_tokens=3, do_sample=False)
+    assert not [w for w in recwarn if "past_key_values" in str(w.message)]

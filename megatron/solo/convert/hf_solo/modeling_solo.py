@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import MistralForCausalLM, MistralModel
+from transformers import Cache, MistralForCausalLM, MistralModel
 from transformers.models.mistral.modeling_mistral import MistralPreTrainedModel
 
 from .configuration_solo import SoloConfig
@@ -99,13 +99,17 @@ class SoloForCausalLM(MistralForCausalLM):
         """Mistral's causal-LM forward; ``labels`` give the shifted cross-entropy with ignore index -100.
 
         The parameters are spelled out because ``generate`` inspects this signature (attention_mask,
-        position_ids, logits_to_keep) to decide what to pass.
+        position_ids, logits_to_keep) to decide what to pass. The KV cache is named ``past_key_values`` up to
+        transformers 5.23 and ``cache`` from 5.24 (which still accepts the old name, deprecated): ``generate``
+        passes whichever the installed version uses, and it goes through unchanged (in ``kwargs`` when it is
+        ``cache``). ``past_key_values`` is only forwarded when given, so that 5.24 does not see both names.
         """
         inputs_embeds = self.model.embed_inputs(input_ids, inputs_embeds, vision_patch_indices, vision_patches)
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
         return super().forward(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             labels=labels,
             use_cache=use_cache,
@@ -141,9 +145,19 @@ class SoloForCausalLM(MistralForCausalLM):
         step_ids = model_inputs.get("input_ids")
         if step_ids is None:
             raise ValueError("generate() with vision inputs needs input_ids, not inputs_embeds")
-        # The cache holds every earlier token, so this step covers absolute positions [past, past + n).
-        cache = model_inputs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
+        # The cache holds every earlier token, so this step covers absolute positions [past, past + n). The cache
+        # is found by type, not by key: transformers 5.24 renamed it from "past_key_values" to "cache", and a
+        # missed cache would make every decode step re-read the prompt's first positions (and their patches).
+        caches = [value for value in model_inputs.values() if isinstance(value, Cache)]
+        if len(caches) > 1:
+            raise ValueError(f"expected at most one KV cache in the generation inputs, got {len(caches)}")
+        past = caches[0].get_seq_length() if caches else 0
+        if not caches and step_ids.shape[1] != input_ids.shape[1]:
+            # Without a cache every step must process the whole sequence; anything else means a cache we missed.
+            raise ValueError(
+                f"generate() processes {step_ids.shape[1]} of {input_ids.shape[1]} tokens but no KV cache was "
+                "found in the model inputs, so the positions of the vision inputs are unknown"
+            )
         step_indices = _pad_indices(vision_patch_indices, past + step_ids.shape[1])[:, past:]
         if (step_indices >= 0).any():  # a prompt slice with image positions: the only time patches are needed
             model_inputs["vision_patch_indices"] = step_indices
