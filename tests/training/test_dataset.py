@@ -154,6 +154,7 @@ def test_workers_do_not_change_the_batches(blended):
     in_process = list(loader(blended, num_workers=0))
     with_workers = list(loader(blended, num_workers=2))
     assert len(in_process) == len(with_workers) == 24
+    assert all(b.patches.is_shared() for b in with_workers if len(b.patches))  # gathered in shared memory
     for a, b in zip(in_process, with_workers):
         for name in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "patches", "patch_index"):
             torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0)
