@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from training_helpers import preprocess_to
+from loader_helpers import preprocess_to
 
 from megatron.solo import image as im
 

@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from training_helpers import SEQ_LENGTH
+from loader_helpers import SEQ_LENGTH
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.solo.batch import PackedExample
