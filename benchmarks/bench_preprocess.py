@@ -45,7 +45,8 @@ WORDS = ("a the of and in on with at by from over under near small large old new
          "people group city park beach mountain field river boat train plane bird flower food plate cup").split()
 
 
-def make_data(root: Path, n_images: int, n_texts: int, seed: int = 0) -> tuple[Path, Path, list[Path]]:
+def make_data(root: Path, n_images: int, n_texts: int, seed: int = 0,
+              sizes: list[tuple[int, int]] = SIZES) -> tuple[Path, Path, list[Path]]:
     import skimage.data
 
     rng = random.Random(seed)
@@ -54,7 +55,7 @@ def make_data(root: Path, n_images: int, n_texts: int, seed: int = 0) -> tuple[P
     paths, captions = [], []
     for i in range(n_images):
         path = root / f"img{i:05d}.jpg"
-        photos[i % len(photos)].resize(rng.choice(SIZES), Image.Resampling.BICUBIC).save(path, quality=90)
+        photos[i % len(photos)].resize(rng.choice(sizes), Image.Resampling.BICUBIC).save(path, quality=90)
         paths.append(path)
         captions.append({"image": path.name, "caption": " ".join(rng.choices(WORDS, k=rng.randint(3, 60)))})
     cap_path = root / "captions.jsonl"

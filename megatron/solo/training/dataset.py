@@ -1,0 +1,365 @@
+"""Training-time data: a weighted blend of preprocessed prefixes → micro-batches for one data-parallel rank.
+
+    parse_data_path     Megatron-LM's ``--data-path`` syntax → [(weight, prefix)]
+    BlendedPackDataset  global sample index → :class:`~megatron.solo.batch.PackedExample`
+    build_train_loader  → ``Iterator[Batch]`` for one DP rank, resumable at ``consumed_samples``
+
+Order. Global sample ``i`` comes from dataset ``dataset_index[i]``, chosen like megatron-core's
+``BlendedDataset``: the dataset whose count so far lags its target ``weight·(i+1)`` the most (ties: the
+earlier one). Within a dataset, its k-th sample is pack ``perm_e[k mod n]`` of epoch ``e = k div n``, each
+epoch a fresh permutation drawn from (seed, dataset position, epoch). Both rules read only the past, so the
+first N samples do not change when ``num_samples`` grows, and nothing depends on the worker count.
+
+Batches follow Megatron-LM's ``MegatronPretrainingSampler``: the global samples are consumed in order, in
+chunks of ``micro_batch_size · data_parallel_size``; rank r takes ``[r·mbs, (r+1)·mbs)`` of each chunk, so
+a global batch holds the same samples whatever the DP split. A last incomplete chunk is dropped.
+
+Memory is O(sequence length) per sample: collation builds ``[b, s]`` arrays and ``cu_seqlens``, never an
+``s × s`` mask (the model derives what attention needs).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from megatron.solo.batch import Batch, PackedExample, collate
+from megatron.solo.data.packed_format import PackedDataset
+
+
+class BadPackError(ValueError):
+    """A pack that cannot be read, decoded or collated; the message names its prefix and pack index."""
+
+
+# ---------------------------------------------------------------------------------------------
+# --data-path
+
+
+def parse_data_path(values: Sequence[str]) -> list[tuple[float, str]]:
+    """Megatron-LM ``--data-path`` syntax: a single prefix ``P``, or ``W1 P1 W2 P2 …``.
+
+    Returns [(weight, prefix)] with the weights normalised to sum 1.
+    """
+    values = list(values)
+    if not values:
+        raise ValueError("--data-path: no prefix given")
+    if len(values) == 1:
+        return [(1.0, values[0])]
+    if len(values) % 2:
+        raise ValueError(f"--data-path: expected a single prefix or weight/prefix pairs, got {len(values)} values "
+                         f"{values}")
+    blend = []
+    for raw, prefix in zip(values[::2], values[1::2]):
+        try:
+            weight = float(raw)
+        except ValueError:
+            raise ValueError(f"--data-path: weight {raw!r} (before {prefix!r}) is not a number") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"--data-path: weight {raw!r} of {prefix!r} must be a positive number")
+        if prefix in (p for _, p in blend):
+            raise ValueError(f"--data-path: prefix {prefix!r} is given twice")
+        blend.append((weight, prefix))
+    total = sum(w for w, _ in blend)
+    return [(w / total, p) for w, p in blend]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample order
+
+
+def blend_order(weights: Sequence[float], num_samples: int) -> np.ndarray:
+    """int16/int32 [num_samples]: the dataset of each global sample (the largest lag behind ``w·(i+1)``).
+
+    Each dataset's count stays within about ±1 of ``w·(i+1)`` at every prefix (±0.5 for two datasets).
+    A plain loop: the choice depends on every earlier one (~0.35 s per million samples for two datasets).
+    """
+    w = [float(x) for x in weights]
+    dtype = np.int16 if len(w) <= np.iinfo(np.int16).max else np.int32
+    if len(w) == 1:
+        return np.zeros(num_samples, dtype)
+    counts = [0] * len(w)
+    out = [0] * num_samples
+    others = range(1, len(w))
+    for i in range(num_samples):
+        t = i + 1
+        best, lag = 0, w[0] * t - counts[0]
+        for d in others:
+            e = w[d] * t - counts[d]
+            if e > lag:
+                best, lag = d, e
+        counts[best] += 1
+        out[i] = best
+    return np.array(out, dtype)
+
+
+def epoch_order(n_packs: int, count: int, seed: int, position: int) -> np.ndarray:
+    """int64 [count]: pack of each of a dataset's first ``count`` samples, a fresh permutation per epoch.
+
+    Epoch e's permutation is row e of one stream seeded by (seed, position): it depends only on
+    (seed, position, e, n_packs), not on ``count``.
+    """
+    epochs = -(-count // n_packs)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, position]))
+    return rng.permuted(np.tile(np.arange(n_packs, dtype=np.int64), (epochs, 1)), axis=1).reshape(-1)[:count]
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset
+
+
+def _open(prefix: str) -> PackedDataset:
+    if os.path.isfile(prefix + ".bin") and os.path.getsize(prefix + ".bin") == 0:  # megatron-core cannot mmap it
+        raise ValueError(f"--data-path prefix {prefix!r} holds no packs but has a positive weight")
+    try:
+        ds = PackedDataset(prefix)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--data-path prefix {prefix!r}: {e}") from e
+    except ValueError as e:
+        raise ValueError(f"--data-path prefix {prefix!r}: {e}") from e
+    if len(ds) == 0:
+        raise ValueError(f"--data-path prefix {prefix!r} holds no packs but has a positive weight")
+    return ds
+
+
+class BlendedPackDataset(Dataset):
+    """Global sample index → :class:`PackedExample`, over a weighted blend of preprocessed prefixes.
+
+    ``dataset_index``  int16 [num_samples]  position in ``blend`` of each sample's prefix
+    ``sample_index``   int64 [num_samples]  pack index within that prefix
+
+    ``decode_patches=False`` skips the images (patches ``[0, D]``, no patch positions): for pipeline
+    stages that do not embed, which need the token layout but not the pixels.
+    """
+
+    def __init__(self, blend: list[tuple[float, str]], num_samples: int, seed: int, *, decode_patches: bool = True):
+        if not blend:
+            raise ValueError("BlendedPackDataset: empty blend (no --data-path prefix)")
+        if not (isinstance(num_samples, int) and num_samples >= 0):
+            raise ValueError(f"BlendedPackDataset: num_samples must be an int >= 0, got {num_samples!r}")
+        weights = np.array([w for w, _ in blend], dtype=np.float64)
+        if not (np.isfinite(weights).all() and (weights > 0).all()):
+            raise ValueError(f"BlendedPackDataset: weights must be positive, got {weights.tolist()}")
+        self.prefixes = [p for _, p in blend]
+        self.weights = weights / weights.sum()
+        self.seed = int(seed)
+        self.decode_patches = decode_patches
+        self.datasets = [_open(p) for p in self.prefixes]
+        self.dataset_index = blend_order(self.weights, num_samples)
+        self.sample_index = np.empty(num_samples, dtype=np.int64)
+        for d, ds in enumerate(self.datasets):
+            rows = np.flatnonzero(self.dataset_index == d)
+            self.sample_index[rows] = epoch_order(len(ds), len(rows), self.seed, d)
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    @property
+    def patch_dim(self) -> int:
+        return self.datasets[0].image_config.patch_dim
+
+    def source(self, i: int) -> tuple[str, int]:
+        """(prefix, pack index) of global sample ``i``."""
+        return self.prefixes[int(self.dataset_index[i])], int(self.sample_index[i])
+
+    def where(self, i: int) -> str:
+        """Sample ``i`` named for an error message."""
+        prefix, pack = self.source(i)
+        return f"{prefix} pack {pack} (global sample {i}, from --data-path)"
+
+    def __getitem__(self, i: int) -> PackedExample:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range (0..{len(self) - 1})")
+        try:
+            view = self.datasets[int(self.dataset_index[i])][int(self.sample_index[i])]
+            if self.decode_patches:
+                patches, positions = view.patches(), view.patch_positions
+            else:
+                patches, positions = np.zeros((0, self.patch_dim), np.float32), np.zeros(0, np.int64)
+            return PackedExample(tokens=view.tokens.astype(np.int64), targets=view.targets,
+                                 doc_offsets=view.doc_offsets, patches=patches, patch_positions=positions)
+        except Exception as e:  # decode errors come as PIL/OSError/ValueError: name the pack whatever they are
+            raise BadPackError(f"{self.where(i)}: {type(e).__name__}: {e}") from e
+
+    def max_pack_length(self) -> list[int]:
+        """Longest pack of each prefix, in tokens."""
+        return [int(ds.sequence_lengths.max()) for ds in self.datasets]
+
+    def describe(self) -> list[str]:
+        """One line per prefix: weight, packs, samples drawn and the epochs they make."""
+        drawn = np.bincount(self.dataset_index, minlength=len(self.datasets))
+        return [f"{prefix}: weight {w:.4f}, {len(ds):,} packs, {n:,} samples drawn = {n / len(ds):.2f} epochs"
+                for prefix, w, ds, n in zip(self.prefixes, self.weights, self.datasets, drawn.tolist())]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+
+
+class PretrainingBatchSampler(Sampler[list[int]]):
+    """Megatron-LM's ``MegatronPretrainingSampler`` (drop_last): this rank's micro-batches of global indices."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
+                 data_parallel_size: int):
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.rank = data_parallel_rank
+        self.chunk = micro_batch_size * data_parallel_size
+
+    def __len__(self) -> int:
+        return (self.total_samples - self.consumed_samples) // self.chunk
+
+    def __iter__(self) -> Iterator[list[int]]:
+        first = self.consumed_samples + self.rank * self.micro_batch_size
+        for start in range(first, first + len(self) * self.chunk, self.chunk):
+            yield list(range(start, start + self.micro_batch_size))
+
+
+class _Named(Dataset):
+    """``ds[i]`` → (where, example): collation errors can then name the pack without the dataset."""
+
+    def __init__(self, dataset: BlendedPackDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[str, PackedExample]:
+        return self.dataset.where(i), self.dataset[i]
+
+
+def _check_patches(row: int, ex: PackedExample, patch_dim: int) -> None:
+    """The patch checks of :func:`collate` (which sees no patches here, see :class:`_Collate`)."""
+    positions = np.asarray(ex.patch_positions)
+    if ex.patches.ndim != 2 or ex.patches.shape[1] != patch_dim or positions.ndim != 1 or len(ex.patches) != len(positions):
+        raise ValueError(f"pack {row} of the micro-batch: patches {ex.patches.shape} / patch_positions "
+                         f"{positions.shape} do not match")
+    if len(positions) and (positions.min() < 0 or positions.max() >= len(ex.tokens)):
+        raise ValueError(f"pack {row} of the micro-batch: a patch position lies outside the pack")
+    if len(np.unique(positions)) != len(positions):
+        raise ValueError(f"pack {row} of the micro-batch: patch_positions must be distinct (one patch per <vpatch>)")
+
+
+def _gather_patches(examples: Sequence[PackedExample], patch_dim: int) -> torch.Tensor:
+    """float32 [p, D]: every example's patches, in order.
+
+    In a DataLoader worker the output is allocated in shared memory (as torch's ``default_collate`` does),
+    so handing it to the main process copies nothing: at 32K a sample carries ~370 MB of patches.
+    """
+    parts = [np.asarray(ex.patches, dtype=np.float32) for ex in examples]
+    count = sum(len(p) for p in parts)
+    if torch.utils.data.get_worker_info() is None:
+        return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else np.require(parts[0], requirements="CW"))
+    if count == 0:
+        return torch.zeros((0, patch_dim), dtype=torch.float32)
+    like = torch.empty(0, dtype=torch.float32)
+    out = like.new(like._typed_storage()._new_shared(count * patch_dim)).view(count, patch_dim)
+    np.concatenate(parts, out=out.numpy())
+    return out
+
+
+@dataclass(frozen=True)
+class _Collate:
+    """[(where, example)] → the fields of a :class:`Batch` as a dict (DataLoader's pin_memory pins dicts).
+
+    :func:`collate` builds everything but the patches, which are gathered here straight into their
+    final (shared) memory: one copy of the pixels instead of three.
+    """
+
+    seq_length: int
+    pad_id: int
+    patch_dim: int
+
+    def __call__(self, items: list[tuple[str, PackedExample]]) -> dict:
+        try:
+            batch = self.collate([ex for _, ex in items])
+        except ValueError as e:
+            raise BadPackError(self._culprit(items, e)) from e
+        return {f.name: getattr(batch, f.name) for f in fields(batch)}
+
+    def collate(self, examples: list[PackedExample]) -> Batch:
+        for row, ex in enumerate(examples):
+            _check_patches(row, ex, self.patch_dim)
+        no_patches, no_positions = np.zeros((0, self.patch_dim), np.float32), np.zeros(0, np.int64)
+        batch = collate([replace(ex, patches=no_patches, patch_positions=no_positions) for ex in examples],
+                        self.seq_length, pad_id=self.pad_id, patch_dim=self.patch_dim)
+        batch.patches = _gather_patches(examples, self.patch_dim)
+        batch.patch_index = torch.from_numpy(np.concatenate(
+            [row * self.seq_length + np.asarray(ex.patch_positions, dtype=np.int64) for row, ex in enumerate(examples)]))
+        return batch
+
+    def _culprit(self, items: list[tuple[str, PackedExample]], error: ValueError) -> str:
+        for where, ex in items:
+            try:
+                self.collate([ex])
+            except ValueError as e:
+                return f"{where}: {e}"
+        return f"micro-batch of {', '.join(w for w, _ in items)}: {error}"
+
+
+def _check_loader_args(dataset: BlendedPackDataset, seq_length: int, micro_batch_size: int, data_parallel_rank: int,
+                       data_parallel_size: int, consumed_samples: int, num_workers: int, patch_dim: int) -> None:
+    for name, value, low in (("seq_length", seq_length, 1), ("micro_batch_size", micro_batch_size, 1),
+                             ("data_parallel_size", data_parallel_size, 1), ("consumed_samples", consumed_samples, 0),
+                             ("num_workers", num_workers, 0)):
+        if not (isinstance(value, int) and value >= low):
+            raise ValueError(f"build_train_loader: {name} must be an int >= {low}, got {value!r}")
+    if not 0 <= data_parallel_rank < data_parallel_size:
+        raise ValueError(f"build_train_loader: data_parallel_rank {data_parallel_rank} outside 0..{data_parallel_size - 1}")
+    chunk = micro_batch_size * data_parallel_size
+    if consumed_samples % chunk:
+        raise ValueError(f"build_train_loader: consumed_samples={consumed_samples} is not a multiple of "
+                         f"micro_batch_size × data_parallel_size = {chunk}")
+    if consumed_samples > len(dataset):
+        raise ValueError(f"build_train_loader: consumed_samples={consumed_samples} exceeds the dataset's "
+                         f"{len(dataset)} samples (was --train-samples lowered?)")
+    if patch_dim != dataset.patch_dim:
+        raise ValueError(f"build_train_loader: patch_dim={patch_dim} but the data's patches have {dataset.patch_dim}")
+    for prefix, longest in zip(dataset.prefixes, dataset.max_pack_length()):
+        if longest > seq_length:
+            raise ValueError(f"--data-path prefix {prefix!r} has packs of {longest} tokens, more than "
+                             f"seq_length={seq_length}: preprocess it for this sequence length")
+
+
+def build_train_loader(dataset: BlendedPackDataset, *, seq_length: int, micro_batch_size: int, data_parallel_rank: int,
+                       data_parallel_size: int, consumed_samples: int = 0, num_workers: int = 2, pad_id: int,
+                       patch_dim: int = 3072, timeout: float = 0.0) -> Iterator[Batch]:
+    """Micro-batches for one data-parallel rank, starting after ``consumed_samples`` global samples.
+
+    ``num_workers`` processes read, decode and collate ahead (0: in this process); the output does not
+    depend on it; they start at once. Ends when the dataset is exhausted. ``timeout``: seconds to wait for
+    a worker's batch (0: forever; ignored without workers). A bad pack raises :class:`BadPackError` naming its prefix and pack index.
+    """
+    _check_loader_args(dataset, seq_length, micro_batch_size, data_parallel_rank, data_parallel_size,
+                       consumed_samples, num_workers, patch_dim)
+    sampler = PretrainingBatchSampler(len(dataset), consumed_samples, micro_batch_size, data_parallel_rank,
+                                      data_parallel_size)
+    loader = DataLoader(
+        _Named(dataset),
+        batch_sampler=sampler,
+        collate_fn=_Collate(seq_length, pad_id, patch_dim),
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+        timeout=timeout if num_workers > 0 else 0,
+    )
+    batches = iter(loader)  # now: the workers start prefetching while the caller sets up
+    return (Batch(**fields_) for fields_ in batches)
+
+
+__all__ = [
+    "BadPackError",
+    "BlendedPackDataset",
+    "PretrainingBatchSampler",
+    "blend_order",
+    "build_train_loader",
+    "epoch_order",
+    "parse_data_path",
+]
