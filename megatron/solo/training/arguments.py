@@ -8,6 +8,7 @@ the architecture (``ModelConfig.validate_parallel``). ``--dry-run`` runs exactly
 from __future__ import annotations
 
 import argparse
+import math
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
@@ -279,27 +280,31 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
 
 
 def parse_data_path(values: Sequence[str]) -> list[tuple[float, str]]:
-    """Megatron-LM ``--data-path``: ``PREFIX`` or ``W1 PREFIX1 W2 PREFIX2 …`` → [(weight, prefix)], Σ weight = 1."""
+    """Megatron-LM ``--data-path`` syntax: a single prefix ``P``, or ``W1 P1 W2 P2 …``.
+
+    Returns [(weight, prefix)] with the weights normalised to sum 1.
+    """
     values = list(values)
-    _require(bool(values), "--data-path", "no dataset given")
+    if not values:
+        raise ConfigError("--data-path: no prefix given")
     if len(values) == 1:
-        pairs = [("1", values[0])]
-    else:
-        _require(len(values) % 2 == 0, "--data-path", f"expected weight/prefix pairs, got {len(values)} values")
-        pairs = list(zip(values[0::2], values[1::2]))
+        return [(1.0, values[0])]
+    if len(values) % 2:
+        raise ConfigError(f"--data-path: expected a single prefix or weight/prefix pairs, got {len(values)} values "
+                         f"{values}")
     blend = []
-    for weight, prefix in pairs:
+    for raw, prefix in zip(values[::2], values[1::2]):
         try:
-            w = float(weight)
+            weight = float(raw)
         except ValueError:
-            raise ConfigError(f"--data-path: weight {weight!r} (before {prefix!r}) is not a number") from None
-        _require(w > 0 and w == w and w != float("inf"), "--data-path", f"weight of {prefix!r} must be positive, got {weight}")
-        blend.append((w, prefix))
-    prefixes = [prefix for _, prefix in blend]
-    dupes = sorted({p for p in prefixes if prefixes.count(p) > 1})
-    _require(not dupes, "--data-path", f"prefix given twice: {', '.join(dupes)} (add the weights instead)")
+            raise ConfigError(f"--data-path: weight {raw!r} (before {prefix!r}) is not a number") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"--data-path: weight {raw!r} of {prefix!r} must be a positive number")
+        if prefix in (p for _, p in blend):
+            raise ConfigError(f"--data-path: prefix {prefix!r} is given twice")
+        blend.append((weight, prefix))
     total = sum(w for w, _ in blend)
-    return [(w / total, prefix) for w, prefix in blend]
+    return [(w / total, p) for w, p in blend]
 
 
 def describe(cfg: TrainConfig, layout: Layout, model: ModelConfig, padded_vocab_size: int) -> list[str]:

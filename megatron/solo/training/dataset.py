@@ -20,7 +20,6 @@ Memory is O(sequence length) per sample: collation builds ``[b, s]`` arrays and 
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
@@ -31,42 +30,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megatron.solo.batch import Batch, PackedExample, collate
 from megatron.solo.data.packed_format import PackedDataset
+from megatron.solo.training.arguments import parse_data_path  # re-exported: the loader's input syntax
 
 
 class BadPackError(ValueError):
     """A pack that cannot be read, decoded or collated; the message names its prefix and pack index."""
-
-
-# ---------------------------------------------------------------------------------------------
-# --data-path
-
-
-def parse_data_path(values: Sequence[str]) -> list[tuple[float, str]]:
-    """Megatron-LM ``--data-path`` syntax: a single prefix ``P``, or ``W1 P1 W2 P2 …``.
-
-    Returns [(weight, prefix)] with the weights normalised to sum 1.
-    """
-    values = list(values)
-    if not values:
-        raise ValueError("--data-path: no prefix given")
-    if len(values) == 1:
-        return [(1.0, values[0])]
-    if len(values) % 2:
-        raise ValueError(f"--data-path: expected a single prefix or weight/prefix pairs, got {len(values)} values "
-                         f"{values}")
-    blend = []
-    for raw, prefix in zip(values[::2], values[1::2]):
-        try:
-            weight = float(raw)
-        except ValueError:
-            raise ValueError(f"--data-path: weight {raw!r} (before {prefix!r}) is not a number") from None
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"--data-path: weight {raw!r} of {prefix!r} must be a positive number")
-        if prefix in (p for _, p in blend):
-            raise ValueError(f"--data-path: prefix {prefix!r} is given twice")
-        blend.append((weight, prefix))
-    total = sum(w for w, _ in blend)
-    return [(w / total, p) for w, p in blend]
 
 
 # ---------------------------------------------------------------------------------------------
