@@ -1,5 +1,6 @@
 """The training loader: --data-path, blend order, per-epoch shuffles, DP split, resume, collation, errors."""
 
+import pickle
 import shutil
 import tracemalloc
 
@@ -127,6 +128,15 @@ def test_each_epoch_visits_every_pack_in_a_new_seeded_order(text_prefix, caption
     np.testing.assert_array_equal(longer.sample_index[:400], ds.sample_index)
     lines = ds.describe()
     assert len(lines) == 2 and "weight 0.5000" in lines[0] and "200 samples drawn" in lines[1]
+
+
+def test_dataset_pickles(text_prefix, caption_prefix):
+    ds = BlendedPackDataset([(0.5, text_prefix), (0.5, caption_prefix)], 20, seed=3)
+    copy = pickle.loads(pickle.dumps(ds))  # what a spawned DataLoader worker gets
+    np.testing.assert_array_equal(copy.sample_index, ds.sample_index)
+    for i in (0, 1, 19):
+        np.testing.assert_array_equal(copy[i].tokens, ds[i].tokens)
+        np.testing.assert_array_equal(copy[i].patches, ds[i].patches)
 
 
 def test_decode_patches(caption_prefix):
