@@ -247,7 +247,7 @@ def test_dockerfile_keeps_ngc_torch(tmp_path):
     filter_cmd = next(c.strip() for c in build.split("&&") if c.strip().startswith("awk"))
     for name in ("setup.py", "README.md"):
         (tmp_path / name).write_text((ROOT / name).read_text())
-    subprocess.run(egg_info.replace("python ", f"{sys.executable} ", 1).replace("/tmp", str(tmp_path)).split(),
+    subprocess.run(egg_info.replace("/tmp", str(tmp_path)).replace("python ", f"{sys.executable} ", 1).split(),
                    cwd=tmp_path, check=True, capture_output=True, timeout=120)
     subprocess.run(["bash", "-o", "pipefail", "-c", filter_cmd.replace("/tmp", str(tmp_path))],
                    cwd=tmp_path, check=True, timeout=60)
