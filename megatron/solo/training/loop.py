@@ -35,7 +35,7 @@ from megatron.solo.training.checkpoint import (
     save_training_checkpoint,
 )
 from megatron.solo.training.dataset import BlendedPackDataset, build_train_loader
-from megatron.solo.training.metrics import MetricSinks, Window, default_peak_tflops, loss_with_breakdown
+from megatron.solo.training.metrics import LOSS_KEYS, MetricSinks, Window, default_peak_tflops, loss_with_breakdown
 from megatron.solo.training.metrics import sum_micro_batches
 
 # Mistral's EOS, the reference's pad. Padding is its own attention span and never a target, so the id only
@@ -137,7 +137,11 @@ class Trainer:
             self.tokenizer.save_pretrained(cfg.save)  # before any tracker file names a checkpoint here
         self._install_signal_handlers()
         batches = self._batches() if self.dataset is not None and self.state.iteration < cfg.train_iters else None
-        window, started, saved_at = Window(), time.monotonic(), None
+        window, started = Window(), time.monotonic()
+        # Resuming this run's own checkpoint: that iteration is saved already (a finished run re-submitted
+        # must not rewrite it).
+        resumed_here = self.start.kind == "resume" and self.start.root == cfg.save
+        saved_at = self.state.iteration if resumed_here else None
         while self.state.iteration < cfg.train_iters:
             t0 = time.monotonic()
             reduced, grad_norm = self.train_step(batches)
@@ -195,7 +199,7 @@ class Trainer:
     def _reduce(self, outputs) -> torch.Tensor:
         """Sum the loss pairs over micro-batches (last stage) and data-parallel ranks; zeros elsewhere."""
         if not parallel_state.is_pipeline_last_stage():
-            return torch.zeros(4, 2)
+            return torch.zeros(len(LOSS_KEYS) + 1, 2)
         sums = sum_micro_batches(outputs)
         if torch.cuda.is_available():
             sums = sums.cuda()
