@@ -96,7 +96,7 @@ def collate(examples: Sequence[PackedExample], seq_length: int, *, pad_id: int, 
     labels = np.full((b, s), pad_id, dtype=np.int64)
     loss_mask = np.zeros((b, s), dtype=np.float32)
     position_ids = np.zeros((b, s), dtype=np.int64)
-    cu_seqlens, patches, patch_index = [0], [], []
+    cu_seqlens, patch_index = [0], []
     for row, ex in enumerate(examples):
         _check_example(row, ex, s, patch_dim)
         n = len(ex.tokens)
@@ -109,7 +109,6 @@ def collate(examples: Sequence[PackedExample], seq_length: int, *, pad_id: int, 
         spans = offsets[1:] if n == s else np.append(offsets[1:], s)
         position_ids[row, n:] = np.arange(s - n)
         cu_seqlens.extend((row * s + spans).tolist())
-        patches.append(np.asarray(ex.patches, dtype=np.float32).reshape(-1, patch_dim))
         patch_index.append(row * s + np.asarray(ex.patch_positions, dtype=np.int64))
     cu = np.asarray(cu_seqlens, dtype=np.int32)
     return Batch(
@@ -119,6 +118,22 @@ def collate(examples: Sequence[PackedExample], seq_length: int, *, pad_id: int, 
         position_ids=torch.from_numpy(position_ids),
         cu_seqlens=torch.from_numpy(cu),
         max_seqlen=int(np.diff(cu).max()),
-        patches=torch.from_numpy(np.concatenate(patches) if patches else np.zeros((0, patch_dim), np.float32)),
-        patch_index=torch.from_numpy(np.concatenate(patch_index) if patch_index else np.zeros(0, np.int64)),
+        patches=_gather_patches(examples, patch_dim),
+        patch_index=torch.from_numpy(np.concatenate(patch_index)),
     )
+
+
+def _gather_patches(examples: Sequence[PackedExample], patch_dim: int) -> torch.Tensor:
+    """float32 [p, D]: every example's patches, in order, copied at most once.
+
+    In a DataLoader worker the output is allocated in shared memory (as torch's ``default_collate`` does),
+    so handing it to the main process copies nothing more: at 32K a pack carries ~370 MB of patches.
+    """
+    parts = [np.asarray(ex.patches, dtype=np.float32).reshape(-1, patch_dim) for ex in examples]
+    if torch.utils.data.get_worker_info() is None:
+        return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else np.require(parts[0], requirements="CW"))
+    count = sum(len(p) for p in parts)
+    like = torch.empty(0, dtype=torch.float32)
+    out = like.new(like._typed_storage()._new_shared(count * patch_dim)).view(count, patch_dim)
+    np.concatenate(parts, out=out.numpy())
+    return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -203,43 +203,11 @@ class _Named(Dataset):
         return self.dataset.where(i), self.dataset[i]
 
 
-def _check_patches(row: int, ex: PackedExample, patch_dim: int) -> None:
-    """The patch checks of :func:`collate` (which sees no patches here, see :class:`_Collate`)."""
-    positions = np.asarray(ex.patch_positions)
-    shape_ok = ex.patches.ndim == 2 and ex.patches.shape[1] == patch_dim and positions.ndim == 1
-    if not shape_ok or len(ex.patches) != len(positions):
-        raise ValueError(f"pack {row} of the micro-batch: patches {ex.patches.shape} / patch_positions "
-                         f"{positions.shape} do not match")
-    if len(positions) and (positions.min() < 0 or positions.max() >= len(ex.tokens)):
-        raise ValueError(f"pack {row} of the micro-batch: a patch position lies outside the pack")
-    if len(np.unique(positions)) != len(positions):
-        raise ValueError(f"pack {row} of the micro-batch: patch_positions must be distinct (one patch per <vpatch>)")
-
-
-def _gather_patches(examples: Sequence[PackedExample], patch_dim: int) -> torch.Tensor:
-    """float32 [p, D]: every example's patches, in order.
-
-    In a DataLoader worker the output is allocated in shared memory (as torch's ``default_collate`` does),
-    so handing it to the main process copies nothing: at 32K a sample carries ~370 MB of patches.
-    """
-    parts = [np.asarray(ex.patches, dtype=np.float32) for ex in examples]
-    count = sum(len(p) for p in parts)
-    if torch.utils.data.get_worker_info() is None:
-        return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else np.require(parts[0], requirements="CW"))
-    if count == 0:
-        return torch.zeros((0, patch_dim), dtype=torch.float32)
-    like = torch.empty(0, dtype=torch.float32)
-    out = like.new(like._typed_storage()._new_shared(count * patch_dim)).view(count, patch_dim)
-    np.concatenate(parts, out=out.numpy())
-    return out
-
-
 @dataclass(frozen=True)
 class _Collate:
     """[(where, example)] → the fields of a :class:`Batch` as a dict (DataLoader's pin_memory pins dicts).
 
-    :func:`collate` builds everything but the patches, which are gathered here straight into their
-    final (shared) memory: one copy of the pixels instead of three.
+    :func:`collate` gathers the patches straight into shared memory inside a worker: one copy of the pixels.
     """
 
     seq_length: int
@@ -254,15 +222,7 @@ class _Collate:
         return {f.name: getattr(batch, f.name) for f in fields(batch)}
 
     def collate(self, examples: list[PackedExample]) -> Batch:
-        for row, ex in enumerate(examples):
-            _check_patches(row, ex, self.patch_dim)
-        no_patches, no_positions = np.zeros((0, self.patch_dim), np.float32), np.zeros(0, np.int64)
-        batch = collate([replace(ex, patches=no_patches, patch_positions=no_positions) for ex in examples],
-                        self.seq_length, pad_id=self.pad_id, patch_dim=self.patch_dim)
-        batch.patches = _gather_patches(examples, self.patch_dim)
-        flat = [row * self.seq_length + np.asarray(ex.patch_positions, np.int64) for row, ex in enumerate(examples)]
-        batch.patch_index = torch.from_numpy(np.concatenate(flat))
-        return batch
+        return collate(examples, self.seq_length, pad_id=self.pad_id, patch_dim=self.patch_dim)
 
     def _culprit(self, items: list[tuple[str, PackedExample]], error: ValueError) -> str:
         for where, ex in items:
