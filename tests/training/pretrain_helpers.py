@@ -1,8 +1,7 @@
-"""Helpers of the trainer tests: tiny preprocessed data, a release checkpoint, running pretrain_solo.py."""
+"""Helpers of the trainer tests: running pretrain_solo.py with hard timeouts, reading its metrics."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -13,21 +12,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SEQ_LENGTH = 128
-
-
-def preprocess_records(prefix: Path, records: list[dict]) -> str:
-    """JSONL ``records`` preprocessed in this process into packs of SEQ_LENGTH tokens at ``prefix``."""
-    from megatron.solo.data.encode import EncodeConfig
-    from megatron.solo.data.packing import PackConfig
-    from megatron.solo.data.pipeline import PreprocessConfig, preprocess
-
-    source = prefix.with_suffix(".jsonl")
-    source.write_text("".join(json.dumps(r) + "\n" for r in records))
-    preprocess(PreprocessConfig(inputs=(str(source),), output_prefix=str(prefix),
-                                encode=EncodeConfig(image_format="jpeg"), pack=PackConfig(seq_length=SEQ_LENGTH),
-                                workers=0, progress=False), stream=io.StringIO())
-    return str(prefix)
 
 
 def _env() -> dict[str, str]:

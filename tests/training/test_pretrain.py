@@ -12,7 +12,8 @@ import signal
 
 import pytest
 from PIL import Image
-from pretrain_helpers import SEQ_LENGTH, losses, metrics, preprocess_records, run_pretrain, start_pretrain
+from loader_helpers import SEQ_LENGTH, preprocess_to
+from pretrain_helpers import losses, metrics, run_pretrain, start_pretrain
 from pretrain_helpers import wait_for_lines
 
 from megatron.solo import image as im
@@ -31,7 +32,7 @@ def data(tmp_path_factory, sample_photos) -> list[str]:
         im.load_image(sample_photos[i % len(sample_photos)]).resize(size, Image.Resampling.BICUBIC).save(path)
         captions.append({"image": path.name, "caption": f"photo number {i} of a series of sixteen"})
     text = [{"text": f"Document {i}: " + " ".join(f"word{(i * 7 + k) % 50}" for k in range(40))} for i in range(16)]
-    return ["0.6", preprocess_records(root / "captions", captions), "0.4", preprocess_records(root / "text", text)]
+    return ["0.6", preprocess_to(root / "captions", captions), "0.4", preprocess_to(root / "text", text)]
 
 
 @pytest.fixture(scope="module")

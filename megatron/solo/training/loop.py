@@ -98,9 +98,8 @@ class Trainer:
             f" × PP {cfg.pipeline_model_parallel_size} × DP {layout.data_parallel_size}; global batch "
             f"{layout.global_batch_size} × {cfg.seq_length} tokens ({layout.num_microbatches} micro-batches of "
             f"{cfg.micro_batch_size}); iteration {self.state.iteration}/{cfg.train_iters}")
-        describe = getattr(self.dataset, "describe", None)
-        if describe is not None:
-            for line in describe():
+        if self.dataset is not None:
+            for line in self.dataset.describe():
                 self.sinks.message(f"  data: {line}")
 
     def _install_signal_handlers(self) -> None:

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -69,14 +69,14 @@ class Window:
     sums: torch.Tensor | None = None
     iterations: int = 0
     seconds: float = 0.0
-    grad_norms: list[float] = field(default_factory=list)
+    grad_norm: float | None = None  # the window's last
 
     def add(self, reduced: torch.Tensor, seconds: float, grad_norm: float | None) -> None:
         self.sums = reduced.clone() if self.sums is None else self.sums + reduced
         self.iterations += 1
         self.seconds += seconds
         if grad_norm is not None:
-            self.grad_norms.append(float(grad_norm))
+            self.grad_norm = float(grad_norm)
 
     def summary(self, *, iteration: int, consumed_samples: int, lr: float, tokens_per_iteration: int,
                 model: ModelConfig, world_size: int, peak_tflops: float | None) -> dict:
@@ -88,7 +88,7 @@ class Window:
         out["target_tokens"] = int(sums[0, 1].item() / self.iterations)
         out["ms_per_iteration"] = 1000.0 * self.seconds / self.iterations
         out["tokens_per_s"] = tokens_per_iteration * self.iterations / self.seconds
-        out["grad_norm"] = self.grad_norms[-1] if self.grad_norms else None
+        out["grad_norm"] = self.grad_norm
         flops = model_flops(model, tokens_per_iteration * self.iterations, float(sums[-1, 0]))
         out["tflops_per_device"] = flops / self.seconds / world_size / 1e12
         out["mfu"] = out["tflops_per_device"] / peak_tflops if peak_tflops else None
