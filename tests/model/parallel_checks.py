@@ -1,6 +1,7 @@
 """Multi-process checks of SoloModel, run under torchrun by test_model_parallel.py (2 ranks, gloo, CPU).
 
-Reference: the TP=1/PP=1 model on every rank, its initial weights perturbed (so a layout that failed to
+Each parallel layout runs twice: with dense logits, and with logits at the loss targets only (``loss_mask``
+passed to the model, as the trainer does). Reference: the TP=1/PP=1 model (dense) on every rank, its initial weights perturbed (so a layout that failed to
 load the checkpoint would differ, whatever the seeds). Each layout (TP=2, TP=2+SP, PP=2, TP=1 reloaded from a
 TP=2 save) loads the same weights from a dist checkpoint saved at TP=1, runs the same micro-batches, and
 rank 0 writes the largest differences to ``OUT/results.json``.
@@ -58,13 +59,15 @@ def build(tp: int, pp: int = 1, sp: bool = False, seed: int = 99):
                        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
 
 
-def forward_backward(model, batches):
-    """Per-micro-batch (loss sum, target count) through megatron-core's schedule (PP-aware)."""
+def forward_backward(model, batches, targets_only: bool = False):
+    """Per-micro-batch (loss sum, target count) through megatron-core's schedule (PP-aware).
+    ``targets_only``: pass the loss mask, so logits are computed at the targets only."""
     model.zero_grad()
 
     def step(data_iterator, m):
         b = next(data_iterator)
-        out = m(b.tokens, b.position_ids, b.cu_seqlens, b.max_seqlen, b.patches, b.patch_index, labels=b.labels)
+        out = m(b.tokens, b.position_ids, b.cu_seqlens, b.max_seqlen, b.patches, b.patch_index, labels=b.labels,
+                loss_mask=b.loss_mask if targets_only else None)
         return out, partial(masked_token_loss, b.loss_mask)
 
     results = get_forward_backward_func()(
@@ -108,21 +111,21 @@ def max_diff(a, b) -> float:
     return float((torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)).abs().max())
 
 
-def compare_tp(ckpt: Path, batches, ref, sp: bool) -> dict:
+def compare_tp(ckpt: Path, batches, ref, sp: bool, targets_only: bool = False) -> dict:
     _, ref_losses, ref_grads, ref_logits = ref
     model = build(2, sp=sp)
     load_model(ckpt / "tp1", model)
-    losses = forward_backward(model, batches)
+    losses = forward_backward(model, batches, targets_only)
     out = {"loss": max_diff(losses, ref_losses), "logits": max_diff(logits(model, batches[0]), ref_logits)}
     for name, dim in GRADS:
         out[f"grad {name}"] = max_diff(full_grad(model, name, dim), ref_grads[name])
     return out, model
 
 
-def compare_pp(ckpt: Path, batches, ref) -> dict:
+def compare_pp(ckpt: Path, batches, ref, targets_only: bool = False) -> dict:
     model = build(1, pp=2)
     load_model(ckpt / "tp1", model)
-    losses = forward_backward(model, batches)
+    losses = forward_backward(model, batches, targets_only)
     result = {}
     if ps.is_pipeline_last_stage():
         result["loss"] = max_diff(losses, ref[1])
@@ -146,6 +149,10 @@ def main() -> None:
     save_model(args.out / "tp2", tp2_model, METADATA, iteration=7)
     results["tp2_sp"], _ = compare_tp(args.out, batches, ref, sp=True)
     results["pp2"] = compare_pp(args.out, batches, ref)
+    # the trainer's path: logits at the targets only, against the reference's dense logits
+    results["tp2_targets"], _ = compare_tp(args.out, batches, ref, sp=False, targets_only=True)
+    results["tp2_sp_targets"], _ = compare_tp(args.out, batches, ref, sp=True, targets_only=True)
+    results["pp2_targets"] = compare_pp(args.out, batches, ref, targets_only=True)
     tp1 = build(1)
     load_model(args.out / "tp2", tp1)  # saved at TP=2, loaded at TP=1
     results["tp2_saved_tp1_loaded"] = {"logits": max_diff(logits(tp1, batches[0]), ref[3])}

@@ -113,6 +113,29 @@ def test_loss_is_token_mean_over_targets(model):
     assert torch.equal(logs["lm loss"], torch.stack([total, batch.loss_mask.sum()]))
 
 
+def _loss_and_grads(model, batch, loss_mask):
+    model.zero_grad()
+    per_token = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches,
+                      batch.patch_index, labels=batch.labels, loss_mask=loss_mask)
+    (per_token * batch.loss_mask).sum().backward()
+    return per_token.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_logits_at_targets_only_give_the_dense_loss_and_gradients(model):
+    rng = np.random.default_rng(6)
+    batch = collate([example(rng, [7, 9], 3), example(rng, [12], 2)], 20, pad_id=2)
+    dense, dense_grads = _loss_and_grads(model, batch, None)
+    sparse, sparse_grads = _loss_and_grads(model, batch, batch.loss_mask)
+    mask = batch.loss_mask.bool()
+    assert 0 < mask.sum() < mask.numel()
+    torch.testing.assert_close(sparse[mask], dense[mask], rtol=1e-6, atol=1e-6)
+    assert torch.all(sparse[~mask] == 0) and torch.all(dense[~mask] != 0)
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    none, grads = _loss_and_grads(model, batch, torch.zeros_like(batch.loss_mask))  # a pack without targets
+    assert torch.all(none == 0) and all(torch.all(g == 0) for g in grads.values())
+
+
 def test_mistral_7b_preset_on_meta_has_the_expected_parameter_count(megatron_world):
     cfg = get_preset("mistral-7b")
     assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads,

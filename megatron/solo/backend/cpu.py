@@ -11,7 +11,8 @@ training run reaches (listed in ``megatron_core_cpu.md`` §4). On a machine with
   forward and by activation recompute);
 - fix two ``DistributedOptimizer`` bugs that only show with torch's AdamW (no Apex): after a checkpoint
   load every parameter shares one ``step`` tensor, which AdamW then increments once per parameter, silently
-  breaking bias correction (§6.1); and ``fully_reshardable`` loads fail with ``KeyError: 'step'`` (§6.3).
+  breaking bias correction (§6.1); and ``fully_reshardable`` loads fail with ``KeyError: 'step'`` (§6.3);
+- run that AdamW with torch's fused CPU kernel (:func:`use_fused_cpu_adam`, called by the trainer).
 
 Nothing here runs when CUDA is available: ``install_cpu_backend_if_needed()`` is a no-op there. The mode is
 thread-local: code that runs megatron-core in a new thread must enter ``CudaToCpuMode()`` itself.
@@ -153,6 +154,20 @@ def init_torch_optimizer_state(megatron_optimizer) -> None:
                         exp_avg=torch.zeros_like(param),
                         exp_avg_sq=torch.zeros_like(param),
                     )
+
+
+def use_fused_cpu_adam(megatron_optimizer) -> None:
+    """Switch megatron-core's torch Adam(W) to torch's fused CPU kernel.
+
+    Without Apex megatron-core builds ``torch.optim.AdamW`` with default arguments, which on CPU runs the
+    per-tensor Python loop: ~10x slower than ``fused=True`` (25 ms vs 2.4 ms a step for the demo model's 4.3M
+    parameters: a quarter of its training step). Same update rule; the group flag is read at every step.
+    """
+    for optimizer in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        inner = optimizer.optimizer
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
 
 
 def install_cpu_backend() -> None:

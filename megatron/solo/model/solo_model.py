@@ -72,10 +72,41 @@ class SoloModel(GPTModel):
             out[1] = table[position_ids.t()].squeeze(2)  # [s, b, 1, d]
         return tuple(out)
 
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None, **kwargs):
+        if labels is None or loss_mask is None or not self.post_process or self.config.mtp_num_layers:
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args,
+                                        loss_mask=loss_mask, **kwargs)
+        return self._target_loss(hidden_states, labels, loss_mask)
+
+    def _target_loss(self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Per-token loss [B, S], computed only where ``loss_mask`` [B, S] is non-zero (0 elsewhere).
+
+        hidden [S(/tp), B, h]. Under sequence parallelism the hidden states are gathered here (so positions
+        can be picked from the whole sequence) and the output layer runs as a plain column-parallel layer,
+        whose backward all-reduces the input gradient: the gather's backward must then only split it.
+        """
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        s, b, h = hidden.shape
+        where = loss_mask.t().reshape(-1).nonzero().squeeze(1)  # [n], flat over the [S, B] order of hidden
+        picked = hidden.reshape(s * b, h).index_select(0, where).unsqueeze(1)  # [n, 1, h]
+        sequence_parallel = self.output_layer.sequence_parallel
+        self.output_layer.sequence_parallel = False  # already gathered
+        try:
+            logits, _ = self.output_layer(picked)  # [n, 1, V/tp]
+        finally:
+            self.output_layer.sequence_parallel = sequence_parallel
+        picked_labels = labels.t().reshape(-1).index_select(0, where).unsqueeze(0)  # [1, n]
+        loss = self.compute_language_model_loss(picked_labels, logits)  # [1, n]
+        return loss.new_zeros(s * b).index_copy(0, where, loss.reshape(-1)).view(s, b).t()
+
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int, patches: torch.Tensor | None = None, patch_index: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-token loss [b, s] when ``labels`` are given, else logits [b, s, V/tp] (last pipeline stage).
+
+        With ``loss_mask`` [b, s] as well, logits are computed only where it is non-zero and the loss is 0
+        elsewhere: SOLO learns text only, so most positions of an image-bearing pack need no logits.
 
         tokens, position_ids, labels: int64 [b, s]; cu_seqlens: int32 [n + 1] over the flattened b·s
         stream; patches [p, patch_dim] with patch_index [p] (used on the first pipeline stage only).
@@ -88,12 +119,13 @@ class SoloModel(GPTModel):
             # patch indices (row·s + col) are already positions in that stream.
             tokens, position_ids = tokens.reshape(1, b * s), position_ids.reshape(1, b * s)
             labels = None if labels is None else labels.reshape(1, b * s)
+            loss_mask = None if loss_mask is None else loss_mask.reshape(1, b * s)
             mask, packed = None, thd_packed_seq_params(cu_seqlens, max_seqlen)
         else:
             mask, packed = packed_causal_mask(cu_seqlens, b, s, self.sliding_window), None
         decoder_input = self.embed(tokens, patches, patch_index) if self.pre_process else None
         out = super().forward(tokens, position_ids, mask, decoder_input=decoder_input, labels=labels,
-                              packed_seq_params=packed)
+                              packed_seq_params=packed, loss_mask=loss_mask if labels is not None else None)
         if not self.post_process:
             return out  # hidden states [s, b, h] ([b·s, 1, h] under THD) for the next pipeline stage
         return out.reshape(b, s, *out.shape[2:])

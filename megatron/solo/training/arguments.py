@@ -55,6 +55,8 @@ class TrainConfig:
     train_iters: int = 0
     lr: float = 1e-4
     min_lr: float = 0.0
+    decoupled_lr: float | None = None
+    decoupled_min_lr: float | None = None
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     lr_warmup_iters: int = 0
     lr_decay_iters: int | None = None
@@ -100,6 +102,11 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, _flag(name), f"must be ≥ 0, got {getattr(self, name)}")
         _require(self.lr > 0, "--lr", f"must be positive, got {self.lr}")
         _require(0 <= self.min_lr <= self.lr, "--min-lr", f"{self.min_lr} must lie in [0, --lr={self.lr}]")
+        _require(self.decoupled_lr is None or self.decoupled_lr > 0, "--decoupled-lr",
+                 f"must be positive, got {self.decoupled_lr}")
+        _require(self.decoupled_min_lr is None or (self.decoupled_lr is not None
+                                                   and 0 <= self.decoupled_min_lr <= self.decoupled_lr),
+                 "--decoupled-min-lr", f"{self.decoupled_min_lr} needs --decoupled-lr and must lie in [0, it]")
         _require(self.weight_decay >= 0, "--weight-decay", f"must be ≥ 0, got {self.weight_decay}")
         _require(self.clip_grad >= 0, "--clip-grad", f"must be ≥ 0 (0 disables), got {self.clip_grad}")
         _require(0 <= self.adam_beta1 < 1, "--adam-beta1", f"must lie in [0, 1), got {self.adam_beta1}")
@@ -224,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-iters", type=int, default=d.train_iters)
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--min-lr", type=float, default=d.min_lr)
+    g.add_argument("--decoupled-lr", type=float, help="learning rate of the input embedding and output layer "
+                   "(default: --lr); they learn new words fastest")
+    g.add_argument("--decoupled-min-lr", type=float, help="their --min-lr (default: --min-lr)")
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default=d.lr_decay_style)
     g.add_argument("--lr-warmup-iters", type=int, default=d.lr_warmup_iters)
     g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")

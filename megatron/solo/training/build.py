@@ -12,6 +12,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
+from megatron.solo.backend.cpu import use_fused_cpu_adam
 from megatron.solo.config import ModelConfig
 from megatron.solo.model import SoloModel, build_model, make_transformer_config
 from megatron.solo.training.arguments import TrainConfig
@@ -56,10 +57,13 @@ def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size
     tc.finalize_model_grads_func = finalize_model_grads  # DP all-reduce + per-token normalisation
     tc.no_sync_func = ddp.no_sync  # grads accumulate over micro-batches; reduced once per step
     optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, decoupled_lr=cfg.decoupled_lr,
+        decoupled_min_lr=cfg.decoupled_min_lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
         bf16=cfg.bf16, params_dtype=dtype, use_distributed_optimizer=cfg.use_distributed_optimizer,
     ), [ddp])  # megatron-core's default groups: no weight decay on 1-D params (norms) and biases
+    if not torch.cuda.is_available():
+        use_fused_cpu_adam(optimizer)
     return Components(model, ddp, tc, optimizer, build_scheduler(cfg, optimizer))
 
 

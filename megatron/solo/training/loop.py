@@ -191,7 +191,7 @@ class Trainer:
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         batch = batch.to(device, non_blocking=True)
         out = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches,
-                    batch.patch_index, labels=batch.labels)
+                    batch.patch_index, labels=batch.labels, loss_mask=batch.loss_mask)
         image_rows = (batch.tokens == self.vpatch_id).any(dim=1)
         return out, partial(loss_with_breakdown, batch.loss_mask, image_rows, batch.cu_seqlens)
 
@@ -217,12 +217,17 @@ class Trainer:
                 f"(weights untouched; checkpoint: {last}). Lower --lr, check --clip-grad, or inspect the "
                 f"samples after consumed sample {self.state.consumed_samples}.")
 
+    def _main_lr(self) -> float:
+        """The current --lr (not --decoupled-lr's embedding/output groups)."""
+        groups = self.parts.optimizer.param_groups
+        return next((g["lr"] for g in groups if g.get("max_lr") == self.cfg.lr), groups[0]["lr"])
+
     def _log(self, window: Window) -> None:
         if not self.sinks.enabled:
             return
         metrics = window.summary(
             iteration=self.state.iteration, consumed_samples=self.state.consumed_samples,
-            lr=self.parts.optimizer.param_groups[0]["lr"],
+            lr=self._main_lr(),
             tokens_per_iteration=self.layout.global_batch_size * self.cfg.seq_length, model=self.start.model,
             world_size=self.layout.world_size, peak_tflops=self.peak_tflops)
         self.sinks.log(metrics, self.cfg.train_iters)
