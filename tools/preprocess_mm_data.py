@@ -3,7 +3,7 @@
 
     python tools/preprocess_mm_data.py --input 'data/captions-*.jsonl.zst' --output-prefix out/captions \\
         [--input-format auto|chat|llava|caption|webdataset|imagenet|text] [--image-root DIR] \\
-        [--class-names FILE] [--tokenizer-model PATH] [--seq-length 32768] [--workers N] [--resume] [--strict]
+        [--class-names FILE] [--shuffle-seed N | --no-shuffle] [--tokenizer-model PATH] [--seq-length 32768] [--workers N] [--resume] [--strict]
 
 Writes OUT.bin/.idx (tokens), OUT.pack.bin/.idx (targets, document boundaries, images),
 OUT.errors.jsonl and OUT.stats.json; see megatron/solo/data/packed_format.py for the layout.
@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-root", default=None, help="directory relative image paths are resolved against "
                    "(default: the input file's directory)")
     g.add_argument("--class-names", default=None, help="imagenet: wnid → class name file ('wnid name' lines or JSON)")
+    g.add_argument("--shuffle-seed", type=int, default=0,
+                   help="imagenet: images are read in this seed's random order, so packs mix classes (default 0)")
+    g.add_argument("--no-shuffle", action="store_true",
+                   help="imagenet: read class by class, sorted (every pack then holds one class)")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True, help="write OUT.bin/.idx, OUT.pack.bin/.idx, OUT.stats.json, "
                    "OUT.errors.jsonl")
@@ -68,6 +72,7 @@ def config_from_args(args: argparse.Namespace):
         input_format=args.input_format,
         image_root=args.image_root,
         class_names=args.class_names,
+        shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
         tokenizer_model=args.tokenizer_model,
         encode=encode.EncodeConfig(
             image_format=args.image_format,

@@ -132,7 +132,7 @@ def make_dataset(fmt, tmp_path, photos, tokenizer):
         names.write_text("n01 tench_fish\nn02 great-white shark\n")
         expected = [T().image(photos[5]).text("tench fish", True).eos(),
                     T().image(photos[0]).text("great white shark", True).eos()]
-        return [train], {"class_names": str(names)}, expected
+        return [train], {"class_names": str(names), "shuffle_seed": None}, expected  # sorted: n01, n02
     if fmt == "text":
         texts = ["First document.", "Second one,\nwith two lines and   spaces.\n"]
         path = tmp_path / "slim.jsonl.zst"
@@ -158,6 +158,32 @@ def test_each_format_round_trips_to_the_front_end(fmt, tmp_path, small_photos, t
     assert [d[1] for d in docs] == [e.targets for e in expected]
     want = [p for e in expected for p in e.patches]
     np.testing.assert_array_equal(patches, np.concatenate(want) if want else np.zeros((0, 3072), np.float32))
+
+
+def test_imagenet_packs_mix_classes_unless_read_sorted(tmp_path, small_photos, tokenizer, run_preprocess):
+    train = tmp_path / "train"
+    for c in range(3):
+        (train / f"n0{c}").mkdir(parents=True)
+        for k in range(8):
+            (train / f"n0{c}" / f"{k}.JPEG").write_bytes(small_photos[0].read_bytes())
+    names = tmp_path / "names.txt"
+    names.write_text("n00 zero\nn01 one\nn02 two\n")
+    class_ids = {tokenizer.encode(n)[0]: n for n in ("zero", "one", "two")}
+
+    def classes_per_pack(name, **kw):
+        prefix, stats = run_preprocess([train], name, class_names=str(names), seq_length=56, **kw)
+        packs = []
+        for view in PackedDataset(prefix):
+            first_targets = [view.tokens[i] for i in range(1, len(view.tokens))
+                             if view.targets[i] and not view.targets[i - 1]]
+            packs.append({class_ids[t] for t in first_targets})
+        return packs, stats
+
+    mixed, stats = classes_per_pack("shuffled")
+    assert stats["shuffle_seed"] == 0 and stats["documents"] == 24 and len(mixed) >= 5
+    assert sum(len(p) > 1 for p in mixed) >= len(mixed) / 2
+    sorted_packs, stats = classes_per_pack("sorted", shuffle_seed=None)
+    assert stats["shuffle_seed"] is None and sum(len(p) > 1 for p in sorted_packs) <= 2  # at the class borders
 
 
 def test_default_jpeg_storage_exact_tokens_close_patches(tmp_path, small_photos, tokenizer, run_preprocess):

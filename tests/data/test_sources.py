@@ -185,13 +185,30 @@ def test_imagenet_records_sorted_with_class_names_and_resume(tmp_path):
         for f in files:
             (root / wnid / f).write_bytes(b"")
     names = {"n01": "tench", "n02": "great_white-shark"}
-    full = _assert_resumable([root], "imagenet", class_names=names)
+    full = _assert_resumable([root], "imagenet", class_names=names, shuffle_seed=None)
     assert [r.origin.key for _, r in full] == ["n01/x.jpg", "n02/a.JPEG", "n02/b.JPEG", "n03/y.png"]
     sample = samples.parse_record(full[1][1], "imagenet")
     assert sample.turns == (Turn("assistant", (ImageRef(str(root / "n02" / "a.JPEG")), "great white shark")),)
     with pytest.raises(SampleError, match="n03") as e:
         samples.parse_record(full[3][1], "imagenet")
     assert e.value.reason == "unknown_class"
+
+
+def test_imagenet_records_are_read_in_a_seeded_order_that_mixes_classes(tmp_path):
+    root = tmp_path / "train"
+    for c in range(6):
+        (root / f"n{c:02d}").mkdir(parents=True)
+        for k in range(20):
+            (root / f"n{c:02d}" / f"{k:02d}.JPEG").write_bytes(b"")
+    names = {f"n{c:02d}": f"class {c}" for c in range(6)}
+    ordered = [r.origin.key for _, r in _all([root], "imagenet", class_names=names, shuffle_seed=None)]
+    shuffled = _assert_resumable([root], "imagenet", class_names=names, shuffle_seed=7)
+    keys = [r.origin.key for _, r in shuffled]
+    assert sorted(keys) == ordered and keys != ordered
+    assert keys == [r.origin.key for _, r in _all([root], "imagenet", class_names=names, shuffle_seed=7)]
+    assert keys != [r.origin.key for _, r in _all([root], "imagenet", class_names=names, shuffle_seed=8)]
+    assert all(len({k.split("/")[0] for k in keys[i:i + 12]}) >= 4 for i in range(0, 120, 12))  # classes mix
+    assert {(r.origin.key, r.payload[1]) for _, r in shuffled} == {(k, names[k[:3]]) for k in ordered}
 
 
 def test_load_class_names_formats(tmp_path):

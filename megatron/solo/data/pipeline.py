@@ -56,6 +56,9 @@ class PreprocessConfig:
     """Where relative image paths point (default: each input file's directory)."""
     class_names: str | None = None
     """ImageNet: the wnid → class name file."""
+    shuffle_seed: int | None = 0
+    """ImageNet: the seed of the order images are read in (None: sorted, class by class, so that every
+    pack holds a single class)."""
     tokenizer_model: str | None = None
     """tokenizer.model (or a directory holding one); None: Mistral-7B-v0.1's."""
     encode: EncodeConfig = EncodeConfig()
@@ -234,6 +237,8 @@ def _metadata(config: PreprocessConfig, fmt: str, files: list[str], tokenizer: S
         "vocab_size": tokenizer.vocab_size,
     }
     inputs = [(f, *_file_signature(f)) for f in files]
+    if fmt == "imagenet":
+        meta["shuffle_seed"] = config.shuffle_seed
     extra = [inputs, config.image_root, config.class_names, dataclasses.asdict(config.encode), config.pack.seq_length]
     blob = json.dumps([meta, extra], sort_keys=True, default=str).encode()
     return {**meta, "fingerprint": hashlib.sha256(blob).hexdigest()}
@@ -260,7 +265,8 @@ class _Run:
         """Read, encode (in workers), pack and write every record from the current position on."""
         worker_config = WorkerConfig(fmt, self.config.image_root, self.config.tokenizer_model, self.config.encode,
                                      parent_pid=os.getpid())
-        records = sources.iter_records(files, fmt, start=self.state.position, class_names=class_names)
+        records = sources.iter_records(files, fmt, start=self.state.position, class_names=class_names,
+                                       shuffle_seed=self.config.shuffle_seed)
         batches = _batches(records, 64 if fmt == "text" else 8)
         positions: deque = deque()
 
