@@ -33,7 +33,10 @@ setup(
             "mistral-common>=1.5",  # ships Mistral-7B-v0.1's tokenizer.model (the default tokenizer)
             "transformers>=5.23",  # the HF conversion tests (tests/convert)
             "safetensors>=0.4",
+            "matplotlib>=3.7",  # the demo's loss-curve PNG (its CI smoke test)
         ],
+        # examples/solo/demo.sh: the real Mistral tokenizer and the loss-curve plot
+        "demo": ["mistral-common>=1.5", "matplotlib>=3.7"],
         # SoloConfig is a transformers-5 dataclass config; 5.23 is the version the HF side is tested with.
         "hf": ["transformers>=5.23", "safetensors>=0.4"],
     },

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from session_run import run_in_session
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,17 +41,7 @@ def pretrain_command(args: list[str], nproc: int = 1) -> list[str]:
 def run_pretrain(args: list[str], nproc: int = 1, timeout: float = 240, expect_rc: int | None = 0):
     """Run pretrain_solo.py with a hard timeout (megatron-core hangs are a known trap)."""
     cmd = pretrain_command(args, nproc)
-    # Its own session: a timeout (or an injected crash) takes down every process of the run, including
-    # data-loader workers and checkpoint writers that would otherwise hold the output pipes open.
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}")
-    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    proc = run_in_session(cmd, timeout=timeout, env=_env(), cwd=REPO)
     if expect_rc is not None and proc.returncode != expect_rc:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode} (expected {expect_rc}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The embedded CPU demo: SOLO's curriculum in miniature, end to end, on 2 CPU cores in under 10 minutes.
+#
+#   bash examples/solo/demo.sh               # installs into .venv if needed, then runs; outputs in demo_run/
+#   DEMO_DIR=/tmp/demo bash examples/solo/demo.sh
+#   bash examples/solo/demo.sh --smoke       # a few steps of everything (what CI runs): connects, loss falls
+#
+# 1. tools/make_demo_data.py: synthetic shapes (stage 1: ImageNet-style class folders, stage 2: caption
+#    JSONL, a text-only corpus, held-out images), deterministic by seed;
+# 2. tools/preprocess_mm_data.py: each dataset → packed indexed binaries, with the real Mistral tokenizer;
+# 3. pretrain_solo.py stage 1: labels + text, from scratch (the tiny preset);
+# 4. pretrain_solo.py stage 2: captions + labels + text, loading stage 1 (--finetune);
+# 5. tools/evaluate_demo.py: greedy generation (tools/generate.py's code) on held-out images, the report
+#    (demo_run/report.txt, report.json) and the loss curves (demo_run/loss_curves.png).
+#
+# Steps and seeds are fixed: another machine makes the same run up to floating-point differences.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+
+SMOKE=0
+for arg in "$@"; do
+  case $arg in
+    --smoke) SMOKE=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "demo.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+OUT=${DEMO_DIR:-$ROOT/demo_run}
+VENV=${VENV:-$ROOT/.venv}
+
+# --- environment: $PYTHON, python3 or .venv if one has everything, else install into .venv like CI ------
+has_all() { "$1" -c "import megatron.solo.demo, megatron.core, mistral_common, matplotlib" 2>/dev/null; }
+for candidate in ${PYTHON:-} python3 "$VENV/bin/python"; do
+  if command -v "$candidate" >/dev/null && has_all "$candidate"; then PYTHON=$candidate; break; fi
+  PYTHON=
+done
+if [ -z "$PYTHON" ]; then
+  echo "demo: installing into $VENV (torch 2.13.0 CPU, megatron-core 0.16.1, this package with its demo extra)"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  export PIP_DISABLE_PIP_VERSION_CHECK=1
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q torch==2.13.0  # pinned first: the CPU wheel here (a bare torch pulls CUDA)
+  "$VENV/bin/python" -m pip install -q -e ".[demo]"
+  PYTHON=$VENV/bin/python
+fi
+echo "demo: using $PYTHON"
+
+# --- sizes: the full demo, or a smoke run of a few steps ------------------------------------------
+# Short packs (256 tokens): on CPU attention is a dense masked matrix, so its cost grows with the pack length;
+# one pack per step: many small steps learn fastest here.
+if [ "$SMOKE" = 1 ]; then
+  DATA_ARGS=(--per-class 4 --heldout-per-class 1 --captions 40 --heldout-captions 6 --text-documents 40)
+  ITERS1=16; ITERS2=16; WARMUP=1; LOG=1
+else
+  DATA_ARGS=()
+  ITERS1=2500; ITERS2=2500; WARMUP=10; LOG=25
+fi
+SEQ=256; GBS=1
+
+# Each step's wall time goes to timings.txt (the report adds the evaluation's own and sums them).
+TIMINGS=$OUT/timings.txt
+step() {
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "demo: $name"
+  "$@"
+  echo "$name $((SECONDS - t0))" >> "$TIMINGS"
+}
+
+if [ -d "$OUT" ] && [ ! -e "$OUT/.solo-demo" ] && [ -n "$(ls -A "$OUT")" ]; then
+  echo "demo.sh: $OUT exists and is not a demo output directory; refusing to replace it (set DEMO_DIR)" >&2
+  exit 2
+fi
+rm -rf "$OUT"
+mkdir -p "$OUT"
+touch "$OUT/.solo-demo"
+# A 64-wide model gains nothing from many threads; more than a few only contend.
+CORES=$(nproc)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((CORES < 4 ? CORES : 4))}
+TOKENIZER=$("$PYTHON" -c "from megatron.solo.tokenizer import default_tokenizer_model as m; print(m())")
+
+step data "$PYTHON" tools/make_demo_data.py --out "$OUT/raw" "${DATA_ARGS[@]}"
+
+preprocess() {  # name, then tools/preprocess_mm_data.py arguments
+  local name=$1; shift
+  "$PYTHON" tools/preprocess_mm_data.py --output-prefix "$OUT/data/$name" --seq-length "$SEQ" \
+      --tokenizer-model "$TOKENIZER" --log-interval 600 "$@"
+}
+preprocess_all() {
+  preprocess labels --input "$OUT/raw/labels/train" --class-names "$OUT/raw/labels/classes.txt"
+  preprocess captions --input "$OUT/raw/captions/train.jsonl"
+  preprocess text --input "$OUT/raw/text/corpus.jsonl" --workers 0  # text is quick: no worker start-up
+}
+step preprocess preprocess_all
+
+TRAIN=(--tokenizer-model "$TOKENIZER" --seq-length "$SEQ" --micro-batch-size 1 --global-batch-size "$GBS"
+       --lr-warmup-iters "$WARMUP" --log-interval "$LOG" --num-workers 1 --save-interval 100000 --seed 1234)
+
+step stage1 "$PYTHON" pretrain_solo.py "${TRAIN[@]}" --model-preset tiny \
+    --data-path 0.85 "$OUT/data/labels" 0.15 "$OUT/data/text" \
+    --train-iters "$ITERS1" --lr 6e-4 --min-lr 1e-4 --decoupled-lr 4e-3 --decoupled-min-lr 4e-4 \
+    --save "$OUT/ckpt/stage1" --metrics-file "$OUT/stage1.metrics.jsonl"
+
+step stage2 "$PYTHON" pretrain_solo.py "${TRAIN[@]}" --load "$OUT/ckpt/stage1" --finetune \
+    --data-path 0.6 "$OUT/data/captions" 0.25 "$OUT/data/labels" 0.15 "$OUT/data/text" \
+    --train-iters "$ITERS2" --lr 8e-4 --min-lr 1e-4 --decoupled-lr 2e-3 --decoupled-min-lr 2e-4 \
+    --save "$OUT/ckpt/stage2" --metrics-file "$OUT/stage2.metrics.jsonl"
+
+EVAL=(--data "$OUT/raw" --stage1 "$OUT/ckpt/stage1" --stage2 "$OUT/ckpt/stage2" --metrics "$OUT/stage1.metrics.jsonl"
+      "$OUT/stage2.metrics.jsonl" --out "$OUT")
+[ "$SMOKE" = 1 ] && EVAL+=(--min-label-accuracy 0)
+echo "demo: evaluate"
+"$PYTHON" tools/evaluate_demo.py "${EVAL[@]}" --timings "$TIMINGS"  # times itself; exits 1 below the label goal

@@ -1,0 +1,174 @@
+"""The demo's evaluation: greedy answers on held-out images, scored; loss curves; the report.
+
+Scores compare generated text with the truth after stripping and lower-casing, nothing else: a label is
+right only if the whole class name ("red triangle") comes out, a caption only if every word does.
+Per-attribute accuracy parses the generated caption (:func:`scenes.parse_caption`) and counts, over all
+slots of the true scene (count, colour and shape of each group, and the relation), the ones it states
+correctly; a slot the answer leaves out counts as wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from megatron.solo.demo.scenes import parse_caption
+
+def read_heldout(path: str | os.PathLike, key: str) -> list[tuple[str, str]]:
+    """(absolute image path, truth) pairs of a held-out JSONL file."""
+    path = Path(path)
+    pairs = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        obj = json.loads(line)
+        pairs.append((str(path.parent / obj["image"]), obj[key]))
+    return pairs
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.strip().lower().rstrip(".").split())
+
+
+@dataclass
+class LabelScore:
+    accuracy: float
+    colour_accuracy: float
+    shape_accuracy: float
+    n: int
+    examples: list[tuple[str, str]] = field(default_factory=list)
+    """(truth, answer) of the first few mistakes (or answers, when none)."""
+
+
+def score_labels(truths: Sequence[str], answers: Sequence[str], n_examples: int = 5) -> LabelScore:
+    pairs = [(_norm(t), _norm(a)) for t, a in zip(truths, answers, strict=True)]
+    n = max(len(pairs), 1)
+    right = sum(t == a for t, a in pairs)
+    colour = sum(a.split()[:1] == t.split()[:1] for t, a in pairs)
+    shape = sum(a.split()[1:] == t.split()[1:] for t, a in pairs)
+    wrong = [(t, a) for t, a in pairs if t != a]
+    return LabelScore(right / n, colour / n, shape / n, len(pairs), (wrong or pairs)[:n_examples])
+
+
+@dataclass
+class CaptionScore:
+    exact_match: float
+    attribute_accuracy: dict[str, float]
+    """count / colour / shape / relation → fraction of those slots stated correctly."""
+    n: int
+    examples: list[tuple[str, str]] = field(default_factory=list)
+
+
+def score_captions(truths: Sequence[str], answers: Sequence[str], n_examples: int = 6) -> CaptionScore:
+    pairs = [(_norm(t), _norm(a)) for t, a in zip(truths, answers, strict=True)]
+    right, total = Counter(), Counter()
+    for t, a in pairs:
+        truth, said = parse_caption(t), parse_caption(a)
+        for slot, value in truth.items():
+            kind = slot.split("_")[0]
+            total[kind] += 1
+            right[kind] += said.get(slot) == value
+    exact = sum(t == a for t, a in pairs) / max(len(pairs), 1)
+    attrs = {k: right[k] / total[k] for k in ("count", "colour", "shape", "relation") if total[k]}
+    return CaptionScore(exact, attrs, len(pairs), pairs[:n_examples])
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The trainer's ``--metrics-file`` (one JSON object per logged iteration)."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def loss_summary(metrics: list[dict]) -> dict[str, tuple[float | None, float | None]]:
+    """lm / img / txt loss → (first logged, last logged)."""
+    def ends(key: str):
+        values = [m[key] for m in metrics if m.get(key) is not None]
+        return (values[0], values[-1]) if values else (None, None)
+
+    return {"lm": ends("lm_loss"), "img": ends("img_lm_loss"), "txt": ends("txt_lm_loss")}
+
+
+def plot_losses(stages: Sequence[tuple[str, list[dict]]], out: str | os.PathLike) -> None:
+    """A PNG of image-pack and text-pack loss over iterations, stages one after another."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    offset = 0
+    for i, (name, metrics) in enumerate(stages):
+        for key, label, colour in (("img_lm_loss", "image packs", "tab:blue"), ("txt_lm_loss", "text packs", "tab:orange")):
+            points = [(offset + m["iteration"], m[key]) for m in metrics if m.get(key) is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, color=colour, label=label if i == 0 else None, linewidth=1.5)
+        end = offset + (metrics[-1]["iteration"] if metrics else 0)
+        ax.axvspan(offset, end, color="grey", alpha=0.06 if i % 2 == 0 else 0.0)
+        ax.text((offset + end) / 2, 0.97, name, transform=ax.get_xaxis_transform(), ha="center", va="top", fontsize=9)
+        offset = end
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration (stages one after another)")
+    ax.set_ylabel("loss per target token")
+    ax.set_title("SOLO CPU demo: training loss on image-bearing vs text-only packs")
+    ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.9))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(str(out) + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _losses(summary) -> str:
+    parts = []
+    for key, (first, last) in summary.items():
+        if first is not None:
+            parts.append(f"{key} {first:.3f} → {last:.3f}")
+    return ", ".join(parts)
+
+
+def format_report(*, stage1_labels: LabelScore, stage1_losses, stage2_labels: LabelScore | None = None,
+                  captions: CaptionScore | None = None, stage2_losses=None, timings: dict[str, float] | None = None,
+                  min_label_accuracy: float = 0.9) -> str:
+    """The human-readable report."""
+    ok = stage1_labels.accuracy >= min_label_accuracy
+    lines = ["SOLO CPU demo: report", "",
+             "stage 1 (ImageNet-style labels + text):",
+             f"  loss (first → last logged): {_losses(stage1_losses)}",
+             f"  held-out label accuracy: {_pct(stage1_labels.accuracy)} of {stage1_labels.n} "
+             f"(colour {_pct(stage1_labels.colour_accuracy)}, shape {_pct(stage1_labels.shape_accuracy)}) "
+             f"[{'PASS' if ok else 'FAIL'}: the goal is ≥ {_pct(min_label_accuracy)}]"]
+    lines += [f"    truth {t!r:>22} → answer {a!r}" for t, a in stage1_labels.examples]
+    if captions is not None:
+        attrs = ", ".join(f"{k} {_pct(v)}" for k, v in captions.attribute_accuracy.items())
+        lines += ["", "stage 2 (captions + labels + text, loading stage 1):",
+                  f"  loss (first → last logged): {_losses(stage2_losses)}",
+                  f"  held-out caption exact match: {_pct(captions.exact_match)} of {captions.n}",
+                  f"  per attribute: {attrs}"]
+        if stage2_labels is not None:
+            lines.append(f"  held-out label accuracy after stage 2: {_pct(stage2_labels.accuracy)}")
+        lines += [f"    truth {t!r} → answer {a!r}" for t, a in captions.examples]
+    if timings:
+        lines += ["", "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+                  + f"; total {sum(timings.values()) / 60:.1f} min"]
+    return "\n".join(lines)
+
+
+def read_timings(path: str | os.PathLike) -> dict[str, float]:
+    """``name seconds`` lines (written by demo.sh) → {name: seconds}, in order."""
+    out: dict[str, float] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            name, seconds = line.rsplit(maxsplit=1)
+            out[name] = out.get(name, 0.0) + float(seconds)
+    return out
+
+
+__all__ = ["CaptionScore", "LabelScore", "format_report", "loss_summary", "plot_losses", "read_heldout",
+           "read_metrics", "read_timings", "score_captions", "score_labels"]

@@ -1,0 +1,133 @@
+"""Greedy generation from a SOLO model, given images and a text prompt.
+
+Prompts are built exactly as preprocessing builds documents (:mod:`megatron.solo.data.encode`): BOS, then
+each image as ``<vision> … </vision>`` with its patches, then the text, each part tokenized on its own.
+``template="none"`` continues the pretraining format (captions and labels follow the image directly);
+``template="mistral"`` wraps the parts in ``[INST] … [/INST]`` as the instruction data of stage 3.
+
+Several prompts run as one batch, one per row, through the training forward path (``collate`` builds
+positions and ``cu_seqlens``). There is no KV cache: every step recomputes the whole prefix, which is
+cheap at demo scale; for serving, export to HF (``tools/convert_checkpoint.py megatron-to-hf``) and use
+``generate()`` there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from megatron.solo.batch import PackedExample, collate
+from megatron.solo.data.encode import INST_CLOSE, INST_OPEN
+from megatron.solo.data.samples import ImageRef
+from megatron.solo.image import ImageSource, process_image
+
+TEMPLATES = ("none", "mistral")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids of a prompt and its patches. tokens int [n]; patches float32 [p, 3072]; patch_positions
+    int [p]: the index in ``tokens`` of each patch's ``<vpatch>``."""
+
+    tokens: np.ndarray
+    patches: np.ndarray
+    patch_positions: np.ndarray
+
+
+def build_prompt(tokenizer, images: Sequence[ImageSource] = (), text: str = "", template: str = "none") -> Prompt:
+    """BOS, the images (in order), then ``text``; under ``template="mistral"`` inside ``[INST] … [/INST]``."""
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    parts = [ImageRef(image) for image in images] + ([text.strip()] if text.strip() else [])
+    if template == "mistral":
+        parts = [INST_OPEN, *parts, INST_CLOSE]
+    ids, patches, positions = [tokenizer.bos_id], [], []
+    for part in parts:
+        if not isinstance(part, ImageRef):
+            ids.extend(tokenizer.encode(part))
+            continue
+        img = process_image(part.source)
+        layout = tokenizer.image_layout_ids(img.n_rows, img.n_cols)
+        positions.extend(len(ids) + i for i, t in enumerate(layout) if t == tokenizer.vision_patch_id)
+        patches.append(img.patches)
+        ids.extend(layout)
+    patch_dim = patches[0].shape[1] if patches else 3072
+    return Prompt(np.asarray(ids, dtype=np.int64),
+                  np.concatenate(patches) if patches else np.zeros((0, patch_dim), np.float32),
+                  np.asarray(positions, dtype=np.int64))
+
+
+def allowed_ids(tokenizer, padded_vocab_size: int) -> torch.Tensor:
+    """bool [padded_vocab_size]: ids generation may emit (real vocabulary, no vision tokens)."""
+    allowed = torch.zeros(padded_vocab_size, dtype=torch.bool)
+    allowed[: tokenizer.vocab_size] = True
+    allowed[list(tokenizer.vision_token_ids)] = False
+    return allowed
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: Sequence[Prompt], *, eos_id: int, pad_id: int, allowed: torch.Tensor,
+                    max_new_tokens: int = 32) -> list[list[int]]:
+    """New token ids per prompt (up to and excluding EOS), argmax over ``allowed`` at every step.
+
+    ``model`` is a whole SoloModel (TP=PP=1) in eval mode; returns one list per prompt.
+    """
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    patch_dim = prompts[0].patches.shape[1] if prompts else 3072
+    for _ in range(max_new_tokens):
+        live = [i for i, d in enumerate(done) if not d]
+        if not live:
+            break
+        examples = [_example(prompts[i], out[i]) for i in live]
+        lengths = [len(e.tokens) for e in examples]
+        batch = collate(examples, max(lengths), pad_id=pad_id, patch_dim=patch_dim)
+        logits = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
+                       batch.patches, batch.patch_index)  # [b, s, V]
+        last = logits[torch.arange(len(live)), torch.tensor(lengths) - 1].float()
+        next_ids = last.masked_fill(~allowed[: last.shape[-1]], float("-inf")).argmax(-1).tolist()
+        for i, t in zip(live, next_ids):
+            if t == eos_id:
+                done[i] = True
+            else:
+                out[i].append(t)
+    return out
+
+
+def _example(prompt: Prompt, generated: list[int]) -> PackedExample:
+    tokens = np.concatenate([prompt.tokens, np.asarray(generated, dtype=np.int64)])
+    return PackedExample(tokens, np.zeros(len(tokens), bool), np.array([0, len(tokens)]), prompt.patches,
+                         prompt.patch_positions)
+
+
+class Generator:
+    """A checkpoint loaded for generation: ``Generator(ckpt)(images, text)`` → the decoded answer."""
+
+    def __init__(self, load_dir: str | os.PathLike, iteration: int | None | str = "latest"):
+        from megatron.solo.convert.checkpoint import load_full_model  # builds megatron-core state
+        from megatron.solo.tokenizer import SoloTokenizer
+
+        self.model, self.metadata = load_full_model(load_dir, iteration=iteration)
+        self.tokenizer = SoloTokenizer(load_dir)
+        self.allowed = allowed_ids(self.tokenizer, self.metadata.padded_vocab_size)
+
+    def generate_ids(self, prompts: Sequence[Prompt], max_new_tokens: int = 32) -> list[list[int]]:
+        return greedy_generate(self.model, prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                               allowed=self.allowed, max_new_tokens=max_new_tokens)
+
+    def __call__(self, requests: Sequence[tuple[Sequence[ImageSource], str]], *, template: str = "none",
+                 max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
+        """Answers to (images, text) requests, in order, ``batch_size`` at a time."""
+        answers: list[str] = []
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start:start + batch_size]
+            prompts = [build_prompt(self.tokenizer, images, text, template) for images, text in chunk]
+            answers += [self.tokenizer.decode(ids).strip() for ids in self.generate_ids(prompts, max_new_tokens)]
+        return answers
+
+
+__all__ = ["Generator", "Prompt", "TEMPLATES", "allowed_ids", "build_prompt", "greedy_generate"]

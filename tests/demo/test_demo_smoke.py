@@ -1,0 +1,77 @@
+"""The demo end to end in miniature (``examples/solo/demo.sh --smoke``): every step connects, the loss falls.
+
+The full demo (``bash examples/solo/demo.sh``) is a command, not a test: its figures are in the README.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from session_run import run_in_session
+
+from megatron.solo.demo import scenes
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    env = {**os.environ, "DEMO_DIR": str(out), "PYTHON": sys.executable}  # this Python has everything: no install
+    proc = run_in_session(["bash", "examples/solo/demo.sh", "--smoke"], timeout=840, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return out, proc.stdout + proc.stderr
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_every_step_ran_and_wrote_its_outputs(smoke):
+    out, log = smoke
+    for step in ("data", "preprocess", "stage1", "stage2", "evaluate"):
+        assert f"demo: {step}" in log
+    for name in ("labels", "captions", "text"):
+        stats = json.loads((out / "data" / f"{name}.stats.json").read_text())
+        assert stats["packs"] > 0 and stats["skipped"] == {}, (name, stats)
+    assert json.loads((out / "data" / "labels.stats.json").read_text())["input_format"] == "imagenet"
+    for stage in ("stage1", "stage2"):
+        assert (out / "ckpt" / stage / "latest_checkpointed_iteration.txt").is_file()
+    assert (out / "loss_curves.png").stat().st_size > 10_000
+    assert "SOLO CPU demo: report" in (out / "report.txt").read_text()
+    assert [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()] == \
+        ["data", "preprocess", "stage1", "stage2"]
+
+
+def test_stage2_starts_from_stage1_and_both_losses_fall(smoke):
+    out, log = smoke
+    assert f"weights of {out / 'ckpt' / 'stage1'} (iteration 16)" in log  # stage 2 says where it starts
+    for stage in ("stage1", "stage2"):
+        losses = [m["lm_loss"] for m in read_jsonl(out / f"{stage}.metrics.jsonl")]
+        assert len(losses) >= 6
+        head, tail = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+        assert tail < 0.9 * head, (stage, losses)
+
+
+def test_report_scores_every_heldout_image(smoke):
+    out, _ = smoke
+    report = json.loads((out / "report.json").read_text())
+    assert report["stage1_labels"]["n"] == len(scenes.classes())  # one held-out image per class
+    assert report["captions"]["n"] == 6
+    assert set(report["timings"]) == {"data", "preprocess", "stage1", "stage2", "evaluate"}
+    for truth, answer in report["captions"]["examples"]:
+        assert scenes.parse_caption(truth) and isinstance(answer, str)
+
+
+def test_generate_tool_answers_from_the_demo_checkpoint(smoke):
+    out, _ = smoke
+    images = sorted((out / "raw" / "labels" / "heldout").glob("*.png"))[:2]
+    proc = run_in_session([sys.executable, "tools/generate.py", "--load", str(out / "ckpt" / "stage2"), "--each",
+                           "--max-new-tokens", "4", *[a for i in images for a in ("--image", str(i))]],
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answers = [line for line in proc.stdout.splitlines() if line.startswith(str(images[0].parent))]
+    assert [a.split("\t")[0] for a in answers] == [str(i) for i in images]

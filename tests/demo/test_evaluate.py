@@ -1,0 +1,60 @@
+"""Scoring, the report and the loss-curve plot of the demo's evaluation."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from megatron.solo.demo import evaluate as ev
+
+
+def test_label_scores():
+    s = ev.score_labels(["red circle", "blue square", "green triangle", "red square"],
+                        ["Red circle.", "blue circle", "purple triangle", ""])
+    assert s.n == 4 and s.accuracy == 0.25 and s.colour_accuracy == 0.5 and s.shape_accuracy == 0.5
+    assert s.examples[0] == ("blue square", "blue circle")  # the mistakes come first
+
+
+def test_caption_scores_count_every_slot_of_the_truth():
+    truths = ["two blue circles left of a green square", "three red triangles", "a yellow square above a red circle"]
+    answers = ["two blue circles left of a green square", "two red triangles", "a yellow square"]
+    s = ev.score_captions(truths, answers)
+    assert s.exact_match == pytest.approx(1 / 3)
+    # count: 2 + 0 + (1 of 2: the second group is missing); colour and shape: 2 + 1 + 1 of 2 + 1 + 2
+    assert s.attribute_accuracy == {"count": pytest.approx(3 / 5), "colour": pytest.approx(4 / 5),
+                                    "shape": pytest.approx(4 / 5), "relation": 0.5}
+
+
+def metrics(n, start):
+    return [{"iteration": i, "lm_loss": start / i, "img_lm_loss": start / i, "txt_lm_loss": start / i + 1}
+            for i in range(1, n + 1)]
+
+
+def test_loss_summary_and_plot(tmp_path):
+    m = metrics(5, 10.0)
+    assert ev.loss_summary(m) == {"lm": (10.0, 2.0), "img": (10.0, 2.0), "txt": (11.0, 3.0)}
+    out = tmp_path / "loss.png"
+    ev.plot_losses([("stage 1", m), ("stage 2", metrics(3, 4.0))], out)
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.width > 400 and img.height > 200
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_report_says_pass_or_fail_and_sums_times(tmp_path):
+    good = ev.score_labels(["red circle"] * 10, ["red circle"] * 10)
+    bad = ev.score_labels(["red circle"] * 10, ["red circle"] * 8 + ["red square"] * 2)
+    summary = ev.loss_summary(metrics(3, 9.0))
+    caps = ev.score_captions(["a red circle"], ["a red circle"])
+    report = ev.format_report(stage1_labels=good, stage1_losses=summary, captions=caps, stage2_losses=summary,
+                              stage2_labels=bad, timings={"stage1": 60, "stage2": 90})
+    assert "label accuracy: 100.0% of 10" in report and "PASS" in report and "total 2.5 min" in report
+    assert "caption exact match: 100.0% of 1" in report and "after stage 2: 80.0%" in report
+    assert "FAIL" in ev.format_report(stage1_labels=bad, stage1_losses=summary)
+    timings = tmp_path / "t.txt"
+    timings.write_text("data 3\npreprocess 4\npreprocess 5\n")
+    assert ev.read_timings(timings) == {"data": 3.0, "preprocess": 9.0}
+
+
+def test_read_heldout_resolves_paths(tmp_path):
+    (tmp_path / "h.jsonl").write_text(json.dumps({"image": "a/b.png", "label": "red circle"}) + "\n")
+    assert ev.read_heldout(tmp_path / "h.jsonl", "label") == [(str(tmp_path / "a/b.png"), "red circle")]
