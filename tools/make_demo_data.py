@@ -45,7 +45,11 @@ def main(argv=None) -> int:
         print(f"make_demo_data: {e}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    counts = write_demo_data(args.out, config, workers=args.workers)
+    try:
+        counts = write_demo_data(args.out, config, workers=args.workers)
+    except ValueError as e:
+        print(f"make_demo_data: {e}", file=sys.stderr)
+        return 2
     print(f"{args.out}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
           + f" in {time.perf_counter() - start:.1f} s")
     return 0

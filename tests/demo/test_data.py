@@ -82,12 +82,19 @@ def test_same_seed_same_bytes_other_seed_other_data(tree, tmp_path):
     assert (other / "captions/train.jsonl").read_bytes() != (root / "captions/train.jsonl").read_bytes()
 
 
-def test_rewriting_replaces_the_tree(tmp_path):
+def test_rewriting_replaces_a_demo_tree_but_never_other_directories(tmp_path):
     root = tmp_path / "raw"
-    (root / "stale").mkdir(parents=True)
-    write_demo_data(root, DemoDataConfig(per_class=1, heldout_per_class=1, captions=1, heldout_captions=1,
-                                         text_documents=1))
+    tiny = DemoDataConfig(per_class=1, heldout_per_class=1, captions=1, heldout_captions=1, text_documents=1)
+    write_demo_data(root, tiny)
+    (root / "stale").mkdir()
+    write_demo_data(root, tiny)
     assert not (root / "stale").exists() and (root / "labels" / "classes.txt").is_file()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("keep me")
+    with pytest.raises(ValueError, match="not a demo data tree"):
+        write_demo_data(precious, tiny)
+    assert (precious / "thesis.tex").read_text() == "keep me"
 
 
 @pytest.mark.parametrize("field, value", [("per_class", 0), ("captions", -1), ("text_documents", 1.5)])

@@ -55,8 +55,11 @@ def wnid(index: int) -> str:
 def write_demo_data(root: str | os.PathLike, config: DemoDataConfig = DemoDataConfig(),
                     workers: int | None = None) -> dict[str, int]:
     """Write the whole tree (replacing ``root``) with ``workers`` processes (default: all CPUs; the bytes
-    do not depend on it: every image draws from its own seeded generator). Returns counts per part."""
+    do not depend on it: every image draws from its own seeded generator). Returns counts per part.
+    A non-empty ``root`` that is not a previous demo tree is refused (ValueError), never deleted."""
     root = Path(root)
+    if root.exists() and any(root.iterdir()) and not (root / "labels" / "classes.txt").is_file():
+        raise ValueError(f"{root} exists and is not a demo data tree (no labels/classes.txt): refusing to replace it")
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     names = scenes.classes()

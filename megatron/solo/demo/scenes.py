@@ -132,8 +132,8 @@ def _finish(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 class Grid:
-    """An image of original ``size`` seen on the patch grid the size rule gives it: ``cell(r, c, k)`` is the
-    box, in original pixels, that becomes the k×k patches from (r, c) after resizing."""
+    """The patch grid (``rows`` × ``cols``) that the size rule gives an image of original ``size``; ``box``
+    maps a box on the resized image back to original pixels, so a shape drawn there lands on patches."""
 
     def __init__(self, size: tuple[int, int]):
         self.size = size
