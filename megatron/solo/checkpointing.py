@@ -29,6 +29,8 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from megatron.solo.config import ModelConfig
+from megatron.solo.model import build_model, make_transformer_config
+from megatron.solo.parallel import initialize_model_parallel
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "solo_config.json"
@@ -155,3 +157,16 @@ def load_model(root: str | os.PathLike, model, iteration: int | None | str = "la
     """Load one pipeline stage's ``SoloModel`` weights from ``root`` (collective)."""
     loaded = load_sharded(root, {"model": model.sharded_state_dict()}, iteration)
     load_model_state(model, loaded["model"])
+
+
+def load_full_model(load_dir: str | os.PathLike, *, iteration: int | None | str = "latest",
+                    dtype: torch.dtype = torch.float32):
+    """(model, metadata): the whole SOLO model of a Megatron checkpoint in this process (TP=PP=1), in eval
+    mode. Needs no transformers: generation and the demo use it as well as the HF export."""
+    metadata = CheckpointMetadata.read(load_dir)
+    cfg = metadata.model
+    initialize_model_parallel(1, 1)
+    model = build_model(cfg, make_transformer_config(cfg, params_dtype=dtype, perform_initialization=False),
+                        padded_vocab_size=metadata.padded_vocab_size)
+    load_model(load_dir, model, iteration)
+    return model.eval(), metadata

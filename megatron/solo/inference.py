@@ -21,9 +21,11 @@ import numpy as np
 import torch
 
 from megatron.solo.batch import PackedExample, collate
+from megatron.solo.checkpointing import load_full_model
 from megatron.solo.data.encode import INST_CLOSE, INST_OPEN
 from megatron.solo.data.samples import ImageRef
 from megatron.solo.image import ImageSource, process_image
+from megatron.solo.tokenizer import SoloTokenizer
 
 TEMPLATES = ("none", "mistral")
 
@@ -108,9 +110,6 @@ class Generator:
     """A checkpoint loaded for generation: ``Generator(ckpt)(images, text)`` → the decoded answer."""
 
     def __init__(self, load_dir: str | os.PathLike, iteration: int | None | str = "latest"):
-        from megatron.solo.convert.checkpoint import load_full_model  # builds megatron-core state
-        from megatron.solo.tokenizer import SoloTokenizer
-
         self.model, self.metadata = load_full_model(load_dir, iteration=iteration)
         self.tokenizer = SoloTokenizer(load_dir)
         self.allowed = allowed_ids(self.tokenizer, self.metadata.padded_vocab_size)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from megatron.solo.checkpointing import CheckpointMetadata, load_model, load_model_state, save_model
+from megatron.solo.checkpointing import CheckpointMetadata, load_full_model, load_model_state, save_model
 from megatron.solo.config import ModelConfig
 from megatron.solo.convert.hf_export import read_hf_checkpoint, write_hf_export
 from megatron.solo.convert.hf_solo import SoloConfig
@@ -80,18 +80,6 @@ def hf_to_megatron_checkpoint(
     tokenizer.save_pretrained(out_dir)  # before the tracker file marks the checkpoint complete
     save_model(out_dir, model, metadata)
     return metadata
-
-
-def load_full_model(load_dir: str | os.PathLike, *, iteration: int | None | str = "latest",
-                    dtype: torch.dtype = torch.float32):
-    """(model, metadata): the whole SOLO model of a Megatron checkpoint in this process (TP=PP=1)."""
-    metadata = CheckpointMetadata.read(load_dir)
-    cfg = metadata.model
-    initialize_model_parallel(1, 1)
-    model = build_model(cfg, make_transformer_config(cfg, params_dtype=dtype, perform_initialization=False),
-                        padded_vocab_size=metadata.padded_vocab_size)
-    load_model(load_dir, model, iteration)
-    return model.eval(), metadata
 
 
 def megatron_to_hf_checkpoint(
