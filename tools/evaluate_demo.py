@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ def answer_all(generator, pairs, batch_size: int) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron.solo.data.workdir import write_atomic
     from megatron.solo.demo import evaluate as ev
     from megatron.solo.inference import Generator
 
@@ -66,22 +66,16 @@ def main(argv=None) -> int:
                               captions=captions, stage2_losses=summaries[1], timings=timings,
                               min_label_accuracy=args.min_label_accuracy)
     print(report)
-    _write(args.out / "report.txt", report + "\n")
-    _write(args.out / "report.json", json.dumps({
+    write_atomic(str(args.out / "report.txt"), (report + "\n").encode())
+    write_atomic(str(args.out / "report.json"), (json.dumps({
         "stage1_labels": dataclasses.asdict(stage1),
         "stage2_labels": dataclasses.asdict(stage2_labels) if stage2_labels else None,
         "captions": dataclasses.asdict(captions) if captions else None,
         "losses": summaries[: len(metrics)], "timings": timings,
-    }, indent=2) + "\n")
+    }, indent=2) + "\n").encode())
     print(f"\nwritten: {args.out / 'report.txt'}, {args.out / 'report.json'}"
           + (f", {args.out / 'loss_curves.png'}" if metrics else ""))
     return 0 if stage1.accuracy >= args.min_label_accuracy else 1
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def _example(prompt: Prompt, generated: list[int]) -> PackedExample:
 
 
 class Generator:
-    """A checkpoint loaded for generation: ``Generator(ckpt)(images, text)`` → the decoded answer."""
+    """A checkpoint loaded for generation: ``Generator(ckpt)([(images, text), …])`` → the decoded answers."""
 
     def __init__(self, load_dir: str | os.PathLike, iteration: int | None | str = "latest"):
         self.model, self.metadata = load_full_model(load_dir, iteration=iteration)

@@ -9,6 +9,7 @@ correctly; a slot the answer leaves out counts as wrong.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from megatron.solo.data.workdir import write_atomic
 from megatron.solo.demo.scenes import parse_caption
+
 
 def read_heldout(path: str | os.PathLike, key: str) -> list[tuple[str, str]]:
     """(absolute image path, truth) pairs of a held-out JSONL file."""
@@ -115,10 +118,10 @@ def plot_losses(stages: Sequence[tuple[str, list[dict]]], out: str | os.PathLike
     ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.9))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(str(out) + ".tmp.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
+    write_atomic(str(out), png.getvalue())
 
 
 def _pct(x: float) -> str:
