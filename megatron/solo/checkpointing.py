@@ -30,7 +30,7 @@ from megatron.core import dist_checkpointing
 
 from megatron.solo.config import ModelConfig
 from megatron.solo.model import build_model, make_transformer_config
-from megatron.solo.parallel import initialize_model_parallel
+from megatron.solo.parallel import ensure_model_parallel_of_one
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "solo_config.json"
@@ -136,9 +136,21 @@ def load_sharded(root: str | os.PathLike, sharded_state: dict[str, Any], iterati
     return dist_checkpointing.load(sharded_state, str(path))
 
 
+def model_sharded_state_dict(model) -> dict[str, Any]:
+    """``model.sharded_state_dict()`` minus megatron-core's ``_extra_state`` entries: backend-neutral.
+
+    Both backends already use Transformer Engine's tensor names (the local spec maps its norms onto them:
+    ``input_layernorm`` → ``self_attention.linear_qkv.layer_norm_weight``). ``_extra_state`` holds only TE's
+    FP8 metadata, which this project does not use, and the two specs disagree on it (TE's attention has
+    one, the local one has none), so it is left out of every save and every load: a checkpoint then moves
+    between the local and the TE model in both directions.
+    """
+    return {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
+
+
 def save_model(root: str | os.PathLike, model, metadata: CheckpointMetadata, iteration: int | None = None) -> Path:
     """Save one pipeline stage's ``SoloModel`` weights (collective over all ranks)."""
-    return save_sharded(root, iteration, {"model": model.sharded_state_dict()}, metadata)
+    return save_sharded(root, iteration, {"model": model_sharded_state_dict(model)}, metadata)
 
 
 def load_model_state(model, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
@@ -155,18 +167,24 @@ def load_model_state(model, state_dict: dict[str, torch.Tensor], assign: bool = 
 
 def load_model(root: str | os.PathLike, model, iteration: int | None | str = "latest") -> None:
     """Load one pipeline stage's ``SoloModel`` weights from ``root`` (collective)."""
-    loaded = load_sharded(root, {"model": model.sharded_state_dict()}, iteration)
+    loaded = load_sharded(root, {"model": model_sharded_state_dict(model)}, iteration)
     load_model_state(model, loaded["model"])
 
 
 def load_full_model(load_dir: str | os.PathLike, *, iteration: int | None | str = "latest",
-                    dtype: torch.dtype = torch.float32):
+                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
     """(model, metadata): the whole SOLO model of a Megatron checkpoint in this process (TP=PP=1), in eval
-    mode. Needs no transformers: generation and the demo use it as well as the HF export."""
+    mode, on ``device`` (default: the CPU). Needs no transformers: generation and the demo use it as well as
+    the HF export.
+
+    The model is megatron-core's local spec on any machine: checkpoints are backend-neutral, and its plain
+    parameter names are what the HF name table maps. Forms TP=PP=1 groups if the process has none.
+    """
     metadata = CheckpointMetadata.read(load_dir)
     cfg = metadata.model
-    initialize_model_parallel(1, 1)
-    model = build_model(cfg, make_transformer_config(cfg, params_dtype=dtype, perform_initialization=False),
-                        padded_vocab_size=metadata.padded_vocab_size)
+    ensure_model_parallel_of_one()
+    tc = make_transformer_config(cfg, params_dtype=dtype, perform_initialization=False, backend="local",
+                                 cpu_initialization=True)
+    model = build_model(cfg, tc, padded_vocab_size=metadata.padded_vocab_size)
     load_model(load_dir, model, iteration)
-    return model.eval(), metadata
+    return model.to(device).eval(), metadata

@@ -78,6 +78,8 @@ def greedy_generate(model, prompts: Sequence[Prompt], *, eos_id: int, pad_id: in
 
     ``model`` is a whole SoloModel (TP=PP=1) in eval mode; returns one list per prompt.
     """
+    device = next(model.parameters()).device  # the batch goes where the model is
+    allowed = allowed.to(device)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     patch_dim = prompts[0].patches.shape[1] if prompts else 3072
@@ -87,10 +89,10 @@ def greedy_generate(model, prompts: Sequence[Prompt], *, eos_id: int, pad_id: in
             break
         examples = [_example(prompts[i], out[i]) for i in live]
         lengths = [len(e.tokens) for e in examples]
-        batch = collate(examples, max(lengths), pad_id=pad_id, patch_dim=patch_dim)
+        batch = collate(examples, max(lengths), pad_id=pad_id, patch_dim=patch_dim).to(device)
         logits = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
                        batch.patches, batch.patch_index)  # [b, s, V]
-        last = logits[torch.arange(len(live)), torch.tensor(lengths) - 1].float()
+        last = logits[torch.arange(len(live), device=device), torch.tensor(lengths, device=device) - 1].float()
         next_ids = last.masked_fill(~allowed[: last.shape[-1]], float("-inf")).argmax(-1).tolist()
         for i, t in zip(live, next_ids):
             if t == eos_id:
@@ -109,8 +111,11 @@ def _example(prompt: Prompt, generated: list[int]) -> PackedExample:
 class Generator:
     """A checkpoint loaded for generation: ``Generator(ckpt)([(images, text), …])`` → the decoded answers."""
 
-    def __init__(self, load_dir: str | os.PathLike, iteration: int | None | str = "latest"):
-        self.model, self.metadata = load_full_model(load_dir, iteration=iteration)
+    def __init__(self, load_dir: str | os.PathLike, iteration: int | None | str = "latest",
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        if device is None:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        self.model, self.metadata = load_full_model(load_dir, iteration=iteration, dtype=dtype, device=device)
         self.tokenizer = SoloTokenizer(load_dir)
         self.allowed = allowed_ids(self.tokenizer, self.metadata.padded_vocab_size)
 

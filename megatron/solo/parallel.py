@@ -54,3 +54,19 @@ def initialize_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int =
 def tensor_parallel_seed(seed: int) -> None:
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def ensure_model_parallel_of_one(seed: int = 1234) -> None:
+    """TP=PP=1 groups for a whole model in this process (tools, generation, conversion).
+
+    Forms them (and a world of one) where none exist; reuses a caller's TP=PP=1 groups as they are, and
+    refuses, rather than tears down, groups of another layout.
+    """
+    init_distributed()
+    if not parallel_state.model_parallel_is_initialized():
+        initialize_model_parallel(1, 1, seed=seed)
+        return
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if (tp, pp) != (1, 1):
+        raise RuntimeError(f"a whole model needs TP=PP=1 process groups, but this process has TP={tp}, PP={pp}")

@@ -22,9 +22,9 @@ def test_te_thd_matches_local_mask_path(megatron_world, tmp_path):
     cfg = get_preset("tiny").replace(vocab_size=400, sliding_window=8, max_sequence_length=64,
                                      hidden_size=128, num_attention_heads=4, num_query_groups=2)
     meta = CheckpointMetadata(cfg, cfg.padded_vocab_size())
-    local = build_model(cfg, make_transformer_config(cfg, params_dtype=torch.bfloat16), backend="local").cuda()
+    local = build_model(cfg, make_transformer_config(cfg, params_dtype=torch.bfloat16, backend="local"))
     save_model(tmp_path, local, meta)  # also checks that a local-spec checkpoint loads into the TE spec
-    te = build_model(cfg, make_transformer_config(cfg, params_dtype=torch.bfloat16, backend="te"), backend="te").cuda()
+    te = build_model(cfg, make_transformer_config(cfg, params_dtype=torch.bfloat16, backend="te"))
     load_model(tmp_path, te)
     rng = np.random.default_rng(0)
     examples = [PackedExample(tokens=rng.integers(3, 400, n), targets=np.ones(n, bool),

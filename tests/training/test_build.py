@@ -46,3 +46,26 @@ def test_fused_cpu_adam_makes_the_same_update_as_the_default_loop(megatron_world
         Wrapper.optimizer.step()
     for p, c in zip(params, copies):
         torch.testing.assert_close(c, p, rtol=1e-6, atol=1e-7)
+
+
+def test_adam_state_initialisation_touches_torch_adam_only():
+    """The zero state megatron-core needs before loading into torch's Adam would break TE's FusedAdam."""
+    import torch
+
+    from megatron.solo.backend.mcore_fixes import init_torch_optimizer_state
+
+    class FusedAdamLike(torch.optim.Optimizer):  # TE's/Apex's FusedAdam: a plain Optimizer, not torch's Adam
+        def __init__(self, params):
+            super().__init__(params, {"lr": 1e-3})
+
+    class Wrapper:
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    torch_adam = Wrapper(torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))]))
+    fused = Wrapper(FusedAdamLike([torch.nn.Parameter(torch.ones(3))]))
+    init_torch_optimizer_state(torch_adam)
+    init_torch_optimizer_state(fused)
+    (state,) = torch_adam.optimizer.state.values()
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
+    assert not fused.optimizer.state  # untouched

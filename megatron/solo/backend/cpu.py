@@ -9,10 +9,11 @@ training run reaches (listed in ``megatron_core_cpu.md`` §4). On a machine with
   optimizers check that string);
 - replace the CUDA RNG tracker with one holding CPU generator states (it is forked on every attention
   forward and by activation recompute);
-- fix two ``DistributedOptimizer`` bugs that only show with torch's AdamW (no Apex): after a checkpoint
-  load every parameter shares one ``step`` tensor, which AdamW then increments once per parameter, silently
-  breaking bias correction (§6.1); and ``fully_reshardable`` loads fail with ``KeyError: 'step'`` (§6.3);
-- run that AdamW with torch's fused CPU kernel (:func:`use_fused_cpu_adam`, called by the trainer).
+- run megatron-core's torch AdamW with torch's fused CPU kernel (:func:`use_fused_cpu_adam`, called by the
+  trainer).
+
+megatron-core's own bugs with torch's AdamW are not CPU-specific: their fixes live in
+:mod:`megatron.solo.backend.mcore_fixes`.
 
 Nothing here runs when CUDA is available: ``install_cpu_backend_if_needed()`` is a no-op there. The mode is
 thread-local: code that runs megatron-core in a new thread must enter ``CudaToCpuMode()`` itself.
@@ -111,51 +112,6 @@ def _install_rng_tracker() -> None:
     mpu_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
-def _patch_distributed_optimizer() -> None:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original_set = DistributedOptimizer._set_main_param_and_optimizer_states
-    original_load = DistributedOptimizer.load_state_dict
-
-    def set_states_keeping_step(self, model_param, tensors):
-        # A reshardable checkpoint carries `step` in param_groups, not per tensor: keep the restored one.
-        if not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, order = self.model_param_group_index_map[model_param]
-            state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][order]]
-            if "step" in state:
-                tensors = dict(tensors, step=state["step"])
-        return original_set(self, model_param, tensors)
-
-    def load_with_private_steps(self, state_dict):
-        out = original_load(self, state_dict)
-        for state in self.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()  # AdamW increments it in place, once per param
-        return out
-
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_states_keeping_step
-    DistributedOptimizer.load_state_dict = load_with_private_steps
-
-
-def init_torch_optimizer_state(megatron_optimizer) -> None:
-    """Give every param of a fresh torch Adam optimizer its (zero) state.
-
-    Call before ``optimizer.sharded_state_dict(..., is_loading=True)``: megatron-core 0.16.1 asserts a
-    single shared step otherwise (``distrib_optimizer.py:642``). Harmless on GPUs too.
-    """
-    for optimizer in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
-        inner = optimizer.optimizer
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                if not state:
-                    state.update(
-                        step=torch.tensor(0.0),
-                        exp_avg=torch.zeros_like(param),
-                        exp_avg_sq=torch.zeros_like(param),
-                    )
-
-
 def use_fused_cpu_adam(megatron_optimizer) -> None:
     """Switch megatron-core's torch Adam(W) to torch's fused CPU kernel.
 
@@ -186,7 +142,6 @@ def install_cpu_backend() -> None:
     cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     _install_rng_tracker()
-    _patch_distributed_optimizer()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()  # process-wide for the main thread (modes are thread-local)
 

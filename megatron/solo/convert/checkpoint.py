@@ -22,7 +22,7 @@ from megatron.solo.convert.hf_export import read_hf_checkpoint, write_hf_export
 from megatron.solo.convert.hf_solo import SoloConfig
 from megatron.solo.convert.name_table import PATCH_INIT_SEED, hf_to_megatron, megatron_to_hf, model_config_from_hf
 from megatron.solo.model import build_model, make_transformer_config
-from megatron.solo.parallel import initialize_model_parallel
+from megatron.solo.parallel import ensure_model_parallel_of_one
 from megatron.solo.tokenizer import SoloTokenizer
 
 
@@ -72,10 +72,13 @@ def hf_to_megatron_checkpoint(
                           generator=torch.Generator().manual_seed(seed))
     m_sd = {name: tensor.to(dtype) for name, tensor in m_sd.items()}
 
-    initialize_model_parallel(1, 1)
-    with torch.device("meta"):  # shapes only: the converted tensors are assigned, not copied
-        model = build_model(cfg, make_transformer_config(cfg, params_dtype=dtype, perform_initialization=False),
-                            padded_vocab_size=metadata.padded_vocab_size)
+    ensure_model_parallel_of_one()
+    # The local spec on any machine: its parameter names are the name table's, and the checkpoint it writes
+    # loads into either backend. On meta, shapes only: the converted tensors are assigned, not copied.
+    tc = make_transformer_config(cfg, params_dtype=dtype, perform_initialization=False, backend="local",
+                                 cpu_initialization=True)
+    with torch.device("meta"):
+        model = build_model(cfg, tc, padded_vocab_size=metadata.padded_vocab_size)
     load_model_state(model, m_sd, assign=True)
     tokenizer.save_pretrained(out_dir)  # before the tracker file marks the checkpoint complete
     save_model(out_dir, model, metadata)

@@ -16,15 +16,14 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron.solo.model.attention import packed_causal_mask, thd_packed_seq_params
-from megatron.solo.model.specs import Backend
+from megatron.solo.model.specs import Backend, backend_of
 
 
 class SoloModel(GPTModel):
     """A Mistral decoder (RoPE, untied embeddings) with a patch projection on the first stage."""
 
     def __init__(self, config: TransformerConfig, block_spec: ModuleSpec, *, vocab_size: int,
-                 max_sequence_length: int, patch_dim: int, rotary_base: float, backend: Backend,
-                 sliding_window: int | None, pre_process: bool = True, post_process: bool = True,
+                 max_sequence_length: int, patch_dim: int, rotary_base: float, sliding_window: int | None, pre_process: bool = True, post_process: bool = True,
                  vp_stage: int | None = None):
         super().__init__(
             config, block_spec, vocab_size=vocab_size, max_sequence_length=max_sequence_length,
@@ -33,12 +32,15 @@ class SoloModel(GPTModel):
             scatter_embedding_sequence_parallel=False,  # merge patches first, scatter after (forward)
             vp_stage=vp_stage,
         )
-        self.backend = backend
+        self.backend: Backend = backend_of(config)
         self.sliding_window = sliding_window
         self.patch_dim = patch_dim
         if pre_process:
+            # Where megatron-core puts its own weights: no device (CPU, or a torch.device context such as
+            # meta) under use_cpu_initialization, else the current GPU.
+            device = None if config.use_cpu_initialization else torch.cuda.current_device()
             self.patch_embedding = torch.nn.Linear(patch_dim, config.hidden_size, bias=False,
-                                                   dtype=config.params_dtype)
+                                                   dtype=config.params_dtype, device=device)
             if config.perform_initialization:
                 config.init_method(self.patch_embedding.weight)
 

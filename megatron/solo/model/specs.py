@@ -30,7 +30,8 @@ class RMSNorm(torch.nn.RMSNorm):
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
-        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()  # as megatron-core's layers
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype, device=device)
         self.weight.sequence_parallel = config.sequence_parallel
 
 
@@ -38,15 +39,32 @@ def transformer_engine_available() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def resolve_backend(backend: Backend | Literal["auto"]) -> Backend:
-    """``auto``: Transformer Engine on a CUDA machine that has it, the local spec otherwise."""
+def grad_accumulation_fusion_available() -> bool:
+    """megatron-core's own ``ColumnParallelLinear`` (our output layer) needs Apex's CUDA kernel for it."""
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def resolve_backend(backend: Backend | Literal["auto"], params_dtype: torch.dtype = torch.bfloat16) -> Backend:
+    """``auto``: Transformer Engine on a CUDA machine that has it and a 16-bit run, the local spec otherwise.
+
+    TE's packed (THD) attention has no fp32 kernel, so ``te`` with fp32 is a configuration error.
+    """
+    if backend not in ("auto", "local", "te"):
+        raise ValueError(f"attention backend: unknown {backend!r}; choose local, te or auto")
+    sixteen_bit = params_dtype in (torch.bfloat16, torch.float16)
     if backend == "auto":
-        return "te" if torch.cuda.is_available() and transformer_engine_available() else "local"
+        return "te" if sixteen_bit and torch.cuda.is_available() and transformer_engine_available() else "local"
+    if backend == "te" and not sixteen_bit:
+        raise ValueError(f"attention backend 'te': Transformer Engine's packed (THD) attention has no {params_dtype} "
+                         "kernel; train in bf16 (--bf16) or use the local backend (--transformer-impl local)")
     if backend == "te" and not transformer_engine_available():
         raise ValueError("attention backend 'te' needs transformer-engine (use an NGC PyTorch container)")
-    if backend not in ("local", "te"):
-        raise ValueError(f"attention backend: unknown {backend!r}; choose local, te or auto")
     return backend
+
+
+def backend_of(config: TransformerConfig) -> Backend:
+    """The backend a ``TransformerConfig`` from ``make_transformer_config`` was made for."""
+    return "te" if config.transformer_impl == "transformer_engine" else "local"
 
 
 def decoder_block_spec(config: TransformerConfig, backend: Backend, vp_stage: int | None = None) -> ModuleSpec:

@@ -128,6 +128,9 @@ class TrainConfig:
                  "only applies to --recompute-granularity full")
         _require(not self.sequence_parallel or self.tensor_model_parallel_size > 1, "--sequence-parallel",
                  "needs --tensor-model-parallel-size > 1")
+        _require(self.transformer_impl != "transformer_engine" or self.bf16, "--transformer-impl",
+                 "transformer_engine's packed (THD) attention has no fp32 kernel: add --bf16 or use "
+                 "--transformer-impl local")
 
     @property
     def decay_iters(self) -> int:

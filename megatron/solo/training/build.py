@@ -13,6 +13,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from megatron.solo.backend.cpu import use_fused_cpu_adam
+from megatron.solo.backend.mcore_fixes import install_distributed_optimizer_fixes
 from megatron.solo.config import ModelConfig
 from megatron.solo.model import SoloModel, build_model, make_transformer_config
 from megatron.solo.training.arguments import TrainConfig
@@ -43,11 +44,13 @@ def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size
         model_cfg, tensor_parallel=cfg.tensor_model_parallel_size, pipeline_parallel=cfg.pipeline_model_parallel_size,
         sequence_parallel=cfg.sequence_parallel, params_dtype=dtype, backend=cfg.backend,
         recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
-        recompute_num_layers=cfg.recompute_num_layers,
+        recompute_num_layers=cfg.recompute_num_layers, gradient_accumulation_fusion=True,
     )
-    model = build_model(model_cfg, tc, backend=cfg.backend, padded_vocab_size=padded_vocab_size,
+    model = build_model(model_cfg, tc, padded_vocab_size=padded_vocab_size,
                         pre_process=parallel_state.is_pipeline_first_stage(),
                         post_process=parallel_state.is_pipeline_last_stage())
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())  # as Megatron-LM's get_model: every parameter, ours included
     if cfg.freeze_language_model:
         freeze_language_model(model)
     wrapped = Float16Module(tc, model) if cfg.bf16 else model
@@ -56,6 +59,7 @@ def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size
                                           overlap_grad_reduce=False), wrapped)
     tc.finalize_model_grads_func = finalize_model_grads  # DP all-reduce + per-token normalisation
     tc.no_sync_func = ddp.no_sync  # grads accumulate over micro-batches; reduced once per step
+    install_distributed_optimizer_fixes()  # only where megatron-core wraps torch's Adam
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, decoupled_lr=cfg.decoupled_lr,
         decoupled_min_lr=cfg.decoupled_min_lr, weight_decay=cfg.weight_decay,

@@ -28,7 +28,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron.solo.backend.cpu import init_torch_optimizer_state
+from megatron.solo.backend.mcore_fixes import init_torch_optimizer_state
 from megatron.solo.checkpointing import (
     TRACKER_FILE,
     CheckpointMetadata,
@@ -36,6 +36,7 @@ from megatron.solo.checkpointing import (
     latest_iteration,
     load_model_state,
     load_sharded,
+    model_sharded_state_dict,
     save_sharded,
 )
 from megatron.solo.config import ModelConfig, get_preset
@@ -156,7 +157,7 @@ def save_training_checkpoint(root: str, state: TrainingState, *, model, optimize
 
     ``model`` is this rank's unwrapped ``SoloModel`` (one pipeline stage).
     """
-    msd = model.sharded_state_dict()
+    msd = model_sharded_state_dict(model)
     sharded = {
         "model": msd,
         "optimizer": optimizer.sharded_state_dict(msd, metadata=OPTIMIZER_METADATA),
@@ -175,7 +176,7 @@ def load_training_checkpoint(start: Start, cfg: TrainConfig, *, model, optimizer
 
     Returns the iteration and consumed samples to continue from (zeros for new weights).
     """
-    msd = model.sharded_state_dict()
+    msd = model_sharded_state_dict(model)
     request: dict[str, Any] = {"model": msd}
     resume = start.kind == "resume"
     same_layout = False
@@ -192,6 +193,10 @@ def load_training_checkpoint(start: Start, cfg: TrainConfig, *, model, optimizer
                         _layout(), common.get("layout"))
     loaded = load_sharded(start.root, request, start.iteration)
     load_model_state(model, loaded["model"])
+    # Mixed-precision optimizers hold fp32 main copies of the weights, taken when they were built: refresh
+    # them from what was just loaded, or the first step writes the initialisation back (bf16 stage starts).
+    # A resume then overwrites them with the checkpoint's own fp32 copies.
+    optimizer.reload_model_params()
     if not resume:
         return TrainingState()
     if "optimizer" in request:
