@@ -25,6 +25,7 @@ class Batch:
     max_seqlen    int             longest span
     patches       float32 [p, D]  normalised pixels, image by image, row-major; D = 3·32·32
     patch_index   int64 [p]       flat index ``row·s + col`` of the ``<vpatch>`` token each patch lands on
+    pack_lengths  int64 [b]       real tokens of each pack (the rest of its row is padding)
     """
 
     tokens: torch.Tensor
@@ -35,6 +36,7 @@ class Batch:
     max_seqlen: int
     patches: torch.Tensor
     patch_index: torch.Tensor
+    pack_lengths: torch.Tensor
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         moved = {
@@ -120,6 +122,7 @@ def collate(examples: Sequence[PackedExample], seq_length: int, *, pad_id: int, 
         max_seqlen=int(np.diff(cu).max()),
         patches=_gather_patches(examples, patch_dim),
         patch_index=torch.from_numpy(np.concatenate(patch_index)),
+        pack_lengths=torch.tensor([len(ex.tokens) for ex in examples], dtype=torch.int64),
     )
 
 

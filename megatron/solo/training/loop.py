@@ -35,8 +35,8 @@ from megatron.solo.training.checkpoint import (
     save_training_checkpoint,
 )
 from megatron.solo.training.dataset import BlendedPackDataset, build_train_loader
-from megatron.solo.training.metrics import LOSS_KEYS, MetricSinks, Window, default_peak_tflops, loss_with_breakdown
-from megatron.solo.training.metrics import sum_micro_batches
+from megatron.solo.training.metrics import LOSS_KEYS, MetricSinks, Window, batch_work, default_peak_tflops
+from megatron.solo.training.metrics import loss_with_breakdown, sum_micro_batches
 
 # Mistral's EOS, the reference's pad. Padding is its own attention span and never a target, so the id only
 # has to exist; the tokenizer's own pad id wins when the run knows its tokenizer.
@@ -188,12 +188,14 @@ class Trainer:
             batch = next(data_iterator)
         except StopIteration:
             raise RuntimeError("the data loader ran out before --train-iters (a bug: it is sized to the run)") from None
+        work = batch_work(batch.cu_seqlens, batch.pack_lengths, batch.tokens.shape[1],
+                          self.start.model.sliding_window)  # on the host, before the copy: no device sync
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         batch = batch.to(device, non_blocking=True)
         out = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches,
                     batch.patch_index, labels=batch.labels, loss_mask=batch.loss_mask)
         image_rows = (batch.tokens == self.vpatch_id).any(dim=1)
-        return out, partial(loss_with_breakdown, batch.loss_mask, image_rows, batch.cu_seqlens)
+        return out, partial(loss_with_breakdown, batch.loss_mask, image_rows, work.to(device, non_blocking=True))
 
     def _reduce(self, outputs) -> torch.Tensor:
         """Sum the loss pairs over micro-batches (last stage) and data-parallel ranks; zeros elsewhere."""

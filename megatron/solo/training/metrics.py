@@ -12,22 +12,23 @@ import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from megatron.solo.config import ModelConfig
 from megatron.solo.model import masked_token_loss
 
 LOSS_KEYS = ("lm loss", "img lm loss", "txt lm loss")
-ATTENTION_KEY = "attention span²"  # Σ span² of the micro-batch's documents, for the attention FLOPs
+WORK_KEY = "work"  # [real tokens, attention pairs] of the micro-batch, for the model FLOPs
 # Dense bf16 peak per device (vendor datasheets), for the MFU estimate when --peak-tflops is not given.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0}
 
 
-def loss_with_breakdown(loss_mask: torch.Tensor, image_rows: torch.Tensor, cu_seqlens: torch.Tensor,
+def loss_with_breakdown(loss_mask: torch.Tensor, image_rows: torch.Tensor, work: torch.Tensor,
                         per_token_loss: torch.Tensor):
-    """``masked_token_loss`` plus [sum, count] for image-bearing and text-only packs, and Σ span².
+    """``masked_token_loss`` plus [sum, count] for image-bearing and text-only packs, and the work done.
 
-    loss_mask, per_token_loss [b, s]; image_rows bool [b]; cu_seqlens int32 [n + 1].
+    loss_mask, per_token_loss [b, s]; image_rows bool [b]; work [2] from :func:`batch_work`.
     """
     total, count, logs = masked_token_loss(loss_mask, per_token_loss)
     per_row = (per_token_loss.detach().float() * loss_mask.float()).sum(1)  # [b]
@@ -35,24 +36,46 @@ def loss_with_breakdown(loss_mask: torch.Tensor, image_rows: torch.Tensor, cu_se
     img = image_rows.to(per_row.dtype)
     logs["img lm loss"] = torch.stack([(per_row * img).sum(), (rows * img).sum()])
     logs["txt lm loss"] = torch.stack([(per_row * (1 - img)).sum(), (rows * (1 - img)).sum()])
-    spans = torch.diff(cu_seqlens.to(torch.float64))
-    logs[ATTENTION_KEY] = torch.stack([(spans * spans).sum().float(), spans.new_zeros(()).float()])
+    logs[WORK_KEY] = work
     return total, count, logs
 
 
 def sum_micro_batches(outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """[len(LOSS_KEYS) + 1, 2]: every logged [sum, count] pair summed over this rank's micro-batches."""
-    keys = (*LOSS_KEYS, ATTENTION_KEY)
+    """[len(LOSS_KEYS) + 1, 2]: every logged pair summed over this rank's micro-batches."""
+    keys = (*LOSS_KEYS, WORK_KEY)
     return torch.stack([torch.stack([out[k].float() for out in outputs]).sum(0) for k in keys])
 
 
-def model_flops(cfg: ModelConfig, tokens: int, span_sq: float) -> float:
-    """Training FLOPs (forward + backward, no recompute) of ``tokens`` token slots whose documents have
-    Σ length² = ``span_sq``: 6·N per token for the matmuls, 6·L·h·Σ len² for causal attention."""
+def causal_pairs(lengths: np.ndarray, window: int | None) -> float:
+    """Σ over documents of the (query, key) pairs causal attention computes: Σ_{i=1..L} min(i, W)."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    if window is None:
+        return float((lengths * (lengths + 1) / 2).sum())
+    inside = np.minimum(lengths, window)
+    return float((inside * (inside + 1) / 2 + np.maximum(lengths - window, 0) * window).sum())
+
+
+def batch_work(cu_seqlens: torch.Tensor, pack_lengths: torch.Tensor, seq_length: int,
+               window: int | None) -> torch.Tensor:
+    """float32 [2]: (real tokens, attention pairs) of a micro-batch, padding spans left out.
+
+    Host tensors in (cu_seqlens int32 [n + 1] over the flat b·s stream, pack_lengths int64 [b]): no device sync.
+    """
+    cu = cu_seqlens.numpy().astype(np.int64)
+    starts, lengths = cu[:-1], np.diff(cu)
+    rows = starts // seq_length
+    documents = lengths[starts < rows * seq_length + pack_lengths.numpy()[rows]]
+    return torch.tensor([float(pack_lengths.sum()), causal_pairs(documents, window)], dtype=torch.float32)
+
+
+def model_flops(cfg: ModelConfig, tokens: float, attention_pairs: float) -> float:
+    """Model FLOPs of a training step (forward + backward; recompute is not counted, as MFU's convention) over
+    ``tokens`` real tokens whose attention computes ``attention_pairs`` (query, key) pairs (:func:`causal_pairs`):
+    6·N per token for the matmuls, and 4·d FLOPs per pair and head forward (QKᵀ and AV), ×3 with backward."""
     h, d = cfg.hidden_size, cfg.head_dim
     per_layer = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_query_groups) + 3 * h * cfg.ffn_hidden_size
     dense = cfg.num_layers * per_layer + h * cfg.vocab_size  # + the output layer; the patch projection is noise
-    return 6.0 * dense * tokens + 6.0 * cfg.num_layers * cfg.num_attention_heads * d * span_sq
+    return 6.0 * dense * tokens + 12.0 * cfg.num_layers * cfg.num_attention_heads * d * attention_pairs
 
 
 def default_peak_tflops() -> float | None:
@@ -87,9 +110,11 @@ class Window:
             out[key.replace(" ", "_")] = total / count if count else None
         out["target_tokens"] = int(sums[0, 1].item() / self.iterations)
         out["ms_per_iteration"] = 1000.0 * self.seconds / self.iterations
-        out["tokens_per_s"] = tokens_per_iteration * self.iterations / self.seconds
+        tokens, pairs = sums[-1].tolist()
+        out["tokens_per_s"] = tokens / self.seconds  # real tokens: padding is not work
+        out["padding"] = 1.0 - tokens / (tokens_per_iteration * self.iterations)
         out["grad_norm"] = self.grad_norm
-        flops = model_flops(model, tokens_per_iteration * self.iterations, float(sums[-1, 0]))
+        flops = model_flops(model, tokens, pairs)
         out["tflops_per_device"] = flops / self.seconds / world_size / 1e12
         out["mfu"] = out["tflops_per_device"] / peak_tflops if peak_tflops else None
         return out

@@ -1,0 +1,64 @@
+"""The work a step is credited with (MFU): attention pairs as the model's own mask computes them, padding left
+out; and a window's losses, throughput and MFU from the reduced sums."""
+
+import numpy as np
+import pytest
+import torch
+
+from megatron.solo.batch import PackedExample, collate
+from megatron.solo.config import get_preset
+from megatron.solo.model import packed_causal_mask
+from megatron.solo.training.metrics import LOSS_KEYS, Window, batch_work, causal_pairs, model_flops
+
+
+def pack(lengths: list[int]) -> PackedExample:
+    n = sum(lengths)
+    return PackedExample(np.arange(3, n + 3), np.ones(n, bool), np.concatenate([[0], np.cumsum(lengths)]),
+                         np.zeros((0, 3072), np.float32), np.zeros(0, np.int64))
+
+
+@pytest.mark.parametrize("window", [None, 1, 4, 100])
+def test_attention_pairs_are_what_the_models_mask_lets_through(window):
+    """The mask the local backend attends with is the independent count: its allowed (query, key) pairs over
+    the documents, padding rows excluded."""
+    s = 24
+    batch = collate([pack([5, 11, 3]), pack([24]), pack([7])], s, pad_id=0)  # rows 0 and 2 end in padding
+    tokens, pairs = batch_work(batch.cu_seqlens, batch.pack_lengths, s, window).tolist()
+    masked = packed_causal_mask(batch.cu_seqlens, 3, s, window)  # [b, 1, s, s], True = masked out
+    real = torch.arange(s)[None, :] < batch.pack_lengths[:, None]  # [b, s] query rows that are documents
+    assert tokens == 19 + 24 + 7
+    assert pairs == (~masked[:, 0] & real[:, :, None]).sum().item()
+
+
+def test_a_window_caps_long_documents_and_padding_is_not_work():
+    assert causal_pairs(np.array([32768]), 4096) == pytest.approx(4096 * 4097 / 2 + (32768 - 4096) * 4096)
+    assert causal_pairs(np.array([32768]), None) / causal_pairs(np.array([32768]), 4096) > 4  # the old over-count
+    padded = collate([pack([10, 6])], 64, pad_id=0)
+    unpadded = collate([pack([10, 6])], 16, pad_id=0)
+    assert batch_work(padded.cu_seqlens, padded.pack_lengths, 64, None).tolist() == \
+        batch_work(unpadded.cu_seqlens, unpadded.pack_lengths, 16, None).tolist()
+
+
+def test_window_summary_adds_up_and_reports_model_flops():
+    cfg = get_preset("tiny")
+    window = Window()
+    # Two iterations of reduced sums: [lm, img, txt] × [loss sum, target count], then [tokens, pairs].
+    for _ in range(2):
+        window.add(torch.tensor([[30.0, 10.0], [20.0, 4.0], [10.0, 6.0], [96.0, 1000.0]]), seconds=0.5,
+                   grad_norm=1.5)
+    m = window.summary(iteration=2, consumed_samples=8, lr=1e-3, tokens_per_iteration=128, model=cfg,
+                       world_size=2, peak_tflops=1e-6)
+    assert m["lm_loss"] == pytest.approx(3.0) and m["img_lm_loss"] == pytest.approx(5.0)
+    assert m["txt_lm_loss"] == pytest.approx(10 / 6)
+    assert m["lm_loss"] * 10 == pytest.approx(m["img_lm_loss"] * 4 + m["txt_lm_loss"] * 6)  # the parts add up
+    assert m["target_tokens"] == 10 and m["grad_norm"] == 1.5
+    assert m["tokens_per_s"] == pytest.approx(192 / 1.0) and m["padding"] == pytest.approx(0.25)
+    flops = model_flops(cfg, 192, 2000)
+    assert m["tflops_per_device"] == pytest.approx(flops / 1.0 / 2 / 1e12)
+    assert m["mfu"] == pytest.approx(m["tflops_per_device"] / 1e-6)
+    # 6 FLOPs per parameter and token (matmul weights), 12·d per attention pair and head.
+    h, d = cfg.hidden_size, cfg.head_dim
+    weights = cfg.num_layers * (h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_query_groups)
+                                + 3 * h * cfg.ffn_hidden_size) + h * cfg.vocab_size
+    assert flops == pytest.approx(6 * weights * 192 + 12 * cfg.num_layers * cfg.num_attention_heads * d * 2000)
+    assert len(LOSS_KEYS) == 3
