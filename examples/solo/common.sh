@@ -27,6 +27,10 @@ MASTER_PORT=${MASTER_PORT:-29500}
 # that TP×PP divides it and that the global batch splits evenly.
 TP=${TP:-2}
 PP=${PP:-1}
+# Sequence parallelism whenever TP > 1 (SEQUENCE_PARALLEL=0 turns it off): norms and the residual stream
+# are split over the TP ranks (their activation memory / TP), and each all-reduce becomes a reduce-scatter
+# plus an all-gather of the same volume.
+SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-1}
 SEQ_LENGTH=${SEQ_LENGTH:-32768}
 MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}
 GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-128}
@@ -57,7 +61,7 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 
 # The launcher's own resolved variables, printed by --dry-run.
 SOLO_SHOWN_VARS=(STAGE DATA_ROOT CKPT_ROOT LOAD SAVE TRAIN_ITERS GPUS_PER_NODE NNODES NODE_RANK MASTER_ADDR
-                 MASTER_PORT TP PP PYTHON TORCHRUN WANDB_PROJECT)
+                 MASTER_PORT TP PP SEQUENCE_PARALLEL PYTHON TORCHRUN WANDB_PROJECT)
 
 solo_main() {
     local dry_run=0
@@ -88,6 +92,9 @@ solo_main() {
         --load "$LOAD" --save "$SAVE" --save-interval "$SAVE_INTERVAL"
         --log-interval 1 --tensorboard-dir "$TENSORBOARD_ROOT/$STAGE"
     )
+    if ((TP > 1 && SEQUENCE_PARALLEL)); then
+        args+=(--sequence-parallel)
+    fi
     if [[ -n $WANDB_PROJECT ]]; then
         args+=(--wandb-project "$WANDB_PROJECT" --wandb-exp-name "${WANDB_EXP_NAME:-solo-$STAGE}")
     fi

@@ -24,6 +24,7 @@ EXAMPLES = ROOT / "examples" / "solo"
 # Reference spec §7.1, identical for the three stages (Megatron-LM argument names as the dry run prints them).
 PAPER = {
     "tensor_model_parallel_size": "2",
+    "sequence_parallel": "True",  # ours, not the paper's: the same maths, activation memory / TP
     "pipeline_model_parallel_size": "1",
     "world_size": "8",
     "data_parallel_size": "4",
@@ -151,6 +152,14 @@ def test_stage_dry_run_is_the_paper_recipe(launcher, tmp_path):
                       "--master-addr", "localhost", "--master-port", "29500"]
 
 
+def test_sequence_parallel_follows_tensor_parallel_and_can_be_turned_off(tmp_path):
+    launcher = str(EXAMPLES / "pretrain_stage1_imagenet21k.sh")
+    for env, expected in ((dict(TP="1"), "False"), (dict(SEQUENCE_PARALLEL="0"), "False"), (dict(TP="4"), "True")):
+        proc = run(["bash", launcher, "--dry-run"], clean_env(tmp_path, **env))
+        assert proc.returncode == 0, proc.stderr
+        assert parse(proc.stdout)[1]["sequence_parallel"] == expected, env
+
+
 def test_bad_override_fails_naming_the_flag(tmp_path):
     proc = run(["bash", str(EXAMPLES / "pretrain_stage1_imagenet21k.sh"), "--dry-run"], clean_env(tmp_path, TP="3"))
     assert proc.returncode == 2
@@ -199,6 +208,7 @@ def test_slurm_job_overrides_and_requeue(tmp_path):
     assert shell["MASTER_ADDR"] == "gpu-node-7" and shell["NODE_RANK"] == "3" and shell["NNODES"] == "4"
     assert resolved["world_size"] == "32"
     assert resolved["tensor_model_parallel_size"] == "4" and resolved["data_parallel_size"] == "8"
+    assert resolved["sequence_parallel"] == "True"
     assert resolved["num_microbatches"] == "16"                      # still 128 packs per step
     assert resolved["train_iters"] == "250" and resolved["seed"] == "99"
     assert 49 <= float(resolved["exit_duration_in_mins"]) <= 50      # the job's end time, minus 10 minutes
