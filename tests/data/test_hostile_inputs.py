@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import zstandard
 from data_helpers import write_jsonl, write_tar
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from megatron.solo import image as im
 from megatron.solo.data import samples, sources
-from megatron.solo.data.errors import InputError, Origin, SampleError
+from megatron.solo.data.errors import REASONS, InputError, Origin, SampleError
 from megatron.solo.data.packed_format import PackedDataset
 from megatron.solo.data.sources import RawRecord
 
@@ -296,3 +298,105 @@ def test_errors_jsonl_is_byte_identical_across_runs_and_worker_counts(tmp_path, 
     assert errors[0] == errors[1] and b"0x" not in errors[0]
     assert [e["reason"] for e in map(json.loads, errors[0].splitlines())] == ["corrupt_image", "corrupt_image"]
     assert len(PackedDataset(str(tmp_path / "w0"))) == 1
+
+
+# --- 6. random mutations never stop a run, nor change the other records ---------------------------------------
+
+
+def llava_lines(root: Path) -> list[bytes]:
+    records = [
+        {"id": "a", "image": "in.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                         {"from": "gpt", "value": "A red square."}]},
+        {"id": "b", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                      {"from": "gpt", "value": "Hello."}]},
+        {"id": "c", "image": ["in.png", "in.png"], "conversations": [
+            {"from": "human", "value": "Left <image> right <image>"}, {"from": "gpt", "value": "Two squares é€😀."}]},
+        {"id": "d", "image": "in.png", "conversations": [{"from": "gpt", "value": "Untagged."}]},
+    ]
+    return [json.dumps(r).encode() for r in records]
+
+
+def nodes(obj, path=()):
+    """Every (path, value) of a JSON tree, the root included."""
+    yield path, obj
+    children = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in children:
+        yield from nodes(value, path + (key,))
+
+
+def mutate(line: bytes, mutation) -> bytes:
+    kind, at, arg = mutation
+    if kind == "flip":  # any byte but a newline (a newline would make two records of one)
+        i = at % len(line)
+        return line[:i] + bytes([(line[i] ^ arg) if (line[i] ^ arg) != 10 else 11]) + line[i + 1:]
+    if kind == "truncate":
+        return line[:at % len(line)]
+    obj = json.loads(line)
+    path, value = list(nodes(obj))[at % len(list(nodes(obj)))]
+    if not path:
+        return json.dumps(arg if kind == "retype" else [obj]).encode()
+    parent = obj
+    for key in path[:-1]:
+        parent = parent[key]
+    if kind == "delete":
+        del parent[path[-1]]
+    elif kind == "retype":
+        parent[path[-1]] = arg
+    else:  # unicode junk, lone surrogates included, into a string (or in place of anything else)
+        parent[path[-1]] = value[:len(value) // 2] + arg + value[len(value) // 2:] if isinstance(value, str) else arg
+    return json.dumps(obj).encode()  # ensure_ascii: surrogates travel as \ud800 escapes, as on the web
+
+
+JUNK = st.text(st.characters(codec=None, exclude_categories=()), max_size=6)
+MUTATIONS = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(1, 255)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**6), st.none()),
+    st.tuples(st.just("delete"), st.integers(0, 10**6), st.none()),
+    st.tuples(st.just("retype"), st.integers(0, 10**6),
+              st.sampled_from([None, 0, -1, 2.5, True, "", "\ud800", [], {}, [["x"]], {"from": ["human"]}, 10**30])),
+    st.tuples(st.just("junk"), st.integers(0, 10**6), JUNK),
+)
+
+
+@pytest.fixture(scope="module")
+def mutation_env(tmp_path_factory):
+    from megatron.solo.data.encode import EncodeConfig
+    from megatron.solo.data.worker import WorkerConfig, init_worker, process_batch
+
+    root = tmp_path_factory.mktemp("mutations")
+    Image.new("RGB", (40, 24), "red").save(root / "in.png")
+    init_worker(WorkerConfig("llava", None, False, None, EncodeConfig(image_format="png"), parent_pid=os.getpid()))
+    lines = llava_lines(root)
+
+    def run(lines):
+        path = root / "data.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        records = [r for _, r in sources.iter_records([str(path)], "llava")]
+        return {r.origin.line: r for r in process_batch(records)}
+
+    baseline = run(lines)
+    assert all(not isinstance(r, SampleError) for r in baseline.values())
+    return lines, run, baseline
+
+
+def same(a, b) -> bool:
+    if isinstance(a, SampleError) or isinstance(b, SampleError):
+        return isinstance(a, SampleError) and isinstance(b, SampleError) and a.to_json() == b.to_json()
+    return (a.tokens.tolist(), a.targets.tolist(), a.images, a.origin) == (b.tokens.tolist(), b.targets.tolist(),
+                                                                           b.images, b.origin)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(which=st.integers(0, 3), mutation=MUTATIONS)
+def test_random_mutations_never_stop_a_run_nor_change_the_other_records(mutation_env, which, mutation):
+    lines, run, baseline = mutation_env
+    mutated = list(lines)
+    mutated[which] = mutate(lines[which], mutation)
+    got = run(mutated)  # never raises
+    for line, result in got.items():
+        if line != which + 1:
+            assert same(result, baseline[line]), line
+        elif isinstance(result, SampleError):  # named, and writable to errors.jsonl
+            assert result.origin.line == line and result.reason in REASONS
+            json.dumps(result.to_json(), ensure_ascii=False).encode("utf-8")
+    assert set(got) == set(baseline) - ({which + 1} if not mutated[which].strip() else set())
