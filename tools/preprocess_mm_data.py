@@ -3,7 +3,8 @@
 
     python tools/preprocess_mm_data.py --input 'data/captions-*.jsonl.zst' --output-prefix out/captions \\
         [--input-format auto|chat|llava|caption|webdataset|imagenet|text] [--image-root DIR] \\
-        [--class-names FILE] [--shuffle-seed N | --no-shuffle] [--tokenizer-model PATH] [--seq-length 32768] [--workers N] [--resume] [--strict]
+        [--allow-outside-root] [--class-names FILE] [--shuffle-seed N | --no-shuffle] [--tokenizer-model PATH] \\
+        [--seq-length 32768] [--workers N] [--resume] [--strict]
 
 Writes OUT.bin/.idx (tokens), OUT.pack.bin/.idx (targets, document boundaries, images),
 OUT.errors.jsonl and OUT.stats.json; see megatron/solo/data/packed_format.py for the layout.
@@ -28,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--input-format", default="auto", choices=("auto",) + sources.FORMATS,
                    help="input format (default: detected from the first record of each input)")
     g.add_argument("--image-root", default=None, help="directory relative image paths are resolved against "
-                   "(default: the input file's directory)")
+                   "(default: the input file's directory); image paths resolving outside it (../, absolute, "
+                   "file://, symlinks) are skipped as outside_root")
+    g.add_argument("--allow-outside-root", action="store_true",
+                   help="also read image paths (and ImageNet symlinks) that resolve outside the image root")
     g.add_argument("--class-names", default=None, help="imagenet: wnid → class name file ('wnid name' lines or JSON)")
     g.add_argument("--shuffle-seed", type=int, default=0,
                    help="imagenet: images are read in this seed's random order, so packs mix classes (default 0)")
@@ -71,6 +75,7 @@ def config_from_args(args: argparse.Namespace):
         output_prefix=args.output_prefix,
         input_format=args.input_format,
         image_root=args.image_root,
+        allow_outside_root=args.allow_outside_root,
         class_names=args.class_names,
         shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
         tokenizer_model=args.tokenizer_model,

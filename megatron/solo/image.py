@@ -26,6 +26,7 @@ import base64
 import binascii
 import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Union
@@ -40,6 +41,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own warning threshold (~0.25 GiB of RGB)
 WHITE = (255, 255, 255)
 ORIENTATION_TAG = 0x0112
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
@@ -190,8 +192,11 @@ def describe_source(source: ImageSource) -> str:
 
 def _open(source, name: str, max_pixels: int | None) -> Image.Image:
     fp = _as_file(source, name)
+    start = fp.tell()
     try:
         img = Image.open(fp)  # reads the header only: the pixel check below runs before any decoding
+        if img.format == "PNG":
+            _verify_png(fp, start)
     except Image.DecompressionBombError as e:
         raise ImageError("decompression_bomb", name, f"{e} (raise PIL.Image.MAX_IMAGE_PIXELS to allow it)") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
@@ -200,9 +205,19 @@ def _open(source, name: str, max_pixels: int | None) -> Image.Image:
     return img
 
 
+def _verify_png(fp: BinaryIO, start: int) -> None:
+    """Pillow decodes IDAT without checking its CRCs, so flipped bits decode to wrong pixels: check every
+    chunk's CRC first (SyntaxError if one fails). Costs one CRC-32 pass over the file."""
+    here = fp.tell()
+    fp.seek(start)
+    Image.open(fp).verify()
+    fp.seek(here)
+
+
 def _decode_error(e: Exception, name: str) -> ImageError:
     reason = "truncated_image" if "truncat" in str(e).lower() else "corrupt_image"
-    return ImageError(reason, name, f"{type(e).__name__}: {e}")
+    text = _OBJECT_REPR.sub(name, str(e))  # Pillow names a file object by its repr, address included
+    return ImageError(reason, name, f"{type(e).__name__}: {text}")
 
 
 def _as_file(source, name: str) -> BinaryIO:

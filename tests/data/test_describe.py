@@ -28,7 +28,7 @@ def test_describe_pack_shows_documents_spans_and_loss(tmp_path, small_photos, ru
                                          {"type": "text", "text": "What is shown?"}]},
             {"role": "assistant", "content": "A photo."}]
     path = write_jsonl(tmp_path / "c.jsonl", [chat, {"role": "assistant", "content": "Plain text only."}])
-    prefix, _ = run_preprocess([path], seq_length=512)
+    prefix, _ = run_preprocess([path], seq_length=512, image_root=str(small_photos[0].parent))
     view = PackedDataset(prefix)[0]
     text = describe_pack(view, tokenizer, index=0, seq_length=512)
     rows, cols = im.grid_size(96, 64)
@@ -42,7 +42,7 @@ def test_describe_pack_shows_documents_spans_and_loss(tmp_path, small_photos, ru
 def test_inspect_tool_prints_and_saves_images(tmp_path, small_photos, run_preprocess, capsys):
     path = write_jsonl(tmp_path / "caps.jsonl", [{"image": str(p), "caption": f"Photo {i}."}
                                                   for i, p in enumerate(small_photos[:3])])
-    prefix, _ = run_preprocess([path], seq_length=512)
+    prefix, _ = run_preprocess([path], seq_length=512, image_root=str(small_photos[0].parent))
     tool = load_tool()
     assert tool.main([prefix, "--index", "-1", "--save-images", str(tmp_path / "imgs")]) == 0
     out = capsys.readouterr().out

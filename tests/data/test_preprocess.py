@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import signal
 import struct
 import subprocess
@@ -100,7 +101,7 @@ def make_dataset(fmt, tmp_path, photos, tokenizer):
             T().text("[INST]").image(photos[3]).text("What is this?").text("[/INST]").text("A photo.", True).eos(),
             T().image(photos[4].read_bytes()).text("Described.", True).eos(),
         ]
-        return [path], {}, expected
+        return [path], {"image_root": root}, expected
     if fmt == "llava":
         path = tmp_path / "llava.json"
         path.write_text(json.dumps([
@@ -223,7 +224,7 @@ def bad_inputs(tmp_path, photos):
         return json.dumps({"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                             {"type": "text", "text": text}]}).encode()
 
-    good = chat(str(photos[0]))
+    good = chat(str(shutil.copy(photos[0], d / "good.jpg")))  # inside the image root (the input's directory)
     lines = [
         (good, None),
         (b"{broken json", "malformed_json"),
@@ -272,6 +273,8 @@ def mixed_corpus(tmp_path, photos, n_captions=30, n_texts=12, seed=0):
     """Captions of every photo (one far longer than a pack) and text documents of varied lengths (some
     longer than a pack)."""
     rng = np.random.default_rng(seed)
+    (tmp_path / "photos").mkdir(exist_ok=True)  # inside the image root (the inputs' directory)
+    photos = [shutil.copy(p, tmp_path / "photos" / p.name) for p in photos]
     words = "the a photo of cat dog sky red blue small large street near house tree over under".split()
     caps = [{"image": str(photos[i % len(photos)]),
              "caption": " ".join(rng.choice(words, 2000 if i == 7 else rng.integers(2, 30)))}

@@ -144,11 +144,18 @@ def test_json_items_stream_across_chunk_boundaries(chunk):
     assert list(sources._json_items(io.BytesIO(data), chunk)) == items
     assert list(sources._json_items(io.BytesIO(b'{"a": [1, 2]}'), chunk)) == [{"a": [1, 2]}]
     assert list(sources._json_items(io.BytesIO(b" [ ] "), chunk)) == []
-    for broken in (b"[1, 2", b"[1 2]", b"[1, 2] 3", b'[{"a": 1}, ]'):
-        with pytest.raises(json.JSONDecodeError):
-            list(sources._json_items(io.BytesIO(broken), chunk))
-    with pytest.raises(UnicodeDecodeError):
-        list(sources._json_items(io.BytesIO(b'["caf\xe9"]'), chunk))
+
+    def read(data):  # a malformed item is stepped over, as one BrokenItem
+        items = sources._json_items(io.BytesIO(data), chunk)
+        return ["broken" if isinstance(x, sources.BrokenItem) else x for x in items]
+
+    assert read(b"[1, 2") == [1, 2, "broken"]  # truncated
+    assert read(b"[1 2]") == ["broken"]
+    assert read(b'[{"a": 1}, ]') == [{"a": 1}, "broken"]
+    assert read(b'[1, {"a": x, "b": [1, "]"]}, 3]') == [1, "broken", 3]
+    with pytest.raises(json.JSONDecodeError):
+        list(sources._json_items(io.BytesIO(b"[1, 2] 3"), chunk))
+    assert read(b'\xef\xbb\xbf["caf\xe9", "ok"]') == ["caf\udce9", "ok"]  # the item's parser rejects it (non_utf8)
 
 
 def test_detection_reads_a_whole_first_line_however_long(tmp_path):
@@ -246,8 +253,9 @@ def test_chat_shapes_parts_and_image_urls():
     for shape in (turns, {"id": 7, "conversations": turns}, {"messages": turns}):
         assert parse("chat", shape).turns == expected
     assert parse("chat", {"role": "assistant", "content": "Only text"}).turns == (Turn("assistant", ("Only text",)),)
-    absolute = parse("chat", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///x/y.png"}}]}])
-    assert absolute.turns[0].parts == (ImageRef("/x/y.png"),)
+    url = {"url": "file:///imgs/y.png"}  # a path like any other, inside the root
+    absolute = parse("chat", [{"role": "user", "content": [{"type": "image_url", "image_url": url}]}])
+    assert absolute.turns[0].parts == (ImageRef("/imgs/y.png"),)
 
 
 def test_relative_images_default_to_the_input_files_directory():

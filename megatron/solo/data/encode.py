@@ -199,6 +199,8 @@ def _load(ref: ImageRef, config: ImageConfig, origin: Origin):
     except MemoryError:
         raise
     except Exception as e:  # Pillow raises assorted types on hostile bytes (struct.error, IndexError, …)
+        if isinstance(e, OSError) and e.errno is not None:  # the file system's (a disk error): the boundary decides
+            raise
         name = _image.describe_source(ref.source)
         raise SampleError("corrupt_image", origin, f"{name}: {type(e).__name__}: {e}") from e
 

@@ -53,7 +53,10 @@ class PreprocessConfig:
     output_prefix: str
     input_format: str = "auto"
     image_root: str | None = None
-    """Where relative image paths point (default: each input file's directory)."""
+    """Where relative image paths point (default: each input file's directory, or the ImageNet root). Every
+    image path must resolve (symlinks included) inside it, else the sample is skipped as ``outside_root``."""
+    allow_outside_root: bool = False
+    """Read image paths that resolve outside the image root too."""
     class_names: str | None = None
     """ImageNet: the wnid → class name file."""
     shuffle_seed: int | None = 0
@@ -239,7 +242,8 @@ def _metadata(config: PreprocessConfig, fmt: str, files: list[str], tokenizer: S
     inputs = [(f, *_file_signature(f)) for f in files]
     if fmt == "imagenet":
         meta["shuffle_seed"] = config.shuffle_seed
-    extra = [inputs, config.image_root, config.class_names, dataclasses.asdict(config.encode), config.pack.seq_length]
+    extra = [inputs, config.image_root, config.allow_outside_root, config.class_names, dataclasses.asdict(config.encode),
+             config.pack.seq_length]
     blob = json.dumps([meta, extra], sort_keys=True, default=str).encode()
     return {**meta, "fingerprint": hashlib.sha256(blob).hexdigest()}
 
@@ -263,10 +267,11 @@ class _Run:
 
     def consume(self, files: list[str], fmt: str, class_names) -> None:
         """Read, encode (in workers), pack and write every record from the current position on."""
-        worker_config = WorkerConfig(fmt, self.config.image_root, self.config.tokenizer_model, self.config.encode,
-                                     parent_pid=os.getpid())
+        worker_config = WorkerConfig(fmt, self.config.image_root, self.config.allow_outside_root,
+                                     self.config.tokenizer_model, self.config.encode, parent_pid=os.getpid())
         records = sources.iter_records(files, fmt, start=self.state.position, class_names=class_names,
-                                       shuffle_seed=self.config.shuffle_seed)
+                                       shuffle_seed=self.config.shuffle_seed,
+                                       allow_outside_root=self.config.allow_outside_root)
         batches = _batches(records, 64 if fmt == "text" else 8)
         positions: deque = deque()
 

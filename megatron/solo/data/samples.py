@@ -23,25 +23,31 @@ format         input                                                            
 ``text``       JSONL/JSON with a ``text`` field                                  assistant: [text]
 =============  ================================================================  =========================
 
-Relative image paths are resolved against ``image_root`` (default: the directory of the input file);
-http(s) URLs are refused (``remote_url``): preprocessing never downloads. Text is stripped of surrounding
-whitespace except in ``text`` documents, which are kept verbatim.
+Relative image paths are resolved against ``image_root`` (default: the directory of the input file), and
+every path (relative, absolute or ``file://``) must resolve, symlinks included, inside it: else the sample
+is skipped as ``outside_root`` (``allow_outside_root`` lifts this). http(s) URLs are refused (``remote_url``):
+preprocessing never downloads. Text is stripped of surrounding whitespace except in ``text`` documents,
+which are kept verbatim. Text that UTF-8 cannot hold (a lone surrogate such as ``"\ud800"``, anywhere in
+the record) is ``non_utf8``; a leading byte order mark is ignored.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from megatron.solo.data.errors import Origin, SampleError
-from megatron.solo.data.sources import RawRecord
+from megatron.solo.data.sources import RawRecord, is_within, real_path
 
 ROLES = ("system", "user", "assistant")
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_TAG = "<image>"
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how a lone surrogate gets into a JSON line
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,11 +78,14 @@ class Sample:
 # Parsing (in workers)
 
 
-def parse_record(record: RawRecord, fmt: str, image_root: str | None = None) -> Sample:
-    """RawRecord → Sample; raises :class:`SampleError` naming the record and the reason."""
+def parse_record(record: RawRecord, fmt: str, image_root: str | None = None,
+                 allow_outside_root: bool = False) -> Sample:
+    """RawRecord → Sample; raises :class:`SampleError` naming the record and the reason.
+
+    ``image_root``: where image paths point and must stay (default: the input file's directory)."""
     origin, payload = record
-    root = image_root if image_root is not None else os.path.dirname(origin.file)
-    ctx = _Ctx(origin, root)
+    root = image_root if image_root is not None else os.path.dirname(origin.file) or "."
+    ctx = _Ctx(origin, root, allow_outside_root)
     if fmt == "webdataset":
         turns = _webdataset_turns(payload, ctx)
     elif fmt == "imagenet":
@@ -95,6 +104,7 @@ def parse_record(record: RawRecord, fmt: str, image_root: str | None = None) -> 
 class _Ctx:
     origin: Origin
     image_root: str
+    allow_outside_root: bool = False
 
     def error(self, reason: str, detail: str) -> SampleError:
         return SampleError(reason, self.origin, detail)
@@ -106,8 +116,27 @@ class _Ctx:
             return ImageRef(value)
         if value.lower().startswith(("http://", "https://")):
             raise self.error("remote_url", f"{value[:80]}: preprocessing never downloads; fetch images first")
-        value = value.removeprefix("file://")
-        return ImageRef(os.path.join(self.image_root, value))
+        if value[:7].lower() == "file://":  # a path like any other: it obeys the root too
+            value = value[7:]
+        if "\0" in value:
+            raise self.error("bad_field", f"an image path must not hold a NUL byte: {value[:80]!r}")
+        path = os.path.join(self.image_root, value)
+        if not self.allow_outside_root:
+            self._check_inside(path, value)
+        return ImageRef(path)
+
+    def _check_inside(self, path: str, value: str) -> None:
+        """``outside_root`` unless ``path`` resolves (symlinks included) inside the image root."""
+        try:
+            real = os.path.realpath(path, strict=True)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise self.error("symlink_loop", f"{value[:200]}: its symlinks form a loop") from e
+            real = os.path.realpath(path)  # missing: loading names it, if it is inside
+        root = real_path(self.image_root)
+        if not is_within(real, root):
+            raise self.error("outside_root", f"{value[:200]} resolves to {real[:200]}, outside the image root {root} "
+                             "(--allow-outside-root reads it)")
 
     def field(self, obj: dict, *names: str) -> Any:
         for name in names:
@@ -127,16 +156,37 @@ def _short(value: Any) -> str:
 
 
 def _json_payload(payload: Any, origin: Origin) -> Any:
-    if not isinstance(payload, bytes):
-        return payload  # an item of a JSON array, parsed with its file
+    if not isinstance(payload, bytes):  # an item of a JSON array, parsed with its file (bad bytes as surrogates)
+        _check_unicode(payload, origin)
+        return payload
     try:
-        text = payload.decode("utf-8")
+        text = payload.decode("utf-8-sig")  # Windows tools start a file with a byte order mark
     except UnicodeDecodeError as e:
         raise SampleError("non_utf8", origin, str(e)) from e
     try:
-        return json.loads(text)
+        obj = json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, over-long integers, absurd nesting
         raise SampleError("malformed_json", origin, f"{type(e).__name__}: {e}") from e
+    if _SURROGATE_ESCAPE.search(payload):
+        _check_unicode(obj, origin)
+    return obj
+
+
+def _check_unicode(obj: Any, origin: Origin, where: str = "") -> None:
+    """``non_utf8`` naming the first string (key or value, at any depth) that UTF-8 cannot hold."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SampleError("non_utf8", origin, f"{where or 'the record'}: {e.reason} at character {e.start}: "
+                              f"{obj[max(e.start - 20, 0):e.start + 20]!r}") from None
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_unicode(key, origin, f"{where} key")
+            _check_unicode(value, origin, f"{where}.{key}")
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            _check_unicode(value, origin, f"{where}[{i}]")
 
 
 def _clean_parts(parts: Iterable[str | ImageRef]) -> tuple[str | ImageRef, ...]:
@@ -162,7 +212,7 @@ def _chat_turns(obj: Any, ctx: _Ctx) -> list[Turn]:
 def _chat_turn(turn: Any, ctx: _Ctx) -> Turn:
     if not isinstance(turn, dict):
         raise ctx.error("bad_field", f"a turn must be an object, got {_short(turn)}")
-    role = ctx.field(turn, "role")
+    role = ctx.string(ctx.field(turn, "role"), "'role'")
     if role not in ROLES:
         raise ctx.error("unknown_role", f"role {role!r} is not one of {', '.join(ROLES)}")
     content = ctx.field(turn, "content")
@@ -196,7 +246,7 @@ def _llava_turns(obj: Any, ctx: _Ctx) -> list[Turn]:
     for entry in conversations:
         if not isinstance(entry, dict):
             raise ctx.error("bad_field", f"a conversation entry must be an object, got {_short(entry)}")
-        speaker = ctx.field(entry, "from")
+        speaker = ctx.string(ctx.field(entry, "from"), "'from'")
         if speaker not in LLAVA_ROLES:
             raise ctx.error("unknown_role", f"'from': {speaker!r} is not one of {', '.join(LLAVA_ROLES)}")
         pieces = ctx.string(ctx.field(entry, "value"), "'value'").split(IMAGE_TAG)
@@ -241,7 +291,7 @@ def _webdataset_turns(group: dict[str, bytes], ctx: _Ctx) -> list[Turn]:
         raise ctx.error("missing_field", f"no image member ({'/'.join(WDS_IMAGE_EXTS)}) among {sorted(group)}")
     if "txt" in group:
         try:
-            caption = group["txt"].decode("utf-8")
+            caption = group["txt"].decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise ctx.error("non_utf8", f"{ctx.origin.key}.txt: {e}") from e
     elif "json" in group:

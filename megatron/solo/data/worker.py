@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from megatron.solo.data.encode import Document, EncodeConfig, encode_sample
-from megatron.solo.data.errors import SampleError
+from megatron.solo.data.errors import SampleError, record_failure
 from megatron.solo.data.samples import parse_record
 from megatron.solo.data.sources import RawRecord
 
@@ -20,6 +20,7 @@ from megatron.solo.data.sources import RawRecord
 class WorkerConfig:
     input_format: str
     image_root: str | None
+    allow_outside_root: bool
     tokenizer_model: str | None
     encode: EncodeConfig
     parent_pid: int
@@ -52,7 +53,11 @@ def _exit_with_parent(pid: int, period: float = 1.0) -> None:
 
 
 def process_batch(records: list[RawRecord | SampleError]) -> list[Document | SampleError]:
-    """Encode records in order; a bad one becomes its SampleError (errors found while reading pass through)."""
+    """Encode records in order; a bad one becomes its SampleError (errors found while reading pass through).
+
+    Any exception inside one record's processing is that record's skip (:func:`record_failure`), except
+    a disk error, which stops the run (:class:`~megatron.solo.data.errors.InputError`).
+    """
     config, tokenizer = _state
     out: list[Document | SampleError] = []
     for record in records:
@@ -60,10 +65,12 @@ def process_batch(records: list[RawRecord | SampleError]) -> list[Document | Sam
             out.append(record)
             continue
         try:
-            sample = parse_record(record, config.input_format, config.image_root)
+            sample = parse_record(record, config.input_format, config.image_root, config.allow_outside_root)
             out.append(encode_sample(sample, tokenizer, config.encode))
-        except SampleError as e:
-            out.append(e)
+        except MemoryError:  # the machine's, not the record's
+            raise
+        except Exception as e:
+            out.append(record_failure(e, record.origin))
     return out
 
 
