@@ -18,6 +18,7 @@ crash mid-save leaves the previous checkpoint the latest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,9 +29,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from megatron.solo.checksums import MANIFEST, verify_manifest, write_manifest
 from megatron.solo.config import ModelConfig
 from megatron.solo.model import build_model, make_transformer_config
 from megatron.solo.parallel import ensure_model_parallel_of_one
+
+log = logging.getLogger(__name__)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "solo_config.json"
@@ -113,6 +117,8 @@ def save_sharded(root: str | os.PathLike, iteration: int | None, sharded_state: 
     dist_checkpointing.save(sharded_state, str(tmp), sharded_strategy=("torch_dist", 1),
                             content_metadata=content_metadata)
     _barrier()
+    write_manifest(tmp)  # before the rename: a directory under its final name always has its checksums
+    _barrier()
     if _rank() == 0:
         old = final.with_name(f".{final.name}.old")
         if final.exists():  # re-saving an iteration: never a moment where the tracker names a missing dir
@@ -126,12 +132,27 @@ def save_sharded(root: str | os.PathLike, iteration: int | None, sharded_state: 
     return final
 
 
-def load_sharded(root: str | os.PathLike, sharded_state: dict[str, Any], iteration: int | None | str = "latest"):
-    """Collectively load ``sharded_state``'s tensors from ``root`` (the tracker's iteration by default)."""
+def verify_checkpoint(root: str | os.PathLike, iteration: int | None) -> None:
+    """Collectively check ``root``'s checkpoint of ``iteration`` against its checksums (``ChecksumError``
+    naming the file and the iteration); a checkpoint written before checksums existed loads with a warning."""
+    path = iteration_dir(root, iteration)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint directory is missing")
+    what = RELEASE if iteration is None else f"iteration {iteration}"
+    if not verify_manifest(path, what) and _rank() == 0:
+        log.warning("%s: no %s (written before checksums existed): loaded unverified", path, MANIFEST)
+
+
+def load_sharded(root: str | os.PathLike, sharded_state: dict[str, Any], iteration: int | None | str = "latest",
+                 verify: bool = True):
+    """Collectively load ``sharded_state``'s tensors from ``root`` (the tracker's iteration by default),
+    after checking its files against their checksums unless ``verify`` is false."""
     if iteration == "latest":
         iteration = latest_iteration(root)
     path = iteration_dir(root, iteration)
-    if not path.is_dir():
+    if verify:
+        verify_checkpoint(root, iteration)
+    elif not path.is_dir():
         raise FileNotFoundError(f"{path}: checkpoint directory is missing")
     return dist_checkpointing.load(sharded_state, str(path))
 
@@ -148,8 +169,27 @@ def model_sharded_state_dict(model) -> dict[str, Any]:
     return {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
 
 
+def check_finite_parameters(model) -> None:
+    """Collectively refuse to go on when any rank's weights hold NaN or inf (``NonFiniteParametersError``
+    naming them): a checkpoint must never carry them, even in rows the loss never reads."""
+    names, params = zip(*model.named_parameters())
+    flags = torch.stack([torch.isfinite(p).all().logical_not() for p in params])  # one sync below, not one per param
+    bad = [name for name, flag in zip(names, flags.tolist()) if flag]
+    count = torch.tensor([float(len(bad))], device=flags.device)
+    if dist.is_initialized():
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    if count.item():
+        raise NonFiniteParametersError(f"parameters hold NaN/inf ({', '.join(bad[:5]) or 'on another rank'}): "
+                                       "not saved")
+
+
+class NonFiniteParametersError(RuntimeError):
+    pass
+
+
 def save_model(root: str | os.PathLike, model, metadata: CheckpointMetadata, iteration: int | None = None) -> Path:
     """Save one pipeline stage's ``SoloModel`` weights (collective over all ranks)."""
+    check_finite_parameters(model)
     return save_sharded(root, iteration, {"model": model_sharded_state_dict(model)}, metadata)
 
 

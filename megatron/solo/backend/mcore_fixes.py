@@ -7,13 +7,18 @@ installed (the GPU product), torch's ``AdamW`` otherwise (CPU machines, and a GP
 | fix | applies to | megatron-core 0.16.1 |
 |---|---|---|
 | :func:`install_distributed_optimizer_fixes` | ``DistributedOptimizer`` over torch's Adam(W), any device | ``distrib_optimizer.py:821-825`` shares one ``step`` tensor between all params after a load; AdamW increments it once per param, silently breaking bias correction. ``:940`` ``fully_reshardable`` loads fail with ``KeyError: 'step'`` |
+| :func:`own_checkpoint_writer_queue` | every torch_dist save | ``filesystem_async.py:51-56`` starts a manager process that outlives a killed trainer (and keeps the resource tracker alive) |
 | :func:`init_torch_optimizer_state` | torch's Adam(W) (not TE/Apex FusedAdam, whose ``state_dict()`` then raises ``KeyError: 'step'``) | ``distrib_optimizer.py:642`` asserts a single shared step on a fresh optimizer |
 
-The trainer calls both explicitly (:func:`megatron.solo.training.build.build_components`, checkpoint loads);
+The trainer calls them explicitly (:func:`megatron.solo.training.build.build_components`, checkpoint loads);
 nothing is patched at import.
 """
 
 from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.managers
+import os
 
 import torch
 
@@ -80,3 +85,33 @@ def init_torch_optimizer_state(megatron_optimizer) -> None:
                 if not state:
                     state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
                                  exp_avg_sq=torch.zeros_like(param))
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Runs first in the writer's manager process: ask Linux to kill it when its parent dies."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the manager then ends as before (when its parent shuts it down)
+        return
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(0)
+
+
+def own_checkpoint_writer_queue() -> None:
+    """Start the manager process of megatron-core's checkpoint writer ourselves, tied to this process's life.
+
+    ``dist_checkpointing``'s torch_dist writer lazily starts a ``multiprocessing`` manager (``spawn``) for
+    its results queue (``filesystem_async.py:51-56``). If the trainer is killed (OOM killer, a failed node),
+    that manager, and through it the resource tracker, outlive it for minutes. Started here instead, the
+    manager dies with the trainer, and a clean exit shuts it down as before. Idempotent; all devices.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is not None:
+        return
+    manager = mp.managers.SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()  # the queue's proxy keeps the manager alive

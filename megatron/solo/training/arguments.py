@@ -73,6 +73,7 @@ class TrainConfig:
     no_load_optim: bool = False
     no_load_rng: bool = False
     override_opt_param_scheduler: bool = False
+    no_verify_checkpoint: bool = False
     exit_signal_handler: bool = True
     exit_interval: int | None = None
     exit_duration_in_mins: float | None = None
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--override-opt-param-scheduler", action="store_true",
                    help="on resume, use the flags' schedule instead of the checkpoint's (keeping its step)")
+    g.add_argument("--no-verify-checkpoint", action="store_true",
+                   help="load without checking the checkpoint's files against their checksums")
     g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false",
                    help="do not save and exit on SIGTERM/SIGINT")
     g.add_argument("--exit-interval", type=int, help="save and exit at the first iteration divisible by this")

@@ -32,12 +32,14 @@ from megatron.solo.backend.mcore_fixes import init_torch_optimizer_state
 from megatron.solo.checkpointing import (
     TRACKER_FILE,
     CheckpointMetadata,
+    check_finite_parameters,
     iteration_dir,
     latest_iteration,
     load_model_state,
     load_sharded,
     model_sharded_state_dict,
     save_sharded,
+    verify_checkpoint,
 )
 from megatron.solo.config import ModelConfig, get_preset
 from megatron.solo.training.arguments import ConfigError, TrainConfig
@@ -155,8 +157,9 @@ def save_training_checkpoint(root: str, state: TrainingState, *, model, optimize
                              metadata: CheckpointMetadata, cfg: TrainConfig) -> Path:
     """Collectively save the full training state at ``state.iteration`` (atomic; then marked latest).
 
-    ``model`` is this rank's unwrapped ``SoloModel`` (one pipeline stage).
+    ``model`` is this rank's unwrapped ``SoloModel`` (one pipeline stage). Refuses non-finite weights.
     """
+    check_finite_parameters(model)
     msd = model_sharded_state_dict(model)
     sharded = {
         "model": msd,
@@ -180,6 +183,8 @@ def load_training_checkpoint(start: Start, cfg: TrainConfig, *, model, optimizer
     request: dict[str, Any] = {"model": msd}
     resume = start.kind == "resume"
     same_layout = False
+    if not cfg.no_verify_checkpoint:
+        verify_checkpoint(start.root, start.iteration)
     if resume:
         common = dist_checkpointing.load_common_state_dict(str(iteration_dir(start.root, start.iteration)))
         same_layout = common.get("layout") == _layout()
@@ -191,7 +196,7 @@ def load_training_checkpoint(start: Start, cfg: TrainConfig, *, model, optimizer
         elif not cfg.no_load_rng:
             log.warning("parallel layout %s differs from the checkpoint's %s: RNG states start afresh from --seed",
                         _layout(), common.get("layout"))
-    loaded = load_sharded(start.root, request, start.iteration)
+    loaded = load_sharded(start.root, request, start.iteration, verify=False)  # verified above
     load_model_state(model, loaded["model"])
     # Mixed-precision optimizers hold fp32 main copies of the weights, taken when they were built: refresh
     # them from what was just loaded, or the first step writes the initialisation back (bf16 stage starts).

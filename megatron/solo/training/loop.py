@@ -21,7 +21,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron.solo.checkpointing import CheckpointMetadata
+from megatron.solo.backend.mcore_fixes import own_checkpoint_writer_queue
+from megatron.solo.checkpointing import CheckpointMetadata, NonFiniteParametersError
+from megatron.solo.checksums import ChecksumError
 from megatron.solo.parallel import init_distributed, initialize_model_parallel
 from megatron.solo.tokenizer import SoloTokenizer
 from megatron.solo.training.arguments import ConfigError, TrainConfig, check_model, parse_args, parse_data_path
@@ -59,9 +61,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:  # a flag, or a path a flag names
         print(f"pretrain_solo.py: error: {err}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as err:
+    except (NonFiniteLossError, NonFiniteParametersError) as err:
         print(f"pretrain_solo.py: {err}", file=sys.stderr)
         return 3
+    except ChecksumError as err:
+        print(f"pretrain_solo.py: error: {err}", file=sys.stderr)
+        return 4
 
 
 class Trainer:
@@ -70,6 +75,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         init_distributed(timeout_s=cfg.distributed_timeout_minutes * 60)
+        if cfg.save:
+            own_checkpoint_writer_queue()  # its helper process must die with this one
         self.layout: Layout = resolve_layout(cfg, dist.get_world_size())
         self.start: Start = resolve_start(cfg)
         check_model(cfg, self.start.model, self.start.padded_vocab_size)
