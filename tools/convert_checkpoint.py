@@ -3,7 +3,7 @@
 
     python tools/convert_checkpoint.py hf-to-megatron --hf-model DIR --out DIR \
         [--tensor-model-parallel-size N] [--pipeline-model-parallel-size M] [--tokenizer-model PATH]
-    python tools/convert_checkpoint.py megatron-to-hf --load DIR --out DIR [--iteration K] [--dtype bf16]
+    python tools/convert_checkpoint.py megatron-to-hf --load DIR --out DIR [--iteration K] [--dtype fp32|bf16|fp16]
 
 hf-to-megatron: a HF ``MistralForCausalLM`` directory (e.g. Mistral-7B-v0.1) or a SOLO-7B HF checkpoint →
 a Megatron dist checkpoint (layout-free: it loads at any TP/PP/DP; the TP size sets the vocabulary
@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     to_hf.add_argument("--load", required=True, type=Path, help="Megatron checkpoint directory")
     to_hf.add_argument("--out", required=True, type=Path, help="HF directory to write")
     to_hf.add_argument("--iteration", type=int, default=None, help="default: the latest (or release)")
-    to_hf.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    to_hf.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                       help="default: the checkpoint's own dtype (an fp32 checkpoint stays fp32)")
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser.parse_args(argv)
 
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
               f"vocab {meta.model.vocab_size} (padded {meta.padded_vocab_size})")
     else:
         iteration = "latest" if args.iteration is None else args.iteration
-        out = megatron_to_hf_checkpoint(args.load, args.out, iteration=iteration, dtype=DTYPES[args.dtype],
+        out = megatron_to_hf_checkpoint(args.load, args.out, iteration=iteration,
+                                        dtype=DTYPES[args.dtype] if args.dtype else None,
                                         overwrite=args.overwrite)
         print(f"wrote {out}")
     return 0

@@ -211,6 +211,14 @@ def load_model(root: str | os.PathLike, model, iteration: int | None | str = "la
     load_model_state(model, loaded["model"])
 
 
+def checkpoint_dtype(root: str | os.PathLike, iteration: int | None | str = "latest") -> torch.dtype:
+    """The dtype the model weights of ``root``'s checkpoint were saved in (from its metadata; no tensor is read)."""
+    if iteration == "latest":
+        iteration = latest_iteration(root)
+    metadata = dist_checkpointing.load_tensors_metadata(str(iteration_dir(root, iteration)))
+    return metadata["embedding.word_embeddings.weight"].dtype
+
+
 def load_full_model(load_dir: str | os.PathLike, *, iteration: int | None | str = "latest",
                     dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
     """(model, metadata): the whole SOLO model of a Megatron checkpoint in this process (TP=PP=1), in eval

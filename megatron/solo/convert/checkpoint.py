@@ -16,7 +16,13 @@ from pathlib import Path
 
 import torch
 
-from megatron.solo.checkpointing import CheckpointMetadata, load_full_model, load_model_state, save_model
+from megatron.solo.checkpointing import (
+    CheckpointMetadata,
+    checkpoint_dtype,
+    load_full_model,
+    load_model_state,
+    save_model,
+)
 from megatron.solo.config import ModelConfig
 from megatron.solo.convert.hf_export import read_hf_checkpoint, write_hf_export
 from megatron.solo.convert.hf_solo import SoloConfig
@@ -87,9 +93,11 @@ def hf_to_megatron_checkpoint(
 
 def megatron_to_hf_checkpoint(
     load_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iteration: int | None | str = "latest",
-    dtype: torch.dtype = torch.bfloat16, overwrite: bool = False,
+    dtype: torch.dtype | None = None, overwrite: bool = False,
 ) -> Path:
-    """Export a Megatron SOLO checkpoint as an HF ``SoloForCausalLM`` directory (safetensors + code)."""
+    """Export a Megatron SOLO checkpoint as an HF ``SoloForCausalLM`` directory (safetensors + code), in
+    ``dtype`` (default: the checkpoint's own, so an fp32 checkpoint keeps its precision)."""
+    dtype = dtype or checkpoint_dtype(load_dir, iteration)
     model, metadata = load_full_model(load_dir, iteration=iteration, dtype=dtype)
     state = {name: tensor for name, tensor in model.state_dict().items() if not name.endswith("_extra_state")}
     hf_sd = megatron_to_hf(state, metadata.model, vocab_size=metadata.model.vocab_size)
