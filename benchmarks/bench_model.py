@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from megatron.core.models.gpt import GPTModel
 
+from megatron.solo.backend import install_cpu_backend_if_needed
 from megatron.solo.batch import PackedExample, collate
 from megatron.solo.config import ModelConfig
 from megatron.solo.model import build_model, make_transformer_config
@@ -63,6 +64,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden-size", type=int, default=256)
     args = parser.parse_args(argv)
 
+    install_cpu_backend_if_needed()
     initialize_model_parallel(1, 1)
     cfg = ModelConfig(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=4 * args.hidden_size,
                       num_attention_heads=4, num_query_groups=2, max_sequence_length=args.seq_length,

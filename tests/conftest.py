@@ -33,9 +33,16 @@ def sample_photos() -> list[Path]:
     return photos
 
 
+def pytest_configure(config):
+    """The test session is an entry point: it installs the CPU backend (where CUDA is absent) once, first."""
+    from megatron.solo.backend import install_cpu_backend_if_needed
+
+    install_cpu_backend_if_needed()
+
+
 @pytest.fixture(scope="session")
 def megatron_world():
-    """A single-process gloo world with TP=PP=1 (and the CPU backend where CUDA is absent)."""
+    """A single-process gloo world with TP=PP=1."""
     from megatron.solo.parallel import initialize_model_parallel
 
     initialize_model_parallel(1, 1, seed=1234)

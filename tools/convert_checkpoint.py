@@ -53,7 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron.solo.backend import install_cpu_backend_if_needed
     from megatron.solo.convert.checkpoint import hf_to_megatron_checkpoint, megatron_to_hf_checkpoint
+
+    install_cpu_backend_if_needed()
 
     if args.direction == "hf-to-megatron":
         meta = hf_to_megatron_checkpoint(

@@ -40,10 +40,12 @@ def answer_all(generator, pairs, batch_size: int) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron.solo.backend import install_cpu_backend_if_needed
     from megatron.solo.data.workdir import write_atomic
     from megatron.solo.demo import evaluate as ev
     from megatron.solo.inference import Generator
 
+    install_cpu_backend_if_needed()
     start = time.perf_counter()
     labels = ev.read_heldout(args.data / "labels" / "heldout.jsonl", "label")
     gen1 = Generator(args.stage1)

@@ -47,7 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron.solo.backend import install_cpu_backend_if_needed
     from megatron.solo.inference import Generator
+
+    install_cpu_backend_if_needed()
 
     generator = Generator(args.load, iteration="latest" if args.iteration is None else args.iteration)
     requests = [([image], args.prompt) for image in args.image] if args.each else [(args.image, args.prompt)]

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron.solo.backend import install_cpu_backend_if_needed
+from megatron.solo.backend import cpu_backend_installed
 
 
 def _free_port() -> int:
@@ -22,9 +22,13 @@ def _free_port() -> int:
 def init_distributed(timeout_s: float = 600.0) -> None:
     """Join the torchrun job (``RANK``/``WORLD_SIZE``/``MASTER_*``), or form a world of one.
 
-    NCCL on CUDA machines, gloo (with the CPU backend installed) elsewhere. Idempotent.
+    NCCL on CUDA machines, gloo elsewhere, where the entry point must have installed the CPU backend
+    (``megatron.solo.backend.install_cpu_backend_if_needed()``) first: joining a world never patches
+    ``torch.cuda`` behind the caller's back. Idempotent.
     """
-    install_cpu_backend_if_needed()
+    if not torch.cuda.is_available() and not cpu_backend_installed():
+        raise RuntimeError("no CUDA here: call megatron.solo.backend.install_cpu_backend_if_needed() first "
+                           "(pretrain_solo.py and the tools do it at start)")
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"

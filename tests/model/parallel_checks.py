@@ -25,6 +25,7 @@ from megatron.solo.batch import PackedExample, collate
 from megatron.solo.checkpointing import CheckpointMetadata, load_model, save_model
 from megatron.solo.config import get_preset
 from megatron.solo.model import build_model, make_transformer_config, masked_token_loss
+from megatron.solo.backend import install_cpu_backend_if_needed
 from megatron.solo.parallel import initialize_model_parallel
 
 SEQ, PAD = 32, 2
@@ -138,6 +139,7 @@ def compare_pp(ckpt: Path, batches, ref, targets_only: bool = False) -> dict:
 
 
 def main() -> None:
+    install_cpu_backend_if_needed()
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()

@@ -15,7 +15,8 @@ training run reaches (listed in ``megatron_core_cpu.md`` §4). On a machine with
 megatron-core's own bugs with torch's AdamW are not CPU-specific: their fixes live in
 :mod:`megatron.solo.backend.mcore_fixes`.
 
-Nothing here runs when CUDA is available: ``install_cpu_backend_if_needed()`` is a no-op there. The mode is
+Nothing happens on import: each entry point (``pretrain_solo.py``, the tools, the test session) calls
+``install_cpu_backend_if_needed()`` once at start, a no-op where CUDA is available. The mode is
 thread-local: code that runs megatron-core in a new thread must enter ``CudaToCpuMode()`` itself.
 The patches target private megatron-core 0.16.1 functions, hence the exact version pin in setup.py.
 """
@@ -144,6 +145,10 @@ def install_cpu_backend() -> None:
     _install_rng_tracker()
     _MODE = CudaToCpuMode()
     _MODE.__enter__()  # process-wide for the main thread (modes are thread-local)
+
+
+def cpu_backend_installed() -> bool:
+    return _MODE is not None
 
 
 def install_cpu_backend_if_needed() -> bool:

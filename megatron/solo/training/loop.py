@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron.solo.backend import install_cpu_backend_if_needed
 from megatron.solo.backend.mcore_fixes import own_checkpoint_writer_queue
 from megatron.solo.checkpointing import CheckpointMetadata, NonFiniteParametersError
 from megatron.solo.checksums import ChecksumError
@@ -52,6 +53,7 @@ class NonFiniteLossError(RuntimeError):
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_args(argv)
+    install_cpu_backend_if_needed()  # a no-op on GPUs
     try:
         if cfg.dry_run:
             from megatron.solo.training.dry_run import dry_run
