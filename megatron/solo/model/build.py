@@ -6,6 +6,7 @@ this is; nothing here reads ranks or the environment.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 
 from megatron.solo.config import ModelConfig
+from megatron.solo.model.mcore_seam import check_internals
 from megatron.solo.model.solo_model import SoloModel
 from megatron.solo.model.specs import (
     Backend,
@@ -91,9 +93,16 @@ def build_model(
     if vocab < cfg.vocab_size or vocab % tp:
         raise ValueError(f"padded_vocab_size: {vocab} must be ≥ vocab_size={cfg.vocab_size} and a multiple of "
                          f"tensor_model_parallel_size={tp}")
+    check_megatron_core()
     backend = backend_of(transformer_config)
     return SoloModel(
         transformer_config, decoder_block_spec(transformer_config, backend, vp_stage), vocab_size=vocab,
         max_sequence_length=cfg.max_sequence_length, patch_dim=cfg.patch_dim, rotary_base=cfg.rotary_base,
         sliding_window=cfg.sliding_window, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
     )
+
+
+@functools.cache
+def check_megatron_core() -> None:
+    """Once per process: the megatron-core internals SoloModel relies on are there (a clear error if not)."""
+    check_internals()

@@ -16,6 +16,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron.solo.model.attention import packed_causal_mask, thd_packed_seq_params
+from megatron.solo.model.mcore_seam import output_layer_gathered, pipeline_tensor_shape, rotary_at_positions
 from megatron.solo.model.specs import Backend, backend_of
 
 
@@ -66,13 +67,17 @@ class SoloModel(GPTModel):
 
     def _preprocess(self, *args, **kwargs):
         # GPTModel builds RoPE for positions 0..s-1 and ignores position_ids; packed documents restart
-        # their positions, so look the rotary table up by position (exact, not only relative).
-        out = list(super()._preprocess(*args, **kwargs))
+        # their positions, so look the rotary table up by position (exact, not only relative). TE's THD
+        # RoPE restarts at every cu_seqlens span by itself.
+        out = super()._preprocess(*args, **kwargs)
         position_ids = kwargs.get("position_ids")
-        if self.backend == "local" and position_ids is not None and out[1] is not None:
-            table = self.rotary_pos_emb(int(position_ids.max()) + 1)  # [P, 1, 1, d]
-            out[1] = table[position_ids.t()].squeeze(2)  # [s, b, 1, d]
-        return tuple(out)
+        if self.backend == "local" and position_ids is not None:
+            out = rotary_at_positions(out, self.rotary_pos_emb, position_ids)
+        return out
+
+    def pipeline_shape(self, micro_batch_size: int, seq_length: int) -> tuple[int, int]:
+        """``(seq_length, micro_batch_size)`` of the tensors this model's pipeline stages exchange."""
+        return pipeline_tensor_shape(self.backend, micro_batch_size, seq_length)
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None, **kwargs):
         if labels is None or loss_mask is None or not self.post_process or self.config.mtp_num_layers:
@@ -92,12 +97,8 @@ class SoloModel(GPTModel):
         s, b, h = hidden.shape
         where = loss_mask.t().reshape(-1).nonzero().squeeze(1)  # [n], flat over the [S, B] order of hidden
         picked = hidden.reshape(s * b, h).index_select(0, where).unsqueeze(1)  # [n, 1, h]
-        sequence_parallel = self.output_layer.sequence_parallel
-        self.output_layer.sequence_parallel = False  # already gathered
-        try:
-            logits, _ = self.output_layer(picked)  # [n, 1, V/tp]
-        finally:
-            self.output_layer.sequence_parallel = sequence_parallel
+        with output_layer_gathered(self.output_layer) as output_layer:
+            logits, _ = output_layer(picked)  # [n, 1, V/tp]
         picked_labels = labels.t().reshape(-1).index_select(0, where).unsqueeze(0)  # [1, n]
         loss = self.compute_language_model_loss(picked_labels, logits)  # [1, n]
         return loss.new_zeros(s * b).index_copy(0, where, loss.reshape(-1)).view(s, b).t()

@@ -180,12 +180,11 @@ class Trainer:
         parts, cfg, layout = self.parts, self.cfg, self.layout
         parts.ddp.zero_grad_buffer()
         parts.optimizer.zero_grad()
-        b, s = cfg.micro_batch_size, cfg.seq_length
-        te = parts.model.backend == "te"  # THD: the stages exchange [b·s, 1, h]
+        seq_length, micro_batch_size = parts.model.pipeline_shape(cfg.micro_batch_size, cfg.seq_length)
         outputs = get_forward_backward_func()(
             forward_step_func=self._forward_step, data_iterator=batches, model=[parts.ddp],
-            num_microbatches=layout.num_microbatches, seq_length=b * s if te else s,
-            micro_batch_size=1 if te else b, forward_only=False)
+            num_microbatches=layout.num_microbatches, seq_length=seq_length,
+            micro_batch_size=micro_batch_size, forward_only=False)
         reduced = self._reduce(outputs)
         self._check_finite(reduced)
         _, grad_norm, _ = parts.optimizer.step()
