@@ -11,7 +11,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_solo import SoloConfig
-from .modeling_solo import SoloForCausalLM, SoloModel
+from .modeling_solo import SoloBaseModel, SoloForCausalLM
 
 MODELING_FILES = tuple(Path(__file__).with_name(n) for n in ("configuration_solo.py", "modeling_solo.py"))
 """The files an export carries as remote code."""
@@ -26,4 +26,4 @@ SoloForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 AutoConfig.register(SoloConfig.model_type, SoloConfig, exist_ok=True)
 AutoModelForCausalLM.register(SoloConfig, SoloForCausalLM, exist_ok=True)
 
-__all__ = ["AUTO_MAP", "MODELING_FILES", "SoloConfig", "SoloForCausalLM", "SoloModel"]
+__all__ = ["AUTO_MAP", "MODELING_FILES", "SoloBaseModel", "SoloConfig", "SoloForCausalLM"]

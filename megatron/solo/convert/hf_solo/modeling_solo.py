@@ -27,7 +27,7 @@ from transformers.models.mistral.modeling_mistral import MistralPreTrainedModel
 from .configuration_solo import SoloConfig
 
 
-class SoloModel(MistralModel):
+class SoloBaseModel(MistralModel):
     """``MistralModel`` + ``embed_vision_patch``: Linear(patch_dim → hidden, no bias)."""
 
     config_class = SoloConfig
@@ -70,14 +70,14 @@ class SoloModel(MistralModel):
 
 
 class SoloForCausalLM(MistralForCausalLM):
-    """``MistralForCausalLM`` over :class:`SoloModel`; ``forward``/``generate`` take the vision inputs."""
+    """``MistralForCausalLM`` over :class:`SoloBaseModel`; ``forward``/``generate`` take the vision inputs."""
 
     config_class = SoloConfig
 
     def __init__(self, config: SoloConfig):
         # MistralForCausalLM.__init__ would build (and allocate) a plain MistralModel first; build ours instead.
         MistralPreTrainedModel.__init__(self, config)
-        self.model = SoloModel(config)
+        self.model = SoloBaseModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -195,4 +195,4 @@ def _has_patches(indices, patches, batch_seq: torch.Size, patch_dim: int) -> boo
     return n > 0 and bool((indices >= 0).any())
 
 
-__all__ = ["SoloForCausalLM", "SoloModel"]
+__all__ = ["SoloBaseModel", "SoloForCausalLM"]
