@@ -336,10 +336,19 @@ def load_and_resize(source: ImageSource, config: ImageConfig = DEFAULT_CONFIG) -
     return resize_image(img, size), img.size
 
 
-def patchify_uint8(pixels: np.ndarray, patch_size: int = PATCH_SIZE) -> np.ndarray:
-    """[H, W, 3] uint8 → [n_rows·n_cols, 3·P·P] uint8: row-major patches, each flattened C×P×P."""
+def patchify_uint8(pixels: np.ndarray, patch_size: int = PATCH_SIZE, out: np.ndarray | None = None) -> np.ndarray:
+    """[H, W, 3] uint8 → [n_rows·n_cols, 3·P·P] uint8: row-major patches, each flattened C×P×P.
+
+    ``out``: a C-contiguous uint8 [n_rows·n_cols, 3·P·P] to write into (one copy of the pixels, no temporary).
+    """
     grid = _patch_grid(pixels, patch_size)
-    return np.ascontiguousarray(grid).reshape(grid.shape[0] * grid.shape[1], -1)
+    shape = (grid.shape[0] * grid.shape[1], 3 * patch_size * patch_size)
+    if out is None:
+        return np.ascontiguousarray(grid).reshape(shape)
+    if out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous uint8 {shape}, got {out.dtype} {out.shape}")
+    np.copyto(out.reshape(grid.shape), grid)
+    return out
 
 
 def normalize_patches(patches: np.ndarray, config: ImageConfig = DEFAULT_CONFIG) -> np.ndarray:

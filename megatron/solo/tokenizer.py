@@ -230,6 +230,21 @@ class SoloTokenizer:
         write_atomic(directory / METADATA_FILE, (json.dumps(self.metadata(), indent=2) + "\n").encode())
         return directory
 
+    def fingerprint(self) -> dict:
+        """What the token ids of data made with this tokenizer mean, cheaply (recorded in each preprocessed
+        prefix and compared by the loader): sha256 of the encoder's model proto (base pieces only, so a
+        SOLO-7B ``tokenizer.model`` that carries the special pieces matches its base), the vocabulary size,
+        BOS/EOS and the vision ids."""
+        if not hasattr(self, "_encoder_sha256"):
+            self._encoder_sha256 = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
+        return {
+            "encoder_sha256": self._encoder_sha256,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "vision_ids": list(self.vision_token_ids),
+        }
+
     def metadata(self) -> dict:
         """The id layout, as written next to the model."""
         return {

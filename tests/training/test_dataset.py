@@ -11,7 +11,7 @@ from loader_helpers import SEQ_LENGTH
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.solo.batch import PackedExample
-from megatron.solo.data.packed_format import RECORD_SUFFIX, PackedDataset, output_files
+from megatron.solo.data.packed_format import RECORD_SUFFIX, PackedDataset, header_file, output_files
 from megatron.solo.training.dataset import (
     BadPackError,
     BlendedPackDataset,
@@ -265,7 +265,7 @@ def test_empty_prefix_is_refused(tmp_path):
 
 def corrupt_first_image(prefix: str, out: str) -> int:
     """Copy ``prefix`` to ``out`` with the first image of the first pack holding images zeroed; its index."""
-    for src, dst in zip(output_files(prefix), output_files(out)):
+    for src, dst in zip(output_files(prefix) + [header_file(prefix)], output_files(out) + [header_file(out)]):
         shutil.copy(src, dst)
     view_pack = next(k for k, v in enumerate(PackedDataset(out)) if v.images)
     view = PackedDataset(out)[view_pack]
@@ -295,3 +295,53 @@ def test_a_pack_collate_refuses_is_named():
                         np.zeros(0, np.int64))
     with pytest.raises(BadPackError, match="^p/b pack 9 .*: pack 0 of the micro-batch: targets has 3 entries"):
         _Collate(8, 0, 3072)([("p/a pack 1 (global sample 0)", good), ("p/b pack 9 (global sample 1)", bad)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Headers: what the blend's prefixes were made with
+
+
+def copy_prefix(prefix: str, out: str, **header_changes) -> str:
+    """``prefix`` copied to ``out`` with its header's fields changed."""
+    import json
+
+    for src, dst in zip(output_files(prefix), output_files(out)):
+        shutil.copy(src, dst)
+    header = json.loads(open(header_file(prefix)).read())
+    with open(header_file(out), "w") as f:
+        json.dump({**header, **header_changes}, f)
+    return out
+
+
+def test_a_prefix_of_other_patch_size_is_named(tmp_path, caption_prefix):
+    p14 = copy_prefix(caption_prefix, str(tmp_path / "p14"), patch_size=14, max_size=1022)
+    ds = BlendedPackDataset([(1.0, p14)], 4, seed=0)
+    assert ds.patch_dim == 3 * 14 * 14
+    with pytest.raises(ValueError, match=f"--data-path prefix '{p14}': patch_size is 14 .*but the model takes "
+                                         "patches of 3072 values"):
+        loader(ds, patch_dim=3072)
+
+
+@pytest.mark.parametrize("change, field", [({"std": [0.5, 0.5, 0.5]}, "std"), ({"patch_size": 16}, "patch_size"),
+                                           ({"tokenizer": {"vocab_size": 1}}, "tokenizer.bos_id")])
+def test_prefixes_of_one_blend_must_agree(tmp_path, text_prefix, caption_prefix, change, field):
+    other = copy_prefix(caption_prefix, str(tmp_path / "other"), **change)
+    with pytest.raises(ValueError, match=f"--data-path prefix '{other}' .*: {field} is .*, but --data-path prefix "
+                                         f"'{text_prefix}' of the same blend has"):
+        BlendedPackDataset([(0.5, text_prefix), (0.5, other)], 10, seed=0)
+
+
+def test_the_runs_tokenizer_is_checked_against_the_data(text_prefix, tokenizer):
+    BlendedPackDataset([(1.0, text_prefix)], 4, seed=0, tokenizer=tokenizer.fingerprint())
+    other = {**tokenizer.fingerprint(), "encoder_sha256": "0" * 64}
+    with pytest.raises(ValueError, match="tokenizer.encoder_sha256 is '[0-9a-f]{64}', but the run's tokenizer"):
+        BlendedPackDataset([(1.0, text_prefix)], 4, seed=0, tokenizer=other)
+
+
+def test_an_old_prefix_without_header_blends_with_a_warning(tmp_path, text_prefix, caption_prefix):
+    old = str(tmp_path / "old")
+    for src, dst in zip(output_files(caption_prefix), output_files(old)):
+        shutil.copy(src, dst)
+    with pytest.warns(UserWarning, match="no old.pack.json"):
+        ds = BlendedPackDataset([(0.5, text_prefix), (0.5, old)], 10, seed=0)
+    assert ds.image_config == PackedDataset(caption_prefix).image_config

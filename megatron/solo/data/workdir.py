@@ -13,7 +13,7 @@ import os
 import pickle
 import shutil
 
-from megatron.solo.data.packed_format import output_files
+from megatron.solo.data.packed_format import header_file, output_files
 from megatron.solo.io import fsync_dir, fsync_file, write_atomic  # write_atomic: re-exported
 
 WORK_SUFFIX = ".partial"
@@ -81,7 +81,8 @@ class WorkDir:
 
     def install(self) -> dict:
         """Rename the finished files into place, the stats last; remove the directory; return the stats."""
-        moves = [(src, self.prefix + src[len(self.data_prefix):]) for src in output_files(self.data_prefix)]
+        data = output_files(self.data_prefix) + [header_file(self.data_prefix)]
+        moves = [(src, self.prefix + src[len(self.data_prefix):]) for src in data]
         moves += [(self.file(name), self.prefix + "." + name) for name in ("errors.jsonl", "stats.json")]
         for src, dst in moves:
             if os.path.exists(src):  # absent: already moved by a run killed while installing

@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megatron.solo.batch import Batch, PackedExample, collate
-from megatron.solo.data.packed_format import PackedDataset
+from megatron.solo.data.packed_format import PackedDataset, check_header, header_file
+from megatron.solo.image import ImageConfig
 from megatron.solo.training.arguments import parse_data_path  # re-exported: the loader's input syntax
 
 
@@ -96,6 +97,16 @@ def _open(prefix: str) -> PackedDataset:
     return ds
 
 
+def _check_headers(datasets: list[PackedDataset], tokenizer: dict | None) -> None:
+    first = datasets[0]
+    for ds in datasets[1:]:
+        check_header(ds.header, first.header, f"--data-path prefix {ds.prefix!r} ({header_file(ds.prefix)})",
+                     f"--data-path prefix {first.prefix!r} of the same blend")
+    if tokenizer is not None:
+        for ds in datasets:
+            ds.check_tokenizer(tokenizer, "the run's tokenizer (--tokenizer-model or the checkpoint's)")
+
+
 class BlendedPackDataset(Dataset):
     """Global sample index → :class:`PackedExample`, over a weighted blend of preprocessed prefixes.
 
@@ -104,9 +115,14 @@ class BlendedPackDataset(Dataset):
 
     ``decode_patches=False`` skips the images (patches ``[0, D]``, no patch positions): for pipeline
     stages that do not embed, which need the token layout but not the pixels.
+
+    Every prefix's header (``PREFIX.pack.json``) must agree with the first's on patch size, normalisation
+    and tokenizer, and with ``tokenizer`` (a ``SoloTokenizer.fingerprint()``) when the run knows it: a
+    ValueError names the prefix and the field otherwise. ``image_config`` is the blend's.
     """
 
-    def __init__(self, blend: list[tuple[float, str]], num_samples: int, seed: int, *, decode_patches: bool = True):
+    def __init__(self, blend: list[tuple[float, str]], num_samples: int, seed: int, *, decode_patches: bool = True,
+                 tokenizer: dict | None = None):
         if not blend:
             raise ValueError("BlendedPackDataset: empty blend (no --data-path prefix)")
         if not (isinstance(num_samples, int) and num_samples >= 0):
@@ -119,6 +135,7 @@ class BlendedPackDataset(Dataset):
         self.seed = int(seed)
         self.decode_patches = decode_patches
         self.datasets = [_open(p) for p in self.prefixes]
+        _check_headers(self.datasets, tokenizer)
         self.dataset_index = blend_order(self.weights, num_samples)
         self.sample_index = np.empty(num_samples, dtype=np.int64)
         for d, ds in enumerate(self.datasets):
@@ -129,8 +146,13 @@ class BlendedPackDataset(Dataset):
         return len(self.dataset_index)
 
     @property
+    def image_config(self) -> ImageConfig:
+        """Patch size and normalisation of every prefix of the blend (their headers agree)."""
+        return self.datasets[0].image_config
+
+    @property
     def patch_dim(self) -> int:
-        return self.datasets[0].image_config.patch_dim
+        return self.image_config.patch_dim
 
     def source(self, i: int) -> tuple[str, int]:
         """(prefix, pack index) of global sample ``i``."""
@@ -251,7 +273,10 @@ def _check_loader_args(dataset: BlendedPackDataset, seq_length: int, micro_batch
         raise ValueError(f"build_train_loader: consumed_samples={consumed_samples} exceeds the dataset's "
                          f"{len(dataset)} samples (was --train-samples lowered?)")
     if patch_dim != dataset.patch_dim:
-        raise ValueError(f"build_train_loader: patch_dim={patch_dim} but the data's patches have {dataset.patch_dim}")
+        cfg = dataset.image_config
+        raise ValueError(f"--data-path prefix {dataset.prefixes[0]!r}: patch_size is {cfg.patch_size} "
+                         f"({header_file(dataset.prefixes[0])}: patches of 3·{cfg.patch_size}² = {cfg.patch_dim} "
+                         f"values), but the model takes patches of {patch_dim} values")
     for prefix, longest in zip(dataset.prefixes, dataset.max_pack_length()):
         if longest > seq_length:
             raise ValueError(f"--data-path prefix {prefix!r} has packs of {longest} tokens, more than "
