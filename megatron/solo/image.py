@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import os
 import re
@@ -360,6 +361,35 @@ def normalize_patches(patches: np.ndarray, config: ImageConfig = DEFAULT_CONFIG)
     return _normalize_(out, config, channel_axis=1).reshape(patches.shape)
 
 
+def normalize_patches_torch(patches, config: ImageConfig = DEFAULT_CONFIG):
+    """torch uint8 [n, 3·P·P] on any device → float32 ``(x/255 - mean)/std``, where the input is.
+
+    Bit-identical to :func:`normalize_patches` (the same float32 operations in the same order). The
+    divisors are tensors on the input's device, never Python scalars: CUDA divides by a CPU scalar as a
+    multiplication by its reciprocal, which can differ in the last bit.
+    """
+    import torch
+
+    plane = config.patch_size * config.patch_size
+    if patches.dtype != torch.uint8 or patches.ndim != 2 or patches.shape[1] != 3 * plane:
+        raise ValueError(f"patches must be uint8 [n, {3 * plane}], got {patches.dtype} {tuple(patches.shape)}")
+    scale, mean, std = _torch_constants(config, patches.device)
+    x = patches.reshape(-1, 3, plane).to(torch.float32)
+    return x.div_(scale).sub_(mean).div_(std).reshape(patches.shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _torch_constants(config: ImageConfig, device):
+    """(255, mean, std) as float32 tensors on ``device``, shaped to broadcast over [n, 3, P·P] (made once:
+    building them costs a host → device copy)."""
+    import torch
+
+    def make(values):
+        return torch.tensor(values, dtype=torch.float32).view(1, -1, 1).to(device)
+
+    return make([255.0]), make(config.mean), make(config.std)
+
+
 def image_to_patches(img: Image.Image, config: ImageConfig = DEFAULT_CONFIG) -> np.ndarray:
     """An RGB image already at its target size → normalised float32 patches [n, 3·P·P]."""
     grid = _patch_grid(np.asarray(to_rgb(img)), config.patch_size)
@@ -449,6 +479,7 @@ __all__ = [
     "load_and_resize",
     "load_image",
     "normalize_patches",
+    "normalize_patches_torch",
     "num_image_tokens",
     "patchify_uint8",
     "process_image",

@@ -337,17 +337,23 @@ class PackView:
     def patches_uint8(self) -> np.ndarray:
         """uint8 [n_patches, 3·P·P]: every image decoded and patchified, pixels as stored (what the loader
         ships; the trainer normalises them on the device)."""
-        cfg = self.image_config
-        out = np.empty((self.n_patches, cfg.patch_dim), dtype=np.uint8)
-        start = 0
-        for im in self.images:
-            _image.patchify_uint8(im.pixels(cfg.patch_size), cfg.patch_size, out=out[start:start + im.n_patches])
-            start += im.n_patches
-        return out
+        return decode_patches(self.images, self.image_config.patch_size)
 
     def patches(self) -> np.ndarray:
         """float32 [n_patches, 3·P·P]: :meth:`patches_uint8` normalised (the front end's output)."""
         return _image.normalize_patches(self.patches_uint8(), self.image_config)
+
+
+def decode_patches(images, patch_size: int) -> np.ndarray:
+    """uint8 [Σ n_rows·n_cols, 3·P·P]: stored images (anything with n_rows, n_cols, codec, data: a
+    :class:`PackedImage` or an ``encode.EncodedImage``) decoded and patchified, image by image, row-major."""
+    out = np.empty((sum(im.n_rows * im.n_cols for im in images), 3 * patch_size * patch_size), dtype=np.uint8)
+    start = 0
+    for im in images:
+        pixels = codec.decode_image(im.data, im.codec, im.n_cols * patch_size, im.n_rows * patch_size)
+        _image.patchify_uint8(pixels, patch_size, out=out[start:start + im.n_rows * im.n_cols])
+        start += im.n_rows * im.n_cols
+    return out
 
 
 class PackedDataset:
@@ -433,6 +439,7 @@ __all__ = [
     "PackedDataset",
     "PackedImage",
     "check_header",
+    "decode_patches",
     "encode_pack",
     "header_file",
     "header_mismatch",
