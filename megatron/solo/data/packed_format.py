@@ -209,16 +209,20 @@ def encode_pack(pack: Pack, dtype: type) -> tuple[np.ndarray, np.ndarray]:
 
 class _Builder(IndexedDatasetBuilder):
     """megatron-core's builder, one item (and Megatron document) per pack, that can reopen a partly
-    written ``.bin`` at a checkpointed size to resume (the stock one always truncates to 0)."""
+    written ``.bin`` at a checkpointed size to resume.
+
+    megatron-core 0.16.1's builder has no append mode (its ``__init__`` always truncates the ``.bin``, and
+    ``add_index`` would copy every byte written so far at each resume), so a resumed builder lets the
+    library initialise itself on ``os.devnull`` and then takes over only the state a checkpoint holds: the
+    open ``.bin`` and the item lengths (``document_indices`` follow: one document per item).
+    """
 
     def __init__(self, bin_path: str, dtype: type, resume: dict | None = None):
         if resume is None:
             super().__init__(bin_path, dtype=dtype)
             return
-        self._open = open
-        self.dtype = dtype
-        self.multimodal = False
-        self.sequence_modes = None
+        super().__init__(os.devnull, dtype=dtype)
+        self.data_file.close()
         self.sequence_lengths = list(resume["sequence_lengths"])
         self.document_indices = list(range(len(self.sequence_lengths) + 1))
         self.data_file = open(bin_path, "r+b")
@@ -393,14 +397,14 @@ class PackedDataset:
         if not -len(self) <= i < len(self):
             raise IndexError(f"pack {i} out of range (0..{len(self) - 1})")
         i = int(i) % len(self)
-        return parse_record(self._tokens[i], self._records[i], self.image_config, where=f"{self.prefix} pack {i}",
+        return view_pack_record(self._tokens[i], self._records[i], self.image_config, where=f"{self.prefix} pack {i}",
                             owner=self)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
 
-def parse_record(tokens: np.ndarray, record: np.ndarray, image_config: ImageConfig = DEFAULT_CONFIG,
+def view_pack_record(tokens: np.ndarray, record: np.ndarray, image_config: ImageConfig = DEFAULT_CONFIG,
                  where: str = "record", owner: object = None) -> PackView:
     """Token ids + the uint8 record of one pack → :class:`PackView` (no image is decoded).
 
@@ -446,6 +450,6 @@ __all__ = [
     "make_header",
     "output_files",
     "read_header",
-    "parse_record",
+    "view_pack_record",
     "token_dtype",
 ]
