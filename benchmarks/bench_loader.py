@@ -1,7 +1,7 @@
 """Training loader: ms per 32K sample (read, JPEG decode, patchify, collate) vs the reference's dense mask.
 
     python benchmarks/bench_loader.py [--images 256] [--texts 80] [--samples 12] [--workers 0 1 2]
-                                      [--dense-seq 4096 8192]
+                                      [--dense-seq 4096 8192] [--patch-dtype-only]
 
 Data (made here, nothing downloaded): real photos (scikit-image's samples) re-encoded as JPEGs at sizes
 from 256 px to 1024 px long side, each with a caption, and text documents of log-normal length;
@@ -15,7 +15,10 @@ blended 0.7 / 0.3 as ``--data-path 0.7 CAPTIONS 0.3 TEXT``. Printed, each loader
 * the reference collator's dense block-diagonal causal mask (``(b, s, s)`` bool, built as its
   ``get_attention_mask_and_position_ids`` does, with its Python loop for position ids) at ``--dense-seq``,
   measured, then extrapolated to 32768 by s² (pass ``--dense-seq 32768`` to measure it: ~4 GiB peak);
-  against our collate at 32768, measured.
+  against our collate at 32768, measured;
+* patches as float32 (normalised on the host, as before) vs uint8 (the stored pixels, normalised on the
+  device): bytes per 32K micro-batch and collate time, side by side on one 32K pack of 15,763 patches (the
+  measured mean); ``--patch-dtype-only`` prints just this (seconds, no data to build).
 """
 
 from __future__ import annotations
@@ -161,14 +164,14 @@ def stage_times(blend: list[tuple[float, str]], samples: int) -> dict:
 
     ds = BlendedPackDataset(blend, samples, seed=0, decode_patches=False)
     collate = _Collate(SEQ_LENGTH, PAD_ID, ds.patch_dim).collate  # the loader's: collate + gathered patches
-    times = {"read": 0.0, "decode + patchify": 0.0, "collate": 0.0}
+    times = {"read": 0.0, "decode + patchify (uint8)": 0.0, "collate": 0.0}
     for i in range(samples):
         prefix, pack = ds.source(i)
         t0 = time.perf_counter()
         view = ds.datasets[int(ds.dataset_index[i])][pack]
         tokens, targets = view.tokens.astype(np.int64), view.targets
         t1 = time.perf_counter()
-        patches = view.patches()
+        patches = view.patches_uint8()  # what the loader ships (normalised on the device)
         t2 = time.perf_counter()
         collate([PackedExample(tokens, targets, view.doc_offsets, patches, view.patch_positions)])
         t3 = time.perf_counter()
@@ -185,7 +188,7 @@ def collate_cost() -> tuple[float, float]:
 
     rng = np.random.default_rng(0)
     ex = PackedExample(rng.integers(3, 30000, SEQ_LENGTH), np.ones(SEQ_LENGTH, bool),
-                       np.linspace(0, SEQ_LENGTH, 9).astype(np.int64), np.zeros((0, 3072), np.float32),
+                       np.linspace(0, SEQ_LENGTH, 9).astype(np.int64), np.zeros((0, 3072), np.uint8),
                        np.zeros(0, np.int64))
     tracemalloc.start()
     start = time.perf_counter()
@@ -194,6 +197,58 @@ def collate_cost() -> tuple[float, float]:
     peak = tracemalloc.get_traced_memory()[1] / MIB
     tracemalloc.stop()
     return seconds, peak
+
+
+def patch_dtype_costs(n_patches: int = 15_763, rounds: int = 5) -> dict:
+    """float32 vs uint8 patches for one 32K micro-batch: bytes of the Batch, collate ms (best of ``rounds``),
+    and the normalisation that moves from the host loader to the device (timed here on CPU torch)."""
+    import torch
+
+    from megatron.solo.batch import PackedExample, collate
+    from megatron.solo.image import DEFAULT_CONFIG, normalize_patches, normalize_patches_torch
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (n_patches, DEFAULT_CONFIG.patch_dim), dtype=np.uint8)
+    tokens = rng.integers(3, 30000, SEQ_LENGTH)
+    positions = np.sort(rng.choice(SEQ_LENGTH, n_patches, replace=False))
+    offsets = np.linspace(0, SEQ_LENGTH, 9).astype(np.int64)
+    out = {}
+    real_worker_info = torch.utils.data.get_worker_info
+    torch.utils.data.get_worker_info = lambda: True  # collate as in a worker: patches gathered into shared memory
+    try:
+        for name, patches in (("float32", normalize_patches(raw)), ("uint8", raw)):
+            ex = PackedExample(tokens, np.ones(SEQ_LENGTH, bool), offsets, patches, positions)
+            best = float("inf")
+            for _ in range(rounds):
+                start = time.perf_counter()
+                batch = collate([ex], SEQ_LENGTH, pad_id=PAD_ID)
+                best = min(best, time.perf_counter() - start)
+            nbytes = sum(v.numel() * v.element_size() for v in vars(batch).values() if isinstance(v, torch.Tensor))
+            out[name] = {"collate_ms": 1000 * best, "batch_mib": nbytes / MIB,
+                         "patch_mib": batch.patches.numel() * batch.patches.element_size() / MIB}
+    finally:
+        torch.utils.data.get_worker_info = real_worker_info
+    host = min(_timed(lambda: normalize_patches(raw)) for _ in range(rounds))
+    device = min(_timed(lambda: normalize_patches_torch(torch.from_numpy(raw))) for _ in range(rounds))
+    out["normalise_ms"] = {"numpy (host loader, before)": 1000 * host, "torch CPU (stand-in for the device)": 1000 * device}
+    return out
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def print_patch_dtype_costs() -> None:
+    r = patch_dtype_costs()
+    f, u = r["float32"], r["uint8"]
+    print(f"  patches per 32K micro-batch (15,763 patches): float32 {f['batch_mib']:.0f} MiB per Batch "
+          f"({f['patch_mib']:.0f} MiB patches), collate {f['collate_ms']:.1f} ms; uint8 {u['batch_mib']:.0f} MiB "
+          f"({u['patch_mib']:.0f} MiB patches), collate {u['collate_ms']:.1f} ms (in a worker: into shared memory): "
+          f"{f['batch_mib'] / u['batch_mib']:.1f}x fewer bytes host -> device, collate "
+          f"{f['collate_ms'] / u['collate_ms']:.1f}x faster")
+    print("  normalising those patches: " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["normalise_ms"].items()))
 
 
 def main(argv=None):
@@ -205,8 +260,13 @@ def main(argv=None):
     parser.add_argument("--image-weight", type=float, default=0.7, help="blend weight of the caption prefix")
     parser.add_argument("--dense-seq", type=int, nargs="+", default=[4096, 8192],
                         help="sequence lengths at which to measure the reference's dense mask")
+    parser.add_argument("--patch-dtype-only", action="store_true",
+                        help="only the float32 vs uint8 patch comparison (no data to build)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.patch_dtype_only:
+        print_patch_dtype_costs()
+        return
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps(globals()["measure_" + spec.pop("kind")](**spec)))
@@ -238,6 +298,7 @@ def main(argv=None):
         total = sum(stages.values())
         print("  per sample, in-process: " + ", ".join(f"{k} {1000 * v:.1f} ms ({100 * v / total:.0f}%)"
                                                       for k, v in stages.items()))
+        print_patch_dtype_costs()
         ours_s, ours_mib = collate_cost()
         print(f"  our collate, one 32K row of 8 documents (no patches): {1000 * ours_s:7.2f} ms, "
               f"peak {ours_mib:.1f} MiB (tracemalloc)")

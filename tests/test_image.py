@@ -412,3 +412,34 @@ def test_bad_data_urls():
     with pytest.raises(ImageError) as err:
         im.load_image(b"")
     assert err.value.reason == "empty_file"
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation on the device: uint8 patches travel, torch normalises them like the numpy front end
+
+
+@pytest.mark.parametrize("config", [im.DEFAULT_CONFIG,
+                                    im.ImageConfig(patch_size=14, max_size=1022, mean=(0.5, 0.4, 0.3),
+                                                   std=(0.26, 0.7, 0.11))])
+def test_torch_normalisation_is_bit_identical_to_numpy(config):
+    import torch
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (64, config.patch_dim), dtype=np.uint8)
+    raw[0] = np.arange(config.patch_dim) % 256  # every value in every channel
+    got = im.normalize_patches_torch(torch.from_numpy(raw), config)
+    assert got.dtype == torch.float32 and got.shape == raw.shape
+    np.testing.assert_array_equal(got.numpy().view(np.uint32), im.normalize_patches(raw, config).view(np.uint32))
+    with pytest.raises(ValueError, match="uint8"):
+        im.normalize_patches_torch(torch.zeros(1, config.patch_dim), config)
+
+
+def test_uint8_patches_normalised_in_torch_equal_the_front_end(sample_photos):
+    import torch
+
+    resized, _ = im.load_and_resize(sample_photos[0])
+    raw = im.patchify_uint8(np.asarray(resized))
+    out = np.empty_like(raw)
+    assert im.patchify_uint8(np.asarray(resized), out=out) is out and np.array_equal(out, raw)
+    got = im.normalize_patches_torch(torch.from_numpy(raw)).numpy()
+    np.testing.assert_array_equal(got.view(np.uint32), im.process_image(sample_photos[0]).patches.view(np.uint32))

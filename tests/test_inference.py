@@ -9,7 +9,7 @@ from megatron.solo.config import get_preset
 from megatron.solo.data.encode import EncodeConfig, encode_sample
 from megatron.solo.data.errors import Origin
 from megatron.solo.data.samples import ImageRef, Sample, Turn
-from megatron.solo.image import process_image
+from megatron.solo.image import normalize_patches, process_image
 from megatron.solo.inference import allowed_ids, build_prompt, greedy_generate
 from megatron.solo.model import build_model, make_transformer_config
 
@@ -38,7 +38,8 @@ def test_prompt_is_the_training_document_up_to_the_answer(tokenizer, images):
     assert prompt.tokens.tolist() == doc.tokens[:n].tolist()
     assert doc.targets[n:].all() and not doc.targets[:n].any()  # the answer starts right after the prompt
     assert prompt.tokens[prompt.patch_positions].tolist() == [tokenizer.vision_patch_id] * len(prompt.patches)
-    np.testing.assert_array_equal(prompt.patches, process_image(images[0]).patches)
+    assert prompt.patches.dtype == np.uint8  # normalised on the device, as in training
+    np.testing.assert_array_equal(normalize_patches(prompt.patches), process_image(images[0]).patches)
 
 
 def test_mistral_prompt_is_the_instruction_document_up_to_the_answer(tokenizer, images):
@@ -53,7 +54,7 @@ def test_mistral_prompt_is_the_instruction_document_up_to_the_answer(tokenizer, 
 def test_text_only_prompt_and_bad_template(tokenizer):
     prompt = build_prompt(tokenizer, [], "One plus one is")
     assert prompt.tokens.tolist() == [tokenizer.bos_id] + tokenizer.encode("One plus one is")
-    assert prompt.patches.shape == (0, 3072)
+    assert prompt.patches.shape == (0, 3072) and prompt.patches.dtype == np.uint8
     with pytest.raises(ValueError, match="template"):
         build_prompt(tokenizer, [], "x", template="chatml")
 
@@ -73,7 +74,8 @@ def reference_greedy(model, prompt, allowed, eos_id, max_new_tokens):
         n = len(ids)
         with torch.no_grad():
             logits = model(torch.tensor([ids]), torch.arange(n)[None], torch.tensor([0, n], dtype=torch.int32), n,
-                           torch.from_numpy(prompt.patches), torch.from_numpy(prompt.patch_positions))
+                           torch.from_numpy(normalize_patches(prompt.patches)),
+                           torch.from_numpy(prompt.patch_positions))
         t = int(logits[0, -1].masked_fill(~allowed, float("-inf")).argmax())
         if t == eos_id:
             break

@@ -39,8 +39,10 @@ def main(argv=None) -> int:
         return 1
     tokenizer = SoloTokenizer(args.tokenizer_model)
     stats = _stats(args.prefix)
-    if stats.get("tokenizer_sha256") not in (None, tokenizer.metadata()["tokenizer_model_sha256"]):
-        print("warning: this is not the tokenizer the prefix was made with (see --tokenizer-model)", file=sys.stderr)
+    try:
+        ds.check_tokenizer(tokenizer.fingerprint(), "--tokenizer-model")
+    except ValueError as e:
+        print(f"warning: not the tokenizer the prefix was made with: {e}", file=sys.stderr)
     index = args.index % len(ds)
     print(f"{args.prefix}: {len(ds):,} packs")
     print(describe_pack(view, tokenizer, index=index, seq_length=stats.get("seq_length"), max_chars=args.max_chars))

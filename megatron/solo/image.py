@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import os
 import re
@@ -336,10 +337,19 @@ def load_and_resize(source: ImageSource, config: ImageConfig = DEFAULT_CONFIG) -
     return resize_image(img, size), img.size
 
 
-def patchify_uint8(pixels: np.ndarray, patch_size: int = PATCH_SIZE) -> np.ndarray:
-    """[H, W, 3] uint8 → [n_rows·n_cols, 3·P·P] uint8: row-major patches, each flattened C×P×P."""
+def patchify_uint8(pixels: np.ndarray, patch_size: int = PATCH_SIZE, out: np.ndarray | None = None) -> np.ndarray:
+    """[H, W, 3] uint8 → [n_rows·n_cols, 3·P·P] uint8: row-major patches, each flattened C×P×P.
+
+    ``out``: a C-contiguous uint8 [n_rows·n_cols, 3·P·P] to write into (one copy of the pixels, no temporary).
+    """
     grid = _patch_grid(pixels, patch_size)
-    return np.ascontiguousarray(grid).reshape(grid.shape[0] * grid.shape[1], -1)
+    shape = (grid.shape[0] * grid.shape[1], 3 * patch_size * patch_size)
+    if out is None:
+        return np.ascontiguousarray(grid).reshape(shape)
+    if out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous uint8 {shape}, got {out.dtype} {out.shape}")
+    np.copyto(out.reshape(grid.shape), grid)
+    return out
 
 
 def normalize_patches(patches: np.ndarray, config: ImageConfig = DEFAULT_CONFIG) -> np.ndarray:
@@ -349,6 +359,35 @@ def normalize_patches(patches: np.ndarray, config: ImageConfig = DEFAULT_CONFIG)
         raise ValueError(f"patches must be uint8 [n, {3 * plane}], got {patches.dtype} {patches.shape}")
     out = patches.reshape(-1, 3, plane).astype(np.float32)
     return _normalize_(out, config, channel_axis=1).reshape(patches.shape)
+
+
+def normalize_patches_torch(patches, config: ImageConfig = DEFAULT_CONFIG):
+    """torch uint8 [n, 3·P·P] on any device → float32 ``(x/255 - mean)/std``, where the input is.
+
+    Bit-identical to :func:`normalize_patches` (the same float32 operations in the same order). The
+    divisors are tensors on the input's device, never Python scalars: CUDA divides by a CPU scalar as a
+    multiplication by its reciprocal, which can differ in the last bit.
+    """
+    import torch
+
+    plane = config.patch_size * config.patch_size
+    if patches.dtype != torch.uint8 or patches.ndim != 2 or patches.shape[1] != 3 * plane:
+        raise ValueError(f"patches must be uint8 [n, {3 * plane}], got {patches.dtype} {tuple(patches.shape)}")
+    scale, mean, std = _torch_constants(config, patches.device)
+    x = patches.reshape(-1, 3, plane).to(torch.float32)
+    return x.div_(scale).sub_(mean).div_(std).reshape(patches.shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _torch_constants(config: ImageConfig, device):
+    """(255, mean, std) as float32 tensors on ``device``, shaped to broadcast over [n, 3, P·P] (made once:
+    building them costs a host → device copy)."""
+    import torch
+
+    def make(values):
+        return torch.tensor(values, dtype=torch.float32).view(1, -1, 1).to(device)
+
+    return make([255.0]), make(config.mean), make(config.std)
 
 
 def image_to_patches(img: Image.Image, config: ImageConfig = DEFAULT_CONFIG) -> np.ndarray:
@@ -440,6 +479,7 @@ __all__ = [
     "load_and_resize",
     "load_image",
     "normalize_patches",
+    "normalize_patches_torch",
     "num_image_tokens",
     "patchify_uint8",
     "process_image",

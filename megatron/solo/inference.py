@@ -1,9 +1,11 @@
 """Greedy generation from a SOLO model, given images and a text prompt.
 
-Prompts are built exactly as preprocessing builds documents (:mod:`megatron.solo.data.encode`): BOS, then
-each image as ``<vision> … </vision>`` with its patches, then the text, each part tokenized on its own.
-``template="none"`` continues the pretraining format (captions and labels follow the image directly);
-``template="mistral"`` wraps the parts in ``[INST] … [/INST]`` as the instruction data of stage 3.
+Prompts are built by preprocessing's own code (:func:`megatron.solo.data.encode.encode_turns`, images
+stored losslessly), so a prompt is by construction a training document up to the answer: BOS, then each
+image as ``<vision> … </vision>``, then the text, each part tokenized on its own. ``template="none"``
+continues the pretraining format (captions and labels follow the image directly); ``template="mistral"``
+wraps the parts in ``[INST] … [/INST]`` as the instruction data of stage 3. Patches are uint8 pixels,
+normalised on the model's device exactly as in training (:meth:`megatron.solo.batch.Batch.normalized`).
 
 Several prompts run as one batch, one per row, through the training forward path (``collate`` builds
 positions and ``cu_seqlens``). There is no KV cache: every step recomputes the whole prefix, which is
@@ -22,45 +24,42 @@ import torch
 
 from megatron.solo.batch import PackedExample, collate
 from megatron.solo.checkpointing import load_full_model
-from megatron.solo.data.encode import INST_CLOSE, INST_OPEN
-from megatron.solo.data.samples import ImageRef
-from megatron.solo.image import ImageSource, process_image
+from megatron.solo.data.encode import EncodeConfig, encode_turns
+from megatron.solo.data.errors import Origin
+from megatron.solo.data.packed_format import decode_patches
+from megatron.solo.data.samples import ImageRef, Turn
+from megatron.solo.image import DEFAULT_CONFIG, ImageConfig, ImageSource
 from megatron.solo.tokenizer import SoloTokenizer
 
 TEMPLATES = ("none", "mistral")
+_ENCODE_TEMPLATE = {"none": "plain", "mistral": "mistral"}  # one user turn: its parts, or inside [INST] … [/INST]
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """Token ids of a prompt and its patches. tokens int [n]; patches float32 [p, 3072]; patch_positions
-    int [p]: the index in ``tokens`` of each patch's ``<vpatch>``."""
+    """Token ids of a prompt and its patches. tokens int [n]; patches uint8 [p, 3·P·P] (the resized
+    image's pixels, or float32 normalised ones); patch_positions int [p]: the index in ``tokens`` of each
+    patch's ``<vpatch>``."""
 
     tokens: np.ndarray
     patches: np.ndarray
     patch_positions: np.ndarray
 
 
-def build_prompt(tokenizer, images: Sequence[ImageSource] = (), text: str = "", template: str = "none") -> Prompt:
-    """BOS, the images (in order), then ``text``; under ``template="mistral"`` inside ``[INST] … [/INST]``."""
+def build_prompt(tokenizer, images: Sequence[ImageSource] = (), text: str = "", template: str = "none",
+                 image_config: ImageConfig = DEFAULT_CONFIG) -> Prompt:
+    """BOS, the images (in order), then ``text``; under ``template="mistral"`` inside ``[INST] … [/INST]``.
+
+    Preprocessing's encoder builds it, images stored ``raw`` (lossless) and never refused as slivers.
+    """
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
-    parts = [ImageRef(image) for image in images] + ([text.strip()] if text.strip() else [])
-    if template == "mistral":
-        parts = [INST_OPEN, *parts, INST_CLOSE]
-    ids, patches, positions = [tokenizer.bos_id], [], []
-    for part in parts:
-        if not isinstance(part, ImageRef):
-            ids.extend(tokenizer.encode(part))
-            continue
-        img = process_image(part.source)
-        layout = tokenizer.image_layout_ids(img.n_rows, img.n_cols)
-        positions.extend(len(ids) + i for i, t in enumerate(layout) if t == tokenizer.vision_patch_id)
-        patches.append(img.patches)
-        ids.extend(layout)
-    patch_dim = patches[0].shape[1] if patches else 3072
-    return Prompt(np.asarray(ids, dtype=np.int64),
-                  np.concatenate(patches) if patches else np.zeros((0, patch_dim), np.float32),
-                  np.asarray(positions, dtype=np.int64))
+    parts = tuple(ImageRef(image) for image in images) + ((text.strip(),) if text.strip() else ())
+    config = EncodeConfig(image=image_config, image_format="raw", chat_template=_ENCODE_TEMPLATE[template],
+                          append_eod=False, max_aspect_distortion=None)
+    tokens, _, encoded = encode_turns((Turn("user", parts),), tokenizer, config, Origin("<prompt>"))
+    positions = np.flatnonzero(tokens == tokenizer.vision_patch_id)  # text never encodes to a vision id
+    return Prompt(tokens.astype(np.int64), decode_patches(encoded, image_config.patch_size), positions.astype(np.int64))
 
 
 def allowed_ids(tokenizer, padded_vocab_size: int) -> torch.Tensor:
@@ -73,23 +72,24 @@ def allowed_ids(tokenizer, padded_vocab_size: int) -> torch.Tensor:
 
 @torch.no_grad()
 def greedy_generate(model, prompts: Sequence[Prompt], *, eos_id: int, pad_id: int, allowed: torch.Tensor,
-                    max_new_tokens: int = 32) -> list[list[int]]:
+                    max_new_tokens: int = 32, image_config: ImageConfig = DEFAULT_CONFIG) -> list[list[int]]:
     """New token ids per prompt (up to and excluding EOS), argmax over ``allowed`` at every step.
 
-    ``model`` is a whole SoloModel (TP=PP=1) in eval mode; returns one list per prompt.
+    ``model`` is a whole SoloModel (TP=PP=1) in eval mode; returns one list per prompt. uint8 patches are
+    normalised by ``image_config`` on the model's device.
     """
     device = next(model.parameters()).device  # the batch goes where the model is
     allowed = allowed.to(device)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    patch_dim = prompts[0].patches.shape[1] if prompts else 3072
+    patch_dim = prompts[0].patches.shape[1] if prompts else image_config.patch_dim
     for _ in range(max_new_tokens):
         live = [i for i, d in enumerate(done) if not d]
         if not live:
             break
         examples = [_example(prompts[i], out[i]) for i in live]
         lengths = [len(e.tokens) for e in examples]
-        batch = collate(examples, max(lengths), pad_id=pad_id, patch_dim=patch_dim).to(device)
+        batch = collate(examples, max(lengths), pad_id=pad_id, patch_dim=patch_dim).to(device).normalized(image_config)
         logits = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
                        batch.patches, batch.patch_index)  # [b, s, V]
         last = logits[torch.arange(len(live), device=device), torch.tensor(lengths, device=device) - 1].float()

@@ -28,13 +28,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
 
 from megatron.solo import image as _image
+from megatron.solo.io import write_atomic
 
 VISION_START = "<vision>"
 VISION_PATCH = "<vpatch>"
@@ -226,9 +226,24 @@ class SoloTokenizer:
         """Write ``tokenizer.model`` (the bytes loaded, unchanged) and ``solo_tokenizer.json`` atomically."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / MODEL_FILE, self._model_bytes)
-        _write_atomic(directory / METADATA_FILE, (json.dumps(self.metadata(), indent=2) + "\n").encode())
+        write_atomic(directory / MODEL_FILE, self._model_bytes)
+        write_atomic(directory / METADATA_FILE, (json.dumps(self.metadata(), indent=2) + "\n").encode())
         return directory
+
+    def fingerprint(self) -> dict:
+        """What the token ids of data made with this tokenizer mean, cheaply (recorded in each preprocessed
+        prefix and compared by the loader): sha256 of the encoder's model proto (base pieces only, so a
+        SOLO-7B ``tokenizer.model`` that carries the special pieces matches its base), the vocabulary size,
+        BOS/EOS and the vision ids."""
+        if not hasattr(self, "_encoder_sha256"):
+            self._encoder_sha256 = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
+        return {
+            "encoder_sha256": self._encoder_sha256,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "vision_ids": list(self.vision_token_ids),
+        }
 
     def metadata(self) -> dict:
         """The id layout, as written next to the model."""
@@ -281,19 +296,6 @@ def _truncate_pieces(model_bytes: bytes, keep: int) -> bytes:
     proto.ParseFromString(model_bytes)
     del proto.pieces[keep:]
     return proto.SerializeToString()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = [

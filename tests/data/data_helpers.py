@@ -30,7 +30,7 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 
 def output_bytes(prefix: str) -> dict[str, bytes]:
     """Every output file of a prefix, by suffix."""
-    suffixes = [".bin", ".idx", ".pack.bin", ".pack.idx", ".stats.json", ".errors.jsonl"]
+    suffixes = [".bin", ".idx", ".pack.bin", ".pack.idx", ".pack.json", ".stats.json", ".errors.jsonl"]
     return {s: Path(prefix + s).read_bytes() for s in suffixes}
 
 

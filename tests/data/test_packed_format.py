@@ -2,6 +2,8 @@
 
 import gc
 import io
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,8 @@ from megatron.solo import image as im
 from megatron.solo.data import codec
 from megatron.solo.data.encode import Document, EncodedImage
 from megatron.solo.data.errors import Origin
-from megatron.solo.data.packed_format import PackedDataset, PackWriter, encode_pack, output_files, parse_record
+from megatron.solo.data.packed_format import (PackedDataset, PackWriter, encode_pack, make_header, output_files,
+                                               view_pack_record)
 from megatron.solo.data.packing import Pack
 
 
@@ -36,7 +39,7 @@ def test_record_round_trip_and_patch_positions(tokenizer, small_photos):
     docs = (image_doc(tokenizer, small_photos[:2]), image_doc(tokenizer, [], index=1),
             image_doc(tokenizer, small_photos[2:3], index=2))
     tokens, record = encode_pack(Pack(docs), np.uint16)
-    view = parse_record(tokens, record)
+    view = view_pack_record(tokens, record)
     assert view.tokens.tolist() == np.concatenate([d.tokens for d in docs]).tolist()
     assert view.targets.tolist() == np.concatenate([d.targets for d in docs]).tolist()
     assert view.doc_offsets.tolist() == np.cumsum([0] + [len(d) for d in docs]).tolist()
@@ -53,7 +56,7 @@ def test_record_round_trip_and_patch_positions(tokenizer, small_photos):
 
 
 def test_text_only_pack_has_no_patches(tokenizer):
-    view = parse_record(*encode_pack(Pack((image_doc(tokenizer, []),)), np.uint16))
+    view = view_pack_record(*encode_pack(Pack((image_doc(tokenizer, []),)), np.uint16))
     assert view.patches().shape == (0, 3072) and view.patch_positions.shape == (0,)
 
 
@@ -104,6 +107,22 @@ def test_resumed_writer_truncates_and_matches_an_uninterrupted_one(tmp_path, tok
         assert Path(a).read_bytes() == Path(b).read_bytes(), a
 
 
+def test_a_resumed_builder_has_the_stock_builders_state(tmp_path):
+    """The resume path sets the library's fields through its own __init__: none is missing or extra."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron.solo.data.packed_format import _Builder
+
+    stock = IndexedDatasetBuilder(str(tmp_path / "a.bin"), dtype=np.uint8)
+    (tmp_path / "b.bin").write_bytes(b"xyz!")
+    resumed = _Builder(str(tmp_path / "b.bin"), np.uint8, {"nbytes": 3, "sequence_lengths": [1, 2]})
+    assert vars(resumed).keys() == vars(stock).keys()
+    assert resumed.document_indices == [0, 1, 2] and resumed.data_file.tell() == 3
+    stock.data_file.close()
+    resumed.finalize(str(tmp_path / "b.idx"))
+    assert (tmp_path / "b.bin").read_bytes() == b"xyz"
+
+
 def test_reader_rejects_missing_and_corrupt_files(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="missing"):
         PackedDataset(str(tmp_path / "nothing"))
@@ -111,14 +130,14 @@ def test_reader_rejects_missing_and_corrupt_files(tmp_path, tokenizer):
     bad = record.copy()
     bad[:4] = np.frombuffer(b"XXXX", np.uint8)
     with pytest.raises(ValueError, match="corrupt record"):
-        parse_record(tokens, bad)
+        view_pack_record(tokens, bad)
     with pytest.raises(ValueError, match="corrupt record"):
-        parse_record(tokens[:-1], record)
+        view_pack_record(tokens[:-1], record)
 
 
 def test_lossy_storage_patches_are_close(tokenizer, small_photos):
     """jpeg q92: tokens exact, patches within the measured tolerance of the front end's."""
-    view = parse_record(*encode_pack(Pack((image_doc(tokenizer, small_photos, fmt="jpeg"),)), np.uint16))
+    view = view_pack_record(*encode_pack(Pack((image_doc(tokenizer, small_photos, fmt="jpeg"),)), np.uint16))
     exact = np.concatenate([im.process_image(p).patches for p in small_photos])
     diff = np.abs(view.patches() - exact)
     # normalised units, 1/255/0.225 ≈ 0.0174 per grey level. Measured on these photos: mean 0.020 (1.2
@@ -127,8 +146,95 @@ def test_lossy_storage_patches_are_close(tokenizer, small_photos):
 
 
 def test_pixels_can_be_saved_back(tokenizer, small_photos):
-    view = parse_record(*encode_pack(Pack((image_doc(tokenizer, small_photos[:1]),)), np.uint16))
+    view = view_pack_record(*encode_pack(Pack((image_doc(tokenizer, small_photos[:1]),)), np.uint16))
     buf = io.BytesIO()
     Image.fromarray(view.images[0].pixels()).save(buf, "PNG")
     resized, _ = im.load_and_resize(small_photos[0])
     np.testing.assert_array_equal(np.asarray(Image.open(buf)), np.asarray(resized))
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact bytes, and the header
+
+
+def test_golden_bytes_of_one_record():
+    """One pack hand-encoded from the layout in packed_format.py's docstring."""
+    tokens = np.array([1, 32000, 32001, 32001, 32004, 400, 2], np.int32)
+    targets = np.array([0, 0, 0, 0, 0, 1, 1], bool)
+    image = EncodedImage(1, 1, 2, codec.CODECS["raw"], b"\x0a\x0b\x0c")
+    ids, record = encode_pack(Pack((Document(tokens, targets, (image,), Origin("f", line=1)),)), np.uint16)
+    u32 = lambda *v: b"".join(x.to_bytes(4, "little") for x in v)  # noqa: E731
+    expected = (b"SPK1" + u32(7, 1, 1)       # magic, n_tokens, n_docs, n_images
+                + u32(0, 7)                  # doc_offsets
+                + u32(1, 1, 2, 0, 3)         # image: position, n_rows, n_cols, codec raw, nbytes
+                + bytes([0b01100000])        # targets: tokens 5 and 6, little bit order
+                + b"\x0a\x0b\x0c")           # the image's stored bytes
+    assert record.tobytes() == expected
+    assert ids.dtype == np.uint16 and ids.tobytes() == tokens.astype("<u2").tobytes()
+
+
+def test_header_is_written_and_describes_the_prefix(run_preprocess, small_photos, tmp_path, tokenizer):
+    source = tmp_path / "c.jsonl"
+    source.write_text(json.dumps({"image": str(small_photos[0]), "caption": "a cat"}) + "\n")
+    prefix, _ = run_preprocess([source], image_format="jpeg", allow_outside_root=True)
+    header = json.loads(Path(prefix + ".pack.json").read_text())
+    assert header == {"format": "solo-packed", "format_version": 1, "token_dtype": "uint16", "patch_size": 32,
+                      "max_size": 1024, "mean": list(im.IMAGENET_MEAN), "std": list(im.IMAGENET_STD),
+                      "image_codec": "jpeg", "image_quality": 92, "tokenizer": tokenizer.fingerprint()}
+    assert PackedDataset(prefix).image_config == im.DEFAULT_CONFIG
+
+
+def write_prefix(prefix: Path, header: dict | None = None, patch_size: int = 32, seed: int = 0) -> str:
+    """One pack of one raw-stored 2×3-patch image at ``patch_size`` px, with ``header`` (default: the default)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (2 * patch_size, 3 * patch_size, 3), dtype=np.uint8)
+    image = EncodedImage(1, 2, 3, codec.CODECS["raw"], pixels.tobytes())
+    layout = [32000] + [32001] * 3 + [32002] + [32001] * 3 + [32004]
+    tokens = np.array([1] + layout + [400, 2], np.int32)
+    targets = np.array([False] * (1 + len(layout)) + [True, True])
+    writer = PackWriter(str(prefix), np.uint16, header=header)
+    writer.write(Pack((Document(tokens, targets, (image,), Origin("f", line=0)),)))
+    writer.finalize()
+    return str(prefix)
+
+
+def test_patch_size_and_normalisation_come_from_the_header(tmp_path):
+    config = im.ImageConfig(patch_size=14, max_size=1022, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    prefix = write_prefix(tmp_path / "p14", make_header(np.uint16, config, image_codec="raw"), patch_size=14)
+    ds = PackedDataset(prefix)
+    assert ds.image_config == config
+    raw = ds[0].patches_uint8()
+    assert raw.shape == (6, 3 * 14 * 14) and raw.dtype == np.uint8
+    np.testing.assert_array_equal(ds[0].patches(), im.normalize_patches(raw, config))
+
+
+def test_a_prefix_without_header_reads_with_the_defaults_and_a_warning(tmp_path):
+    prefix = write_prefix(tmp_path / "old")
+    os.unlink(prefix + ".pack.json")
+    with pytest.warns(UserWarning, match=f"{prefix}: no old.pack.json .*defaults, patch_size 32.*rerun"):
+        ds = PackedDataset(prefix)
+    assert ds.image_config == im.DEFAULT_CONFIG and ds.header["tokenizer"] is None
+    assert ds[0].patches_uint8().shape == (6, 3072)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"format_version": 2}, r"p\.pack\.json: format_version is 2, this reader reads 1: preprocess"),
+    ({"format": "other"}, r"p\.pack\.json: format is 'other', expected 'solo-packed'"),
+    ({"token_dtype": "int32"}, r"p\.pack\.json: token_dtype is 'int32', but .*p\.idx holds uint16"),
+    ({"patch_size": 0}, r"p\.pack\.json: ImageConfig\.patch_size must be a positive int"),
+])
+def test_a_bad_header_is_refused_naming_file_and_field(tmp_path, change, match):
+    prefix = write_prefix(tmp_path / "p")
+    header = json.loads(Path(prefix + ".pack.json").read_text())
+    Path(prefix + ".pack.json").write_text(json.dumps({**header, **change}))
+    with pytest.raises(ValueError, match=match):
+        PackedDataset(prefix)
+
+
+def test_a_prefix_made_with_another_tokenizer_is_named(tmp_path, tokenizer):
+    prefix = write_prefix(tmp_path / "p", make_header(np.uint16, tokenizer=tokenizer.fingerprint()))
+    ds = PackedDataset(prefix)
+    ds.check_tokenizer(tokenizer.fingerprint())
+    other = {**tokenizer.fingerprint(), "vocab_size": 32000}
+    with pytest.raises(ValueError, match=r"p\.pack\.json: tokenizer\.vocab_size is 33029, but the tokenizer has 32000"):
+        ds.check_tokenizer(other)

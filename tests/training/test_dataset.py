@@ -10,8 +10,9 @@ import torch
 from loader_helpers import SEQ_LENGTH
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
-from megatron.solo.batch import PackedExample
-from megatron.solo.data.packed_format import RECORD_SUFFIX, PackedDataset, output_files
+from megatron.solo.batch import Batch, PackedExample
+from megatron.solo.image import normalize_patches
+from megatron.solo.data.packed_format import RECORD_SUFFIX, PackedDataset, header_file, output_files
 from megatron.solo.training.dataset import (
     BadPackError,
     BlendedPackDataset,
@@ -143,11 +144,15 @@ def test_decode_patches(caption_prefix):
     full = BlendedPackDataset([(1.0, caption_prefix)], 4, seed=0)
     lean = BlendedPackDataset([(1.0, caption_prefix)], 4, seed=0, decode_patches=False)
     view = PackedDataset(caption_prefix)[full.source(0)[1]]
-    np.testing.assert_array_equal(full[0].patches, view.patches())
+    assert full[0].patches.dtype == np.uint8  # the stored pixels: normalised on the device
+    np.testing.assert_array_equal(normalize_patches(full[0].patches), view.patches())
     np.testing.assert_array_equal(full[0].patch_positions, view.patch_positions)
     assert full[0].tokens.dtype == np.int64 and len(full[0].patches) > 0
-    assert lean[0].patches.shape == (0, 3072) and lean[0].patch_positions.shape == (0,)
+    assert lean[0].patches is None  # not decoded; the positions are still there (image rows come from them)
+    np.testing.assert_array_equal(lean[0].patch_positions, full[0].patch_positions)
     np.testing.assert_array_equal(lean[0].tokens, full[0].tokens)
+    batch = _Collate(SEQ_LENGTH, 0, 3072)([("lean", lean[0])])
+    assert batch.patches.shape == (0, 3072) and len(batch.patch_index) == len(full[0].patches)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,12 +207,13 @@ def test_patches_land_on_their_rows_vpatch_tokens(caption_prefix):
         views = [PackedDataset(caption_prefix)[ds.source(2 * step + r)[1]] for r in range(2)]
         counts = [v.n_patches for v in views]
         assert min(counts) > 0  # images in both rows
-        assert batch.patches.shape == (sum(counts), 3072)
+        assert batch.patches.shape == (sum(counts), 3072) and batch.patches.dtype == torch.uint8
         row1 = batch.patch_index[counts[0]:]
         assert ((row1 >= s) & (row1 < 2 * s)).all() and (batch.patch_index[:counts[0]] < s).all()
         assert (batch.tokens.reshape(-1)[batch.patch_index] == VPATCH).all()
         assert (batch.tokens == VPATCH).sum() == len(batch.patch_index)
-        torch.testing.assert_close(batch.patches, torch.from_numpy(np.concatenate([v.patches() for v in views])))
+        torch.testing.assert_close(batch.normalized(ds.image_config).patches,
+                                   torch.from_numpy(np.concatenate([v.patches() for v in views])), rtol=0, atol=0)
 
 
 def test_batch_fields_come_from_collate(blended):
@@ -231,9 +237,10 @@ def test_nothing_sequence_squared_at_32k():
                        doc_offsets=np.array([0, 5000, 20000, s]), patches=np.zeros((1024, 3072), np.float32),
                        patch_positions=np.arange(100, 1124))
     tracemalloc.start()
-    fields = _Collate(s, 0, 3072)([("synthetic", ex)])
+    batch = _Collate(s, 0, 3072)([("synthetic", ex)])
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
+    fields = vars(batch)
     assert all(v.numel() <= s * 3072 for v in fields.values() if isinstance(v, torch.Tensor))
     assert all(v.numel() <= s for k, v in fields.items() if isinstance(v, torch.Tensor) and k != "patches")
     assert peak < 40 * 2**20  # patches alone are 12 MiB; an s×s bool mask would be 1 GiB
@@ -265,7 +272,7 @@ def test_empty_prefix_is_refused(tmp_path):
 
 def corrupt_first_image(prefix: str, out: str) -> int:
     """Copy ``prefix`` to ``out`` with the first image of the first pack holding images zeroed; its index."""
-    for src, dst in zip(output_files(prefix), output_files(out)):
+    for src, dst in zip(output_files(prefix) + [header_file(prefix)], output_files(out) + [header_file(out)]):
         shutil.copy(src, dst)
     view_pack = next(k for k, v in enumerate(PackedDataset(out)) if v.images)
     view = PackedDataset(out)[view_pack]
@@ -295,3 +302,81 @@ def test_a_pack_collate_refuses_is_named():
                         np.zeros(0, np.int64))
     with pytest.raises(BadPackError, match="^p/b pack 9 .*: pack 0 of the micro-batch: targets has 3 entries"):
         _Collate(8, 0, 3072)([("p/a pack 1 (global sample 0)", good), ("p/b pack 9 (global sample 1)", bad)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Headers: what the blend's prefixes were made with
+
+
+def copy_prefix(prefix: str, out: str, **header_changes) -> str:
+    """``prefix`` copied to ``out`` with its header's fields changed."""
+    import json
+
+    for src, dst in zip(output_files(prefix), output_files(out)):
+        shutil.copy(src, dst)
+    header = json.loads(open(header_file(prefix)).read())
+    with open(header_file(out), "w") as f:
+        json.dump({**header, **header_changes}, f)
+    return out
+
+
+def test_a_prefix_of_other_patch_size_is_named(tmp_path, caption_prefix):
+    p14 = copy_prefix(caption_prefix, str(tmp_path / "p14"), patch_size=14, max_size=1022)
+    ds = BlendedPackDataset([(1.0, p14)], 4, seed=0)
+    assert ds.patch_dim == 3 * 14 * 14
+    with pytest.raises(ValueError, match=f"--data-path prefix '{p14}': patch_size is 14 .*but the model takes "
+                                         "patches of 3072 values"):
+        loader(ds, patch_dim=3072)
+
+
+@pytest.mark.parametrize("change, field", [({"std": [0.5, 0.5, 0.5]}, "std"), ({"patch_size": 16}, "patch_size"),
+                                           ({"tokenizer": {"vocab_size": 1}}, "tokenizer.bos_id")])
+def test_prefixes_of_one_blend_must_agree(tmp_path, text_prefix, caption_prefix, change, field):
+    other = copy_prefix(caption_prefix, str(tmp_path / "other"), **change)
+    with pytest.raises(ValueError, match=f"--data-path prefix '{other}' .*: {field} is .*, but --data-path prefix "
+                                         f"'{text_prefix}' of the same blend has"):
+        BlendedPackDataset([(0.5, text_prefix), (0.5, other)], 10, seed=0)
+
+
+def test_the_runs_tokenizer_is_checked_against_the_data(text_prefix, tokenizer):
+    BlendedPackDataset([(1.0, text_prefix)], 4, seed=0, tokenizer=tokenizer.fingerprint())
+    other = {**tokenizer.fingerprint(), "encoder_sha256": "0" * 64}
+    with pytest.raises(ValueError, match="tokenizer.encoder_sha256 is '[0-9a-f]{64}', but the run's tokenizer"):
+        BlendedPackDataset([(1.0, text_prefix)], 4, seed=0, tokenizer=other)
+
+
+def test_an_old_prefix_without_header_blends_with_a_warning(tmp_path, text_prefix, caption_prefix):
+    old = str(tmp_path / "old")
+    for src, dst in zip(output_files(caption_prefix), output_files(old)):
+        shutil.copy(src, dst)
+    with pytest.warns(UserWarning, match="no old.pack.json"):
+        ds = BlendedPackDataset([(0.5, text_prefix), (0.5, old)], 10, seed=0)
+    assert ds.image_config == PackedDataset(caption_prefix).image_config
+
+
+# ---------------------------------------------------------------------------------------------
+# The data path: Batch end to end, pinned by its own method; image rows from patch_index
+
+
+def test_loader_yields_batches_pinned_by_their_own_method(blended, monkeypatch):
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    batch = next(iter(loader(blended)))
+    assert type(batch) is Batch and batch.patches.dtype == torch.uint8
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t.clone())  # no CUDA here
+    out = pin_memory(batch)  # what the DataLoader's pinning thread calls
+    assert type(out) is Batch and len(pinned) == sum(isinstance(v, torch.Tensor) for v in vars(batch).values())
+    for name, value in vars(batch).items():
+        assert torch.equal(getattr(out, name), value) if isinstance(value, torch.Tensor) else getattr(out, name) == value
+
+
+def test_image_rows_come_from_patch_index_not_a_token_id():
+    """A vocabulary whose <vpatch> is not 32001: the rows with patches are still found."""
+    vpatch = 7
+    with_image = PackedExample(np.array([1, 6, vpatch, vpatch, 8, 9]), np.ones(6, bool), np.array([0, 6]),
+                               np.zeros((2, 3072), np.uint8), np.array([2, 3]))
+    text = PackedExample(np.array([1, 32001, 5]), np.ones(3, bool), np.array([0, 3]), np.zeros((0, 3072), np.uint8),
+                         np.zeros(0, np.int64))  # 32001 is text here
+    batch = _Collate(8, 0, 3072)([("t", text), ("i", with_image), ("t2", text)])
+    assert batch.image_rows().tolist() == [False, True, False]

@@ -118,13 +118,26 @@ class Document:
 
 def encode_sample(sample: Sample, tokenizer, config: EncodeConfig) -> Document:
     """Sample → Document; raises :class:`SampleError` (bad image, sliver, nothing to learn)."""
+    tokens, targets, images = encode_turns(sample.turns, tokenizer, config, sample.origin)
+    if config.append_eod:
+        tokens = np.append(tokens, np.int32(tokenizer.eos_id))
+        targets = np.append(targets, targets[-1])
+    if not targets.any():
+        raise SampleError("no_targets", sample.origin, "no assistant text to learn (loss would be empty)")
+    return Document(tokens, targets, images, sample.origin)
+
+
+def encode_turns(turns: tuple[Turn, ...], tokenizer, config: EncodeConfig,
+                 origin: Origin) -> tuple[np.ndarray, np.ndarray, tuple[EncodedImage, ...]]:
+    """BOS and the rendered turns → (token ids int32 [n], targets bool [n], images), without the final
+    EOS: a document (:func:`encode_sample`) or a generation prompt (``inference.build_prompt``)."""
     ids: list[list[int]] = [[tokenizer.bos_id]]
     flags: list[bool] = [False]
     images: list[EncodedImage] = []
     length = 1
-    for part, target in render(sample.turns, config.chat_template):
+    for part, target in render(turns, config.chat_template):
         if isinstance(part, ImageRef):
-            encoded, part_ids = _encode_image(part, tokenizer, config, sample.origin, position=length)
+            encoded, part_ids = _encode_image(part, tokenizer, config, origin, position=length)
             images.append(encoded)
             target = False
         else:
@@ -134,12 +147,7 @@ def encode_sample(sample: Sample, tokenizer, config: EncodeConfig) -> Document:
         length += len(part_ids)
     tokens = np.concatenate([np.asarray(part, dtype=np.int32) for part in ids])
     targets = np.repeat(np.array(flags, dtype=bool), [len(p) for p in ids])
-    if config.append_eod:
-        tokens = np.append(tokens, np.int32(tokenizer.eos_id))
-        targets = np.append(targets, targets[-1])
-    if not targets.any():
-        raise SampleError("no_targets", sample.origin, "no assistant text to learn (loss would be empty)")
-    return Document(tokens, targets, tuple(images), sample.origin)
+    return tokens, targets, tuple(images)
 
 
 def render(turns: tuple[Turn, ...], template: str) -> Iterator[tuple[object, bool]]:
@@ -211,4 +219,4 @@ def _distortion(original: tuple[int, int], resized: tuple[int, int]) -> float:
     return max(ratio, 1 / ratio)
 
 
-__all__ = ["TEMPLATES", "Document", "EncodeConfig", "EncodedImage", "encode_sample", "render"]
+__all__ = ["TEMPLATES", "Document", "EncodeConfig", "EncodedImage", "encode_sample", "encode_turns", "render"]

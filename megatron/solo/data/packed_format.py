@@ -27,12 +27,33 @@ the documents *inside* a pack are ``doc_offsets``. An image's stored pixels are 
 RGB image (``n_rows·P`` × ``n_cols·P``); patch p of it (row-major) lands on token
 ``position + 1 + (p // n_cols)·(n_cols + 1) + p % n_cols``.
 
-Completion: ``PREFIX.stats.json`` is renamed into place last, after all four files.
+``PREFIX.pack.json`` (the header)
+    What the bytes mean, as one JSON object (UTF-8, sorted keys), written once by the writer (atomically
+    and durably: :func:`megatron.solo.io.write_atomic`) and checked by every reader::
+
+        format          "solo-packed"
+        format_version  1 (the record layout above; also the record magic's digit)
+        token_dtype     "uint16" or "int32"
+        patch_size      P, the side of a patch in pixels (32); a patch is 3·P·P values
+        max_size        cap on an image's long side (1024)
+        mean, std       the per-channel normalisation the loader applies: ``(x/255 - mean)/std``
+        image_codec     the --image-format the images were stored with (each image's own codec is in its
+                        table entry); image_quality: its quality
+        tokenizer       the tokenizer fingerprint (:meth:`SoloTokenizer.fingerprint`): sha256 of its encoder
+                        model, vocab_size, bos_id, eos_id, vision_ids
+
+    A prefix without one (written before it existed) is read with the defaults (P=32, ImageNet mean/std)
+    that every such prefix was written with, and a warning; a header with another ``format`` or
+    ``format_version`` is refused.
+
+Completion: ``PREFIX.stats.json`` is renamed into place last, after the data files and the header.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -44,9 +65,15 @@ from megatron.solo import image as _image
 from megatron.solo.data import codec
 from megatron.solo.data.packing import Pack
 from megatron.solo.image import DEFAULT_CONFIG, ImageConfig
+from megatron.solo.io import write_atomic
 
-MAGIC = b"SPK1"
+FORMAT = "solo-packed"
+FORMAT_VERSION = 1
+MAGIC = b"SPK%d" % FORMAT_VERSION
 RECORD_SUFFIX = ".pack"
+HEADER_SUFFIX = ".pack.json"
+# What two prefixes of one blend must agree on (the codec may differ: each image names its own).
+BLEND_FIELDS = ("patch_size", "mean", "std", "tokenizer")
 HEADER = np.dtype([("magic", "S4"), ("n_tokens", "<u4"), ("n_docs", "<u4"), ("n_images", "<u4")])
 IMAGE_ENTRY = np.dtype([("position", "<u4"), ("n_rows", "<u4"), ("n_cols", "<u4"), ("codec", "<u4"), ("nbytes", "<u4")])
 
@@ -59,6 +86,97 @@ def output_files(prefix: str) -> list[str]:
 def token_dtype(vocab_size: int) -> type:
     """The smallest dtype megatron-core stores these token ids in (uint16 for SOLO's 33029)."""
     return DType.optimal_dtype(vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The header
+
+
+def header_file(prefix: str) -> str:
+    return prefix + HEADER_SUFFIX
+
+
+def make_header(dtype: type, image_config: ImageConfig = DEFAULT_CONFIG, *, image_codec: str = codec.DEFAULT_FORMAT,
+                image_quality: int = codec.DEFAULT_QUALITY, tokenizer: dict | None = None) -> dict:
+    """The header of a prefix (see the module docstring); ``tokenizer``: ``SoloTokenizer.fingerprint()``."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "token_dtype": np.dtype(dtype).name,
+        "patch_size": image_config.patch_size,
+        "max_size": image_config.max_size,
+        "mean": list(image_config.mean),
+        "std": list(image_config.std),
+        "image_codec": image_codec,
+        "image_quality": image_quality,
+        "tokenizer": tokenizer,
+    }
+
+
+def read_header(prefix: str) -> dict:
+    """The header of ``prefix``, checked; a header-less (older) prefix gets the defaults and a warning."""
+    path = header_file(prefix)
+    if not os.path.isfile(path):
+        warnings.warn(f"{prefix}: no {os.path.basename(path)} (made before prefixes recorded their settings): "
+                      f"read with the defaults, patch_size {DEFAULT_CONFIG.patch_size} and ImageNet mean/std, which "
+                      f"is what such prefixes were made with; rerun tools/preprocess_mm_data.py to record them",
+                      UserWarning, stacklevel=3)
+        return {**make_header(np.uint16), "token_dtype": None, "image_codec": None, "image_quality": None}
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a JSON header: {e}") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError(f"{path}: format is {header.get('format') if isinstance(header, dict) else header!r}, "
+                         f"expected {FORMAT!r}")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version is {header.get('format_version')!r}, this reader reads "
+                         f"{FORMAT_VERSION}: preprocess the data again with this version")
+    missing = [k for k in make_header(np.uint16) if k not in header]
+    if missing:
+        raise ValueError(f"{path}: field {missing[0]!r} is missing")
+    return header
+
+
+def header_image_config(header: dict, where: str) -> ImageConfig:
+    """The :class:`ImageConfig` (patch size, normalisation) the header records."""
+    try:
+        return ImageConfig(patch_size=header["patch_size"], max_size=header["max_size"],
+                           mean=tuple(header["mean"]), std=tuple(header["std"]))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from e
+
+
+def header_mismatch(a: dict, b: dict, fields=BLEND_FIELDS) -> str | None:
+    """The first of ``fields`` on which headers ``a`` and ``b`` disagree (``tokenizer.vocab_size`` for a
+    tokenizer's), or None. An unknown tokenizer (None: an old prefix) agrees with any."""
+    for name in fields:
+        x, y = a.get(name), b.get(name)
+        if name == "tokenizer" and (x is None or y is None):
+            continue
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y)):
+                if x.get(key) != y.get(key):
+                    return f"{name}.{key}"
+        elif x != y:
+            return name
+    return None
+
+
+def _field(header: dict, name: str):
+    value = header
+    for part in name.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def check_header(header: dict, expected: dict, where: str, expected_from: str, fields=BLEND_FIELDS) -> None:
+    """ValueError naming ``where`` and the field if ``header`` disagrees with ``expected`` on ``fields``."""
+    name = header_mismatch(header, expected, fields)
+    if name is not None:
+        raise ValueError(f"{where}: {name} is {_field(header, name)!r}, but {expected_from} has "
+                         f"{_field(expected, name)!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,16 +209,20 @@ def encode_pack(pack: Pack, dtype: type) -> tuple[np.ndarray, np.ndarray]:
 
 class _Builder(IndexedDatasetBuilder):
     """megatron-core's builder, one item (and Megatron document) per pack, that can reopen a partly
-    written ``.bin`` at a checkpointed size to resume (the stock one always truncates to 0)."""
+    written ``.bin`` at a checkpointed size to resume.
+
+    megatron-core 0.16.1's builder has no append mode (its ``__init__`` always truncates the ``.bin``, and
+    ``add_index`` would copy every byte written so far at each resume), so a resumed builder lets the
+    library initialise itself on ``os.devnull`` and then takes over only the state a checkpoint holds: the
+    open ``.bin`` and the item lengths (``document_indices`` follow: one document per item).
+    """
 
     def __init__(self, bin_path: str, dtype: type, resume: dict | None = None):
         if resume is None:
             super().__init__(bin_path, dtype=dtype)
             return
-        self._open = open
-        self.dtype = dtype
-        self.multimodal = False
-        self.sequence_modes = None
+        super().__init__(os.devnull, dtype=dtype)
+        self.data_file.close()
         self.sequence_lengths = list(resume["sequence_lengths"])
         self.document_indices = list(range(len(self.sequence_lengths) + 1))
         self.data_file = open(bin_path, "r+b")
@@ -121,9 +243,12 @@ class _Builder(IndexedDatasetBuilder):
 class PackWriter:
     """Appends packs to ``prefix`` (the four files of :func:`output_files`); resumable from :meth:`checkpoint`."""
 
-    def __init__(self, prefix: str, dtype: type, resume: dict | None = None):
+    def __init__(self, prefix: str, dtype: type, resume: dict | None = None, header: dict | None = None):
         self.prefix = prefix
         self.dtype = dtype
+        self.header = header if header is not None else make_header(dtype)
+        if self.header["token_dtype"] != np.dtype(dtype).name:
+            raise ValueError(f"{prefix}: header token_dtype {self.header['token_dtype']} for {np.dtype(dtype).name} ids")
         resume = resume or {}
         self._tokens = _Builder(prefix + ".bin", dtype, resume.get("tokens"))
         self._records = _Builder(prefix + RECORD_SUFFIX + ".bin", np.uint8, resume.get("records"))
@@ -142,9 +267,10 @@ class PackWriter:
         return {"tokens": self._tokens.checkpoint(), "records": self._records.checkpoint()}
 
     def finalize(self) -> None:
-        """Write both ``.idx`` files (the ``.bin`` files are complete once every pack is written)."""
+        """Write both ``.idx`` files (the ``.bin`` files are complete once every pack is written) and the header."""
         self._tokens.finalize(self.prefix + ".idx")
         self._records.finalize(self.prefix + RECORD_SUFFIX + ".idx")
+        write_atomic(header_file(self.prefix), json.dumps(self.header, sort_keys=True, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,32 +338,52 @@ class PackView:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([im.patch_positions() for im in self.images])
 
+    def patches_uint8(self) -> np.ndarray:
+        """uint8 [n_patches, 3·P·P]: every image decoded and patchified, pixels as stored (what the loader
+        ships; the trainer normalises them on the device)."""
+        return decode_patches(self.images, self.image_config.patch_size)
+
     def patches(self) -> np.ndarray:
-        """float32 [n_patches, 3·P·P]: decode every image and patchify it (the front end's output)."""
-        cfg = self.image_config
-        out = np.empty((self.n_patches, cfg.patch_dim), dtype=np.float32)
-        start = 0
-        for im in self.images:
-            out[start:start + im.n_patches] = _image.normalize_patches(
-                _image.patchify_uint8(im.pixels(cfg.patch_size), cfg.patch_size), cfg
-            )
-            start += im.n_patches
-        return out
+        """float32 [n_patches, 3·P·P]: :meth:`patches_uint8` normalised (the front end's output)."""
+        return _image.normalize_patches(self.patches_uint8(), self.image_config)
+
+
+def decode_patches(images, patch_size: int) -> np.ndarray:
+    """uint8 [Σ n_rows·n_cols, 3·P·P]: stored images (anything with n_rows, n_cols, codec, data: a
+    :class:`PackedImage` or an ``encode.EncodedImage``) decoded and patchified, image by image, row-major."""
+    out = np.empty((sum(im.n_rows * im.n_cols for im in images), 3 * patch_size * patch_size), dtype=np.uint8)
+    start = 0
+    for im in images:
+        pixels = codec.decode_image(im.data, im.codec, im.n_cols * patch_size, im.n_rows * patch_size)
+        _image.patchify_uint8(pixels, patch_size, out=out[start:start + im.n_rows * im.n_cols])
+        start += im.n_rows * im.n_cols
+    return out
 
 
 class PackedDataset:
     """Read-only access to a preprocessed prefix: ``len(ds)`` packs, ``ds[i]`` → :class:`PackView`."""
 
-    def __init__(self, prefix: str, image_config: ImageConfig = DEFAULT_CONFIG):
+    def __init__(self, prefix: str):
         missing = [p for p in output_files(prefix) if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"{prefix}: not a preprocessed prefix, missing {', '.join(missing)}")
         self.prefix = prefix
-        self.image_config = image_config
+        self.header = read_header(prefix)
+        """The prefix's header (module docstring); patch size and normalisation come from it."""
+        self.image_config = header_image_config(self.header, header_file(prefix))
         self._tokens = IndexedDataset(prefix)
         self._records = IndexedDataset(prefix + RECORD_SUFFIX)
         if len(self._tokens) != len(self._records) or self._records.index.dtype != np.uint8:
             raise ValueError(f"{prefix}: {prefix}.bin and {prefix}{RECORD_SUFFIX}.bin do not belong together")
+        stored = np.dtype(self._tokens.index.dtype).name
+        if self.header["token_dtype"] not in (None, stored):
+            raise ValueError(f"{header_file(prefix)}: token_dtype is {self.header['token_dtype']!r}, but "
+                             f"{prefix}.idx holds {stored}")
+
+    def check_tokenizer(self, fingerprint: dict, name: str = "the tokenizer") -> None:
+        """ValueError naming the prefix and field if the data was made with another tokenizer (unknown for
+        a header-less prefix: not checked)."""
+        check_header(self.header, {"tokenizer": fingerprint}, header_file(self.prefix), name, ("tokenizer",))
 
     def __len__(self) -> int:
         return len(self._tokens)
@@ -251,14 +397,14 @@ class PackedDataset:
         if not -len(self) <= i < len(self):
             raise IndexError(f"pack {i} out of range (0..{len(self) - 1})")
         i = int(i) % len(self)
-        return parse_record(self._tokens[i], self._records[i], self.image_config, where=f"{self.prefix} pack {i}",
+        return view_pack_record(self._tokens[i], self._records[i], self.image_config, where=f"{self.prefix} pack {i}",
                             owner=self)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
 
-def parse_record(tokens: np.ndarray, record: np.ndarray, image_config: ImageConfig = DEFAULT_CONFIG,
+def view_pack_record(tokens: np.ndarray, record: np.ndarray, image_config: ImageConfig = DEFAULT_CONFIG,
                  where: str = "record", owner: object = None) -> PackView:
     """Token ids + the uint8 record of one pack → :class:`PackView` (no image is decoded).
 
@@ -288,13 +434,22 @@ def parse_record(tokens: np.ndarray, record: np.ndarray, image_config: ImageConf
 
 
 __all__ = [
+    "BLEND_FIELDS",
+    "FORMAT_VERSION",
+    "HEADER_SUFFIX",
     "MAGIC",
     "PackView",
     "PackWriter",
     "PackedDataset",
     "PackedImage",
+    "check_header",
+    "decode_patches",
     "encode_pack",
+    "header_file",
+    "header_mismatch",
+    "make_header",
     "output_files",
-    "parse_record",
+    "read_header",
+    "view_pack_record",
     "token_dtype",
 ]

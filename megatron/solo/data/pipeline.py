@@ -36,7 +36,7 @@ from megatron.solo.data.worker import WorkerConfig, init_worker, process_batch
 from megatron.solo.data.workdir import WorkDir, read_stats, write_atomic
 from megatron.solo.tokenizer import SoloTokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = packed_format.FORMAT_VERSION  # recorded in the stats too
 KILL_AFTER_PACKS_ENV = "SOLO_PREPROCESS_KILL_AFTER_PACKS"  # test hook: SIGKILL this process after N packs
 
 
@@ -189,7 +189,7 @@ def preprocess(config: PreprocessConfig, *, stream: TextIO | None = None) -> dic
             return read_stats(config.output_prefix)
         try:
             if not state.finalizing:  # else: killed while renaming the finished files into place
-                run = _Run(config, work, state, packed_format.token_dtype(tokenizer.vocab_size), stream)
+                run = _Run(config, work, state, _header(config, tokenizer), stream)
                 run.consume(files, fmt, class_names)
                 run.finish(meta)
         except SampleError:
@@ -248,17 +248,25 @@ def _metadata(config: PreprocessConfig, fmt: str, files: list[str], tokenizer: S
     return {**meta, "fingerprint": hashlib.sha256(blob).hexdigest()}
 
 
+def _header(config: PreprocessConfig, tokenizer: SoloTokenizer) -> dict:
+    """The prefix's header: what its bytes mean (patch size, normalisation, codec, tokenizer)."""
+    return packed_format.make_header(packed_format.token_dtype(tokenizer.vocab_size), config.encode.image,
+                                     image_codec=config.encode.image_format,
+                                     image_quality=config.encode.image_quality, tokenizer=tokenizer.fingerprint())
+
+
 def _file_signature(path: str) -> tuple[int, int]:
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
 
 
 class _Run:
-    def __init__(self, config: PreprocessConfig, work: WorkDir, state: _State, dtype: type, stream: TextIO):
+    def __init__(self, config: PreprocessConfig, work: WorkDir, state: _State, header: dict, stream: TextIO):
         self.config = config
         self.work = work
         self.state = state
-        self.writer = packed_format.PackWriter(work.data_prefix, dtype, state.writer)
+        dtype = packed_format.token_dtype(header["tokenizer"]["vocab_size"])
+        self.writer = packed_format.PackWriter(work.data_prefix, dtype, state.writer, header)
         self.errors = work.open_errors(state.errors_bytes)
         self.progress = Progress(stream, config.log_interval, enabled=config.progress)
         self.last_checkpoint = time.monotonic()

@@ -344,6 +344,10 @@ def _json_items(f: BinaryIO, chunk: int = PEEK_BYTES) -> Iterator[Any]:
     brackets and strings, or, when its quotes do not pair up, at the next ``}, {`` (the items in between
     become that one broken item). Bytes that are not UTF-8 are kept as lone surrogates, for the item's
     parser to reject, so that they cost one item, not the rest of the file.
+
+    The library does the parsing (each item is ``json.JSONDecoder.raw_decode``); only the array framing
+    and the resynchronisation are ours: the stdlib parses whole documents only, and streaming parsers
+    (ijson, not a dependency) stop at the first syntax error, where we must step over one broken item.
     """
     decoder = json.JSONDecoder()
     utf8 = codecs.getincrementaldecoder("utf-8-sig")(errors="surrogateescape")

@@ -13,7 +13,8 @@ import os
 import pickle
 import shutil
 
-from megatron.solo.data.packed_format import output_files
+from megatron.solo.data.packed_format import header_file, output_files
+from megatron.solo.io import fsync_dir, fsync_file, write_atomic  # write_atomic: re-exported
 
 WORK_SUFFIX = ".partial"
 CHECKPOINT = "checkpoint.pkl"
@@ -80,13 +81,14 @@ class WorkDir:
 
     def install(self) -> dict:
         """Rename the finished files into place, the stats last; remove the directory; return the stats."""
-        moves = [(src, self.prefix + src[len(self.data_prefix):]) for src in output_files(self.data_prefix)]
+        data = output_files(self.data_prefix) + [header_file(self.data_prefix)]
+        moves = [(src, self.prefix + src[len(self.data_prefix):]) for src in data]
         moves += [(self.file(name), self.prefix + "." + name) for name in ("errors.jsonl", "stats.json")]
         for src, dst in moves:
             if os.path.exists(src):  # absent: already moved by a run killed while installing
-                _fsync_file(src)  # the data must be on disk before its name says it is complete
+                fsync_file(src)  # the data must be on disk before its name says it is complete
                 os.replace(src, dst)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.prefix)))
         stats = read_stats(self.prefix)
         self.discard()
         return stats
@@ -115,28 +117,6 @@ class TextAppender:
 
     def __getattr__(self, name):
         return getattr(self._f, name)
-
-
-def write_atomic(path: str, data: bytes) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_file(path: str) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["CHECKPOINT", "WORK_SUFFIX", "TextAppender", "WorkDir", "read_stats", "write_atomic"]

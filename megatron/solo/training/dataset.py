@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from megatron.solo.batch import Batch, PackedExample, collate
-from megatron.solo.data.packed_format import PackedDataset
+from megatron.solo.data.packed_format import PackedDataset, check_header, header_file
+from megatron.solo.image import DEFAULT_CONFIG, ImageConfig
 from megatron.solo.training.arguments import parse_data_path  # re-exported: the loader's input syntax
 
 
@@ -96,17 +97,33 @@ def _open(prefix: str) -> PackedDataset:
     return ds
 
 
+def _check_headers(datasets: list[PackedDataset], tokenizer: dict | None) -> None:
+    first = datasets[0]
+    for ds in datasets[1:]:
+        check_header(ds.header, first.header, f"--data-path prefix {ds.prefix!r} ({header_file(ds.prefix)})",
+                     f"--data-path prefix {first.prefix!r} of the same blend")
+    if tokenizer is not None:
+        for ds in datasets:
+            ds.check_tokenizer(tokenizer, "the run's tokenizer (--tokenizer-model or the checkpoint's)")
+
+
 class BlendedPackDataset(Dataset):
     """Global sample index → :class:`PackedExample`, over a weighted blend of preprocessed prefixes.
 
     ``dataset_index``  int16 [num_samples]  position in ``blend`` of each sample's prefix
     ``sample_index``   int64 [num_samples]  pack index within that prefix
 
-    ``decode_patches=False`` skips the images (patches ``[0, D]``, no patch positions): for pipeline
-    stages that do not embed, which need the token layout but not the pixels.
+    Patches are the stored pixels, uint8 (the trainer normalises them on the device). ``decode_patches=False``
+    skips the images (patches None, patch positions still given): for pipeline stages that do not embed,
+    which need the token layout but not the pixels.
+
+    Every prefix's header (``PREFIX.pack.json``) must agree with the first's on patch size, normalisation
+    and tokenizer, and with ``tokenizer`` (a ``SoloTokenizer.fingerprint()``) when the run knows it: a
+    ValueError names the prefix and the field otherwise. ``image_config`` is the blend's.
     """
 
-    def __init__(self, blend: list[tuple[float, str]], num_samples: int, seed: int, *, decode_patches: bool = True):
+    def __init__(self, blend: list[tuple[float, str]], num_samples: int, seed: int, *, decode_patches: bool = True,
+                 tokenizer: dict | None = None):
         if not blend:
             raise ValueError("BlendedPackDataset: empty blend (no --data-path prefix)")
         if not (isinstance(num_samples, int) and num_samples >= 0):
@@ -119,6 +136,7 @@ class BlendedPackDataset(Dataset):
         self.seed = int(seed)
         self.decode_patches = decode_patches
         self.datasets = [_open(p) for p in self.prefixes]
+        _check_headers(self.datasets, tokenizer)
         self.dataset_index = blend_order(self.weights, num_samples)
         self.sample_index = np.empty(num_samples, dtype=np.int64)
         for d, ds in enumerate(self.datasets):
@@ -129,8 +147,13 @@ class BlendedPackDataset(Dataset):
         return len(self.dataset_index)
 
     @property
+    def image_config(self) -> ImageConfig:
+        """Patch size and normalisation of every prefix of the blend (their headers agree)."""
+        return self.datasets[0].image_config
+
+    @property
     def patch_dim(self) -> int:
-        return self.datasets[0].image_config.patch_dim
+        return self.image_config.patch_dim
 
     def source(self, i: int) -> tuple[str, int]:
         """(prefix, pack index) of global sample ``i``."""
@@ -146,12 +169,9 @@ class BlendedPackDataset(Dataset):
             raise IndexError(f"sample {i} out of range (0..{len(self) - 1})")
         try:
             view = self.datasets[int(self.dataset_index[i])][int(self.sample_index[i])]
-            if self.decode_patches:
-                patches, positions = view.patches(), view.patch_positions
-            else:
-                patches, positions = np.zeros((0, self.patch_dim), np.float32), np.zeros(0, np.int64)
             return PackedExample(tokens=view.tokens.astype(np.int64), targets=view.targets,
-                                 doc_offsets=view.doc_offsets, patches=patches, patch_positions=positions)
+                                 doc_offsets=view.doc_offsets, patches=view.patches_uint8() if self.decode_patches
+                                 else None, patch_positions=view.patch_positions)
         except Exception as e:  # decode errors come as PIL/OSError/ValueError: name the pack whatever they are
             raise BadPackError(f"{self.where(i)}: {type(e).__name__}: {e}") from e
 
@@ -205,7 +225,7 @@ class _Named(Dataset):
 
 @dataclass(frozen=True)
 class _Collate:
-    """[(where, example)] → the fields of a :class:`Batch` as a dict (DataLoader's pin_memory pins dicts).
+    """[(where, example)] → :class:`Batch` (the DataLoader pins it with :meth:`Batch.pin_memory`).
 
     :func:`collate` gathers the patches straight into shared memory inside a worker: one copy of the pixels.
     """
@@ -214,12 +234,11 @@ class _Collate:
     pad_id: int
     patch_dim: int
 
-    def __call__(self, items: list[tuple[str, PackedExample]]) -> dict:
+    def __call__(self, items: list[tuple[str, PackedExample]]) -> Batch:
         try:
-            batch = self.collate([ex for _, ex in items])
+            return self.collate([ex for _, ex in items])
         except ValueError as e:
             raise BadPackError(self._culprit(items, e)) from e
-        return {f.name: getattr(batch, f.name) for f in fields(batch)}
 
     def collate(self, examples: list[PackedExample]) -> Batch:
         return collate(examples, self.seq_length, pad_id=self.pad_id, patch_dim=self.patch_dim)
@@ -251,7 +270,10 @@ def _check_loader_args(dataset: BlendedPackDataset, seq_length: int, micro_batch
         raise ValueError(f"build_train_loader: consumed_samples={consumed_samples} exceeds the dataset's "
                          f"{len(dataset)} samples (was --train-samples lowered?)")
     if patch_dim != dataset.patch_dim:
-        raise ValueError(f"build_train_loader: patch_dim={patch_dim} but the data's patches have {dataset.patch_dim}")
+        cfg = dataset.image_config
+        raise ValueError(f"--data-path prefix {dataset.prefixes[0]!r}: patch_size is {cfg.patch_size} "
+                         f"({header_file(dataset.prefixes[0])}: patches of 3·{cfg.patch_size}² = {cfg.patch_dim} "
+                         f"values), but the model takes patches of {patch_dim} values")
     for prefix, longest in zip(dataset.prefixes, dataset.max_pack_length()):
         if longest > seq_length:
             raise ValueError(f"--data-path prefix {prefix!r} has packs of {longest} tokens, more than "
@@ -260,7 +282,7 @@ def _check_loader_args(dataset: BlendedPackDataset, seq_length: int, micro_batch
 
 def build_train_loader(dataset: BlendedPackDataset, *, seq_length: int, micro_batch_size: int, data_parallel_rank: int,
                        data_parallel_size: int, consumed_samples: int = 0, num_workers: int = 2, pad_id: int,
-                       patch_dim: int = 3072, timeout: float = 0.0) -> Iterator[Batch]:
+                       patch_dim: int = DEFAULT_CONFIG.patch_dim, timeout: float = 0.0) -> Iterator[Batch]:
     """Micro-batches for one data-parallel rank, starting after ``consumed_samples`` global samples.
 
     ``num_workers`` processes (started now) read, decode and collate ahead; 0 does it in this process; the
@@ -282,8 +304,7 @@ def build_train_loader(dataset: BlendedPackDataset, *, seq_length: int, micro_ba
         prefetch_factor=2 if num_workers > 0 else None,
         timeout=timeout if num_workers > 0 else 0,
     )
-    batches = iter(loader)  # now: the workers start prefetching while the caller sets up
-    return (Batch(**fields_) for fields_ in batches)
+    return iter(loader)  # now: the workers start prefetching while the caller sets up
 
 
 __all__ = [

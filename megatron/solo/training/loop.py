@@ -88,7 +88,8 @@ class Trainer:
         # Data before the model: a wrong --data-path fails in seconds, not after building 7B parameters.
         self.dataset = BlendedPackDataset(
             parse_data_path(cfg.data_path), num_samples=max(cfg.train_iters, 1) * self.layout.global_batch_size,
-            seed=cfg.seed, decode_patches=parallel_state.is_pipeline_first_stage()) if cfg.data_path else None
+            seed=cfg.seed, decode_patches=parallel_state.is_pipeline_first_stage(),
+            tokenizer=self.tokenizer.fingerprint() if self.tokenizer is not None else None) if cfg.data_path else None
         self.parts: Components = build_components(cfg, self.start.model, self.start.padded_vocab_size)
         self.metadata = CheckpointMetadata(self.start.model, self.start.padded_vocab_size)
         self.state = TrainingState()
@@ -198,12 +199,14 @@ class Trainer:
             raise RuntimeError("the data loader ran out before --train-iters (a bug: it is sized to the run)") from None
         work = batch_work(batch.cu_seqlens, batch.pack_lengths, batch.tokens.shape[1],
                           self.start.model.sliding_window)  # on the host, before the copy: no device sync
+        image_rows = batch.image_rows()  # rows holding patches, from patch_index (complete on every stage)
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        batch = batch.to(device, non_blocking=True)
+        # uint8 patches cross to the device (a quarter of float32's bytes) and are normalised there
+        batch = batch.to(device, non_blocking=True).normalized(self.dataset.image_config)
         out = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches,
                     batch.patch_index, labels=batch.labels, loss_mask=batch.loss_mask)
-        image_rows = (batch.tokens == self.vpatch_id).any(dim=1)
-        return out, partial(loss_with_breakdown, batch.loss_mask, image_rows, work.to(device, non_blocking=True))
+        return out, partial(loss_with_breakdown, batch.loss_mask, image_rows.to(device, non_blocking=True),
+                            work.to(device, non_blocking=True))
 
     def _reduce(self, outputs) -> torch.Tensor:
         """Sum the loss pairs over micro-batches (last stage) and data-parallel ranks; zeros elsewhere."""
