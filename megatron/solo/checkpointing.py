@@ -31,6 +31,7 @@ from megatron.core import dist_checkpointing
 
 from megatron.solo.checksums import MANIFEST, verify_manifest, write_manifest
 from megatron.solo.config import ModelConfig
+from megatron.solo.io import write_atomic
 from megatron.solo.model import build_model, make_transformer_config
 from megatron.solo.parallel import ensure_model_parallel_of_one
 
@@ -68,13 +69,7 @@ class CheckpointMetadata:
         return cls(ModelConfig.from_dict(data["model"]), int(data["padded_vocab_size"]))
 
     def write(self, root: str | os.PathLike) -> None:
-        _atomic_write_text(Path(root) / METADATA_FILE, self.to_json())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        write_atomic(Path(root) / METADATA_FILE, self.to_json())
 
 
 def _rank() -> int:
@@ -126,7 +121,7 @@ def save_sharded(root: str | os.PathLike, iteration: int | None, sharded_state: 
             os.replace(final, old)
         os.replace(tmp, final)
         metadata.write(root)
-        _atomic_write_text(root / TRACKER_FILE, f"{RELEASE if iteration is None else iteration}\n")
+        write_atomic(root / TRACKER_FILE, f"{RELEASE if iteration is None else iteration}\n")
         shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron.solo.io import write_atomic
+
 MANIFEST = "CHECKSUMS"
 _CHUNK = 16 << 20
 
@@ -61,12 +63,7 @@ def write_manifest(directory: str | os.PathLike) -> None:
     if _world()[0] == 0:
         text = "".join(f"{entries[n][0]}  {n}\n" for n in names)
         sizes = "".join(f"# size {entries[n][1]} {n}\n" for n in names)
-        tmp = directory / f".{MANIFEST}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text + sizes)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / MANIFEST)
+        write_atomic(directory / MANIFEST, text + sizes)
 
 
 def read_manifest(directory: Path) -> dict[str, tuple[str, int]]:

@@ -44,7 +44,6 @@ from megatron.solo.training.metrics import loss_with_breakdown, sum_micro_batche
 # Mistral's EOS, the reference's pad. Padding is its own attention span and never a target, so the id only
 # has to exist; the tokenizer's own pad id wins when the run knows its tokenizer.
 DEFAULT_PAD_ID = 2
-DEFAULT_VPATCH_ID = 32001  # SOLO's <vpatch>: 32000 + 1 after Mistral's 32000 pieces
 
 
 class NonFiniteLossError(RuntimeError):
@@ -132,10 +131,6 @@ class Trainer:
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_id if self.tokenizer is not None else DEFAULT_PAD_ID
-
-    @property
-    def vpatch_id(self) -> int:
-        return self.tokenizer.vision_patch_id if self.tokenizer is not None else DEFAULT_VPATCH_ID
 
     # -- the loop ---------------------------------------------------------------------------------
 
