@@ -113,7 +113,9 @@ def measure(ctx: Context, cfg, seq: int, kind: str, recompute: bool, peak: float
         for _ in range(timed):
             last = _train_step(model, batch)
     seconds = timer.seconds / timed
-    flops = model_flops(cfg, tokens, pairs)
+    # As the trainer counts it: logits at the targets only (the model computes them nowhere else).
+    flops = model_flops(cfg, tokens, pairs, logit_tokens=float(host.loss_mask.sum()),
+                        padded_vocab_size=cfg.padded_vocab_size())
     attention = 12.0 * cfg.num_layers * cfg.num_attention_heads * cfg.head_dim * pairs
     tflops = flops / seconds / 1e12
     result = {
@@ -158,6 +160,7 @@ def check_mfu(ctx: Context) -> dict:
         "min_mfu": None if ctx.smoke else ctx.min_mfu,
         "timed": f"forward + backward, no optimizer step; {WARMUP if not ctx.smoke else SMOKE_WARMUP} warm-up, "
                  f"mean of {TIMED if not ctx.smoke else SMOKE_TIMED} steps",
-        "flops": "megatron.solo.training.metrics.model_flops: 6·N per token, attention pairs within the window",
+        "flops": "megatron.solo.training.metrics.model_flops: 6 per decoder weight and token, the output layer "
+                 "at the targets, attention pairs within the window",
         "runs": runs,
     }

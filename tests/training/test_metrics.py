@@ -8,7 +8,7 @@ import torch
 from megatron.solo.batch import PackedExample, collate
 from megatron.solo.config import get_preset
 from megatron.solo.model import packed_causal_mask
-from megatron.solo.training.metrics import LOSS_KEYS, Window, batch_work, causal_pairs, model_flops
+from megatron.solo.training.metrics import Window, batch_work, causal_pairs, micro_batch_work, model_flops
 
 
 def pack(lengths: list[int]) -> PackedExample:
@@ -40,25 +40,34 @@ def test_a_window_caps_long_documents_and_padding_is_not_work():
 
 
 def test_window_summary_adds_up_and_reports_model_flops():
-    cfg = get_preset("tiny")
     window = Window()
-    # Two iterations of reduced sums: [lm, img, txt] × [loss sum, target count], then [tokens, pairs].
+    # Two iterations of reduced sums: [lm, img, txt] × [loss sum, target count], then [model FLOPs, tokens].
     for _ in range(2):
-        window.add(torch.tensor([[30.0, 10.0], [20.0, 4.0], [10.0, 6.0], [96.0, 1000.0]]), seconds=0.5,
-                   grad_norm=1.5)
-    m = window.summary(iteration=2, consumed_samples=8, lr=1e-3, tokens_per_iteration=128, model=cfg,
-                       world_size=2, peak_tflops=1e-6)
+        window.add(torch.tensor([[30.0, 10.0], [20.0, 4.0], [10.0, 6.0], [3e12, 96.0]]), seconds=0.5, grad_norm=1.5)
+    m = window.summary(iteration=2, consumed_samples=8, lr=1e-3, tokens_per_iteration=128, world_size=2,
+                       peak_tflops=2.0)
     assert m["lm_loss"] == pytest.approx(3.0) and m["img_lm_loss"] == pytest.approx(5.0)
     assert m["txt_lm_loss"] == pytest.approx(10 / 6)
     assert m["lm_loss"] * 10 == pytest.approx(m["img_lm_loss"] * 4 + m["txt_lm_loss"] * 6)  # the parts add up
     assert m["target_tokens"] == 10 and m["grad_norm"] == 1.5
     assert m["tokens_per_s"] == pytest.approx(192 / 1.0) and m["padding"] == pytest.approx(0.25)
-    flops = model_flops(cfg, 192, 2000)
-    assert m["tflops_per_device"] == pytest.approx(flops / 1.0 / 2 / 1e12)
-    assert m["mfu"] == pytest.approx(m["tflops_per_device"] / 1e-6)
-    # 6 FLOPs per parameter and token (matmul weights), 12·d per attention pair and head.
+    assert m["tflops_per_device"] == pytest.approx(6e12 / 1.0 / 2 / 1e12)
+    assert m["mfu"] == pytest.approx(m["tflops_per_device"] / 2.0)
+
+
+def test_model_flops_count_logits_where_the_trainer_computes_them():
+    cfg = get_preset("tiny")
     h, d = cfg.hidden_size, cfg.head_dim
     weights = cfg.num_layers * (h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_query_groups)
-                                + 3 * h * cfg.ffn_hidden_size) + h * cfg.vocab_size
-    assert flops == pytest.approx(6 * weights * 192 + 12 * cfg.num_layers * cfg.num_attention_heads * d * 2000)
-    assert len(LOSS_KEYS) == 3
+                                + 3 * h * cfg.ffn_hidden_size)
+    attention = 12 * cfg.num_layers * cfg.num_attention_heads * d * 2000
+    # 6 FLOPs per weight and token, 6·h·V per token with logits, 12·d per attention pair and head.
+    assert model_flops(cfg, 192, 2000) == pytest.approx(6 * weights * 192 + 6 * h * cfg.vocab_size * 192 + attention)
+    assert model_flops(cfg, 192, 2000, logit_tokens=10, padded_vocab_size=33152) == \
+        pytest.approx(6 * weights * 192 + 6 * h * 33152 * 10 + attention)
+    batch = collate([pack([5, 11, 3]), pack([7])], 24, pad_id=0)
+    flops, tokens = micro_batch_work(batch, cfg, 33152).tolist()
+    pairs = batch_work(batch.cu_seqlens, batch.pack_lengths, 24, cfg.sliding_window)[1].item()
+    assert tokens == 26
+    assert flops == pytest.approx(model_flops(cfg, 26, pairs, logit_tokens=batch.loss_mask.sum().item(),
+                                              padded_vocab_size=33152), rel=1e-6)

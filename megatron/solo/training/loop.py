@@ -38,8 +38,8 @@ from megatron.solo.training.checkpoint import (
     save_training_checkpoint,
 )
 from megatron.solo.training.dataset import BlendedPackDataset, build_train_loader
-from megatron.solo.training.metrics import LOSS_KEYS, MetricSinks, Window, batch_work, default_peak_tflops
-from megatron.solo.training.metrics import loss_with_breakdown, sum_micro_batches
+from megatron.solo.training.metrics import LOSS_KEYS, MetricSinks, Window, default_peak_tflops, loss_with_breakdown
+from megatron.solo.training.metrics import micro_batch_work, sum_micro_batches
 
 # Mistral's EOS, the reference's pad. Padding is its own attention span and never a target, so the id only
 # has to exist; the tokenizer's own pad id wins when the run knows its tokenizer.
@@ -192,8 +192,7 @@ class Trainer:
             batch = next(data_iterator)
         except StopIteration:
             raise RuntimeError("the data loader ran out before --train-iters (a bug: it is sized to the run)") from None
-        work = batch_work(batch.cu_seqlens, batch.pack_lengths, batch.tokens.shape[1],
-                          self.start.model.sliding_window)  # on the host, before the copy: no device sync
+        work = micro_batch_work(batch, self.start.model, self.start.padded_vocab_size)  # host: no device sync
         image_rows = batch.image_rows()  # rows holding patches, from patch_index (complete on every stage)
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         # uint8 patches cross to the device (a quarter of float32's bytes) and are normalised there
@@ -236,7 +235,7 @@ class Trainer:
         metrics = window.summary(
             iteration=self.state.iteration, consumed_samples=self.state.consumed_samples,
             lr=self._main_lr(),
-            tokens_per_iteration=self.layout.global_batch_size * self.cfg.seq_length, model=self.start.model,
+            tokens_per_iteration=self.layout.global_batch_size * self.cfg.seq_length,
             world_size=self.layout.world_size, peak_tflops=self.peak_tflops)
         self.sinks.log(metrics, self.cfg.train_iters)
 

@@ -19,7 +19,7 @@ from megatron.solo.config import ModelConfig
 from megatron.solo.model import masked_token_loss
 
 LOSS_KEYS = ("lm loss", "img lm loss", "txt lm loss")
-WORK_KEY = "work"  # [real tokens, attention pairs] of the micro-batch, for the model FLOPs
+WORK_KEY = "work"  # [model FLOPs, real tokens] of the micro-batch (:func:`micro_batch_work`)
 # Dense bf16 peak per device (vendor datasheets), for the MFU estimate when --peak-tflops is not given.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0}
 
@@ -28,7 +28,7 @@ def loss_with_breakdown(loss_mask: torch.Tensor, image_rows: torch.Tensor, work:
                         per_token_loss: torch.Tensor):
     """``masked_token_loss`` plus [sum, count] for image-bearing and text-only packs, and the work done.
 
-    loss_mask, per_token_loss [b, s]; image_rows bool [b]; work [2] from :func:`batch_work`.
+    loss_mask, per_token_loss [b, s]; image_rows bool [b]; work [2] from :func:`micro_batch_work`.
     """
     total, count, logs = masked_token_loss(loss_mask, per_token_loss)
     per_row = (per_token_loss.detach().float() * loss_mask.float()).sum(1)  # [b]
@@ -68,14 +68,28 @@ def batch_work(cu_seqlens: torch.Tensor, pack_lengths: torch.Tensor, seq_length:
     return torch.tensor([float(pack_lengths.sum()), causal_pairs(documents, window)], dtype=torch.float32)
 
 
-def model_flops(cfg: ModelConfig, tokens: float, attention_pairs: float) -> float:
+def model_flops(cfg: ModelConfig, tokens: float, attention_pairs: float, *, logit_tokens: float | None = None,
+                padded_vocab_size: int | None = None) -> float:
     """Model FLOPs of a training step (forward + backward; recompute is not counted, as MFU's convention) over
     ``tokens`` real tokens whose attention computes ``attention_pairs`` (query, key) pairs (:func:`causal_pairs`):
-    6·N per token for the matmuls, and 4·d FLOPs per pair and head forward (QKᵀ and AV), ×3 with backward."""
+    6 per weight and token in the decoder, 6·h·V per token that gets logits (``logit_tokens``, default every
+    token; the trainer computes them at the loss targets only), and 4·d per pair and head forward (QKᵀ and AV),
+    ×3 with backward."""
     h, d = cfg.hidden_size, cfg.head_dim
     per_layer = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_query_groups) + 3 * h * cfg.ffn_hidden_size
-    dense = cfg.num_layers * per_layer + h * cfg.vocab_size  # + the output layer; the patch projection is noise
-    return 6.0 * dense * tokens + 12.0 * cfg.num_layers * cfg.num_attention_heads * d * attention_pairs
+    logit_tokens = tokens if logit_tokens is None else logit_tokens
+    output_layer = 6.0 * h * (padded_vocab_size or cfg.vocab_size) * logit_tokens  # the patch projection is noise
+    return (6.0 * cfg.num_layers * per_layer * tokens + output_layer
+            + 12.0 * cfg.num_layers * cfg.num_attention_heads * d * attention_pairs)
+
+
+def micro_batch_work(batch, cfg: ModelConfig, padded_vocab_size: int) -> torch.Tensor:
+    """float32 [2]: (model FLOPs, real tokens) of a host ``Batch`` as the trainer runs it (logits at the loss
+    targets only), computed before the copy to the device: no device sync."""
+    tokens, pairs = batch_work(batch.cu_seqlens, batch.pack_lengths, batch.tokens.shape[1], cfg.sliding_window).tolist()
+    flops = model_flops(cfg, tokens, pairs, logit_tokens=float(batch.loss_mask.sum()),
+                        padded_vocab_size=padded_vocab_size)
+    return torch.tensor([flops, tokens], dtype=torch.float32)
 
 
 def default_peak_tflops() -> float | None:
@@ -102,7 +116,7 @@ class Window:
             self.grad_norm = float(grad_norm)
 
     def summary(self, *, iteration: int, consumed_samples: int, lr: float, tokens_per_iteration: int,
-                model: ModelConfig, world_size: int, peak_tflops: float | None) -> dict:
+                world_size: int, peak_tflops: float | None) -> dict:
         """Averages over the window; losses are target-token means."""
         sums = self.sums.double()
         out = {"iteration": iteration, "consumed_samples": consumed_samples, "lr": lr}
@@ -110,11 +124,10 @@ class Window:
             out[key.replace(" ", "_")] = total / count if count else None
         out["target_tokens"] = int(sums[0, 1].item() / self.iterations)
         out["ms_per_iteration"] = 1000.0 * self.seconds / self.iterations
-        tokens, pairs = sums[-1].tolist()
+        flops, tokens = sums[-1].tolist()
         out["tokens_per_s"] = tokens / self.seconds  # real tokens: padding is not work
         out["padding"] = 1.0 - tokens / (tokens_per_iteration * self.iterations)
         out["grad_norm"] = self.grad_norm
-        flops = model_flops(model, tokens, pairs)
         out["tflops_per_device"] = flops / self.seconds / world_size / 1e12
         out["mfu"] = out["tflops_per_device"] / peak_tflops if peak_tflops else None
         return out
