@@ -16,6 +16,7 @@ from loader_helpers import SEQ_LENGTH, preprocess_to
 from pretrain_helpers import losses, metrics, run_pretrain, start_pretrain
 from pretrain_helpers import wait_for_lines
 
+from megatron.solo import faults
 from megatron.solo import image as im
 
 ITERS = 4
@@ -97,8 +98,9 @@ def test_tp2_dp2_with_sequence_parallel_matches_tp1(data, release, reference, tm
 
 def test_killed_run_resumes_exactly_also_at_another_tensor_parallel_size(data, release, reference, tmp_path):
     save = tmp_path / "ckpt"
-    killed = run_pretrain(common(data, release, "--save", str(save), "--save-interval", "2", "--kill-at-iteration",
-                                 "3", "--metrics-file", str(tmp_path / "killed.jsonl")), expect_rc=None)
+    killed = run_pretrain(common(data, release, "--save", str(save), "--save-interval", "2",
+                                 "--metrics-file", str(tmp_path / "killed.jsonl")), expect_rc=None,
+                          env=faults.env("train.kill_at_iteration", 3))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
 

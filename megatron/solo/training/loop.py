@@ -8,7 +8,6 @@ iteration and exits 0; so do ``--exit-interval`` and ``--exit-duration-in-mins``
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -21,12 +20,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron.solo import faults
 from megatron.solo.backend.mcore_fixes import own_checkpoint_writer_queue
 from megatron.solo.checkpointing import CheckpointMetadata, NonFiniteParametersError
 from megatron.solo.checksums import ChecksumError
 from megatron.solo.parallel import init_distributed, initialize_model_parallel
 from megatron.solo.tokenizer import SoloTokenizer
-from megatron.solo.training.arguments import ConfigError, TrainConfig, check_model, parse_args, parse_data_path
+from megatron.solo.training.arguments import ConfigError, TrainConfig, check_model, parse_args
 from megatron.solo.training.arguments import Layout, resolve_layout
 from megatron.solo.training.build import Components, build_components
 from megatron.solo.training.checkpoint import (
@@ -85,8 +85,8 @@ class Trainer:
         self.tokenizer = _resolve_tokenizer(cfg, self.start)
         # Data before the model: a wrong --data-path fails in seconds, not after building 7B parameters.
         self.dataset = BlendedPackDataset(
-            parse_data_path(cfg.data_path), num_samples=max(cfg.train_iters, 1) * self.layout.global_batch_size,
-            seed=cfg.seed, decode_patches=parallel_state.is_pipeline_first_stage()) if cfg.data_path else None
+            list(cfg.blend), num_samples=max(cfg.train_iters, 1) * self.layout.global_batch_size,
+            seed=cfg.seed, decode_patches=parallel_state.is_pipeline_first_stage()) if cfg.blend else None
         self.parts: Components = build_components(cfg, self.start.model, self.start.padded_vocab_size)
         self.metadata = CheckpointMetadata(self.start.model, self.start.padded_vocab_size)
         self.state = TrainingState()
@@ -159,8 +159,7 @@ class Trainer:
                 self._log(window)
                 window = Window()
             saved_at = self._maybe_save(saved_at)
-            if cfg.kill_at_iteration == it:  # fault injection for the tests: the job dies, no clean-up at all
-                os.killpg(os.getpgid(0), signal.SIGKILL)
+            faults.kill_at("train.kill_at_iteration", it)  # tests only: the job dies here, no clean-up at all
             reason = self._exit_reason(started)
             if reason:
                 self.sinks.message(f"stopping after iteration {it}: {reason}")
