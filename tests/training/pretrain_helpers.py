@@ -59,3 +59,30 @@ def metrics(path: Path) -> dict[int, dict]:
 
 def losses(path: Path) -> dict[int, float]:
     return {it: m["lm_loss"] for it, m in metrics(path).items()}
+
+
+def checkpoint_common(root: Path, iteration: int) -> dict:
+    """The non-tensor state of a saved iteration: optimizer param groups (Adam's step), schedule, position."""
+    from megatron.core import dist_checkpointing
+
+    from megatron.solo.checkpointing import iteration_dir
+
+    return dist_checkpointing.load_common_state_dict(str(iteration_dir(root, iteration)))
+
+
+def saved_weights(root: Path, iteration: int) -> dict:
+    """name → tensor of a saved iteration's whole model (needs a TP=PP=1 world in this process)."""
+    from megatron.solo.checkpointing import load_full_model
+
+    model, _ = load_full_model(root, iteration=iteration)
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def saved_rng(root: Path, iteration: int) -> dict:
+    """The RNG states a one-rank run saved (needs a TP=PP=1 world in this process)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron.solo.checkpointing import load_sharded
+
+    request = {"rng_state": ShardedObject("rng_state", None, (1, 1, 1), (0, 0, 0), replica_id=0)}
+    return load_sharded(root, request, iteration)["rng_state"]

@@ -87,6 +87,8 @@ class Trainer:
         self.dataset = BlendedPackDataset(
             list(cfg.blend), num_samples=max(cfg.train_iters, 1) * self.layout.global_batch_size,
             seed=cfg.seed, decode_patches=parallel_state.is_pipeline_first_stage()) if cfg.blend else None
+        if self.dataset is not None:
+            _check_pack_lengths(self.dataset, cfg.seq_length)
         self.parts: Components = build_components(cfg, self.start.model, self.start.padded_vocab_size)
         self.metadata = CheckpointMetadata(self.start.model, self.start.padded_vocab_size)
         self.state = TrainingState()
@@ -276,6 +278,16 @@ def _is_logging_rank() -> bool:
     """The rank that sees the reduced loss: last pipeline stage, first tensor and data-parallel rank."""
     return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank() == 0)
+
+
+def _check_pack_lengths(dataset: BlendedPackDataset, seq_length: int) -> None:
+    """Every pack fits ``--seq-length``: checked when the data is opened, before the model is built (the
+    loader would find out only when the first batch is asked for)."""
+    for prefix, longest in zip(dataset.prefixes, dataset.max_pack_length()):
+        if longest > seq_length:
+            raise ConfigError(f"--seq-length: {seq_length} is shorter than the packs of --data-path prefix "
+                              f"{prefix!r} (up to {longest} tokens): preprocess it for this sequence length, "
+                              f"or raise --seq-length")
 
 
 def _resolve_tokenizer(cfg: TrainConfig, start: Start) -> SoloTokenizer | None:
