@@ -19,7 +19,7 @@ import functools
 import math
 import types
 import typing
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 from typing import Any, Callable, Literal, Sequence, Union
 
 from megatron.solo.config import PRESETS, ModelConfig
