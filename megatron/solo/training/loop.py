@@ -8,7 +8,6 @@ iteration and exits 0; so do ``--exit-interval`` and ``--exit-duration-in-mins``
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -21,13 +20,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron.solo import faults
 from megatron.solo.backend import install_cpu_backend_if_needed
 from megatron.solo.backend.mcore_fixes import own_checkpoint_writer_queue
 from megatron.solo.checkpointing import CheckpointMetadata, NonFiniteParametersError
 from megatron.solo.checksums import ChecksumError
 from megatron.solo.parallel import init_distributed, initialize_model_parallel
 from megatron.solo.tokenizer import SoloTokenizer
-from megatron.solo.training.arguments import ConfigError, TrainConfig, check_model, parse_args, parse_data_path
+from megatron.solo.training.arguments import ConfigError, TrainConfig, check_model, parse_args
 from megatron.solo.training.arguments import Layout, resolve_layout
 from megatron.solo.training.build import Components, build_components
 from megatron.solo.training.checkpoint import (
@@ -86,9 +86,11 @@ class Trainer:
         self.tokenizer = _resolve_tokenizer(cfg, self.start)
         # Data before the model: a wrong --data-path fails in seconds, not after building 7B parameters.
         self.dataset = BlendedPackDataset(
-            parse_data_path(cfg.data_path), num_samples=max(cfg.train_iters, 1) * self.layout.global_batch_size,
+            list(cfg.blend), num_samples=max(cfg.train_iters, 1) * self.layout.global_batch_size,
             seed=cfg.seed, decode_patches=parallel_state.is_pipeline_first_stage(),
-            tokenizer=self.tokenizer.fingerprint() if self.tokenizer is not None else None) if cfg.data_path else None
+            tokenizer=self.tokenizer.fingerprint() if self.tokenizer is not None else None) if cfg.blend else None
+        if self.dataset is not None:
+            _check_pack_lengths(self.dataset, cfg.seq_length)
         self.parts: Components = build_components(cfg, self.start.model, self.start.padded_vocab_size)
         self.metadata = CheckpointMetadata(self.start.model, self.start.padded_vocab_size)
         self.state = TrainingState()
@@ -157,8 +159,7 @@ class Trainer:
                 self._log(window)
                 window = Window()
             saved_at = self._maybe_save(saved_at)
-            if cfg.kill_at_iteration == it:  # fault injection for the tests: the job dies, no clean-up at all
-                os.killpg(os.getpgid(0), signal.SIGKILL)
+            faults.kill_at("train.kill_at_iteration", it)  # tests only: the job dies here, no clean-up at all
             reason = self._exit_reason(started)
             if reason:
                 self.sinks.message(f"stopping after iteration {it}: {reason}")
@@ -275,6 +276,16 @@ def _is_logging_rank() -> bool:
     """The rank that sees the reduced loss: last pipeline stage, first tensor and data-parallel rank."""
     return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank() == 0)
+
+
+def _check_pack_lengths(dataset: BlendedPackDataset, seq_length: int) -> None:
+    """Every pack fits ``--seq-length``: checked when the data is opened, before the model is built (the
+    loader would find out only when the first batch is asked for)."""
+    for prefix, longest in zip(dataset.prefixes, dataset.max_pack_length()):
+        if longest > seq_length:
+            raise ConfigError(f"--seq-length: {seq_length} is shorter than the packs of --data-path prefix "
+                              f"{prefix!r} (up to {longest} tokens): preprocess it for this sequence length, "
+                              f"or raise --seq-length")
 
 
 def _resolve_tokenizer(cfg: TrainConfig, start: Start) -> SoloTokenizer | None:
