@@ -115,6 +115,11 @@ def _check_export_inputs(sd: Mapping[str, Tensor], cfg: SoloConfig, tokenizer: S
 
 
 def _write_weights(directory: Path, sd: Mapping[str, Tensor], dtype: torch.dtype, max_shard_bytes: int) -> None:
+    """The layout of ``huggingface_hub.save_torch_state_dict`` (shards + index), written one shard at a time.
+
+    Not the library call itself: it needs the whole state dict already cast to ``dtype`` (a second full copy
+    of a 7B model) and sizes shards by the tensors' current dtype rather than the exported one.
+    """
     from safetensors.torch import save_file
 
     shards = _plan_shards(sd, dtype, max_shard_bytes)
