@@ -64,19 +64,37 @@ def main(argv=None) -> int:
     timings = ev.read_timings(args.timings) if args.timings else {}
     timings["evaluate"] = time.perf_counter() - start
     summaries = [ev.loss_summary(m) for m in metrics] + [None, None]
-    report = ev.format_report(stage1_labels=stage1, stage1_losses=summaries[0], stage2_labels=stage2_labels,
-                              captions=captions, stage2_losses=summaries[1], timings=timings,
-                              min_label_accuracy=args.min_label_accuracy)
+    report = ev.format_report(
+        stage1_labels=stage1,
+        stage1_losses=summaries[0],
+        stage2_labels=stage2_labels,
+        captions=captions,
+        stage2_losses=summaries[1],
+        timings=timings,
+        min_label_accuracy=args.min_label_accuracy,
+    )
     print(report)
     write_atomic(str(args.out / "report.txt"), (report + "\n").encode())
-    write_atomic(str(args.out / "report.json"), (json.dumps({
-        "stage1_labels": dataclasses.asdict(stage1),
-        "stage2_labels": dataclasses.asdict(stage2_labels) if stage2_labels else None,
-        "captions": dataclasses.asdict(captions) if captions else None,
-        "losses": summaries[: len(metrics)], "timings": timings,
-    }, indent=2) + "\n").encode())
-    print(f"\nwritten: {args.out / 'report.txt'}, {args.out / 'report.json'}"
-          + (f", {args.out / 'loss_curves.png'}" if metrics else ""))
+    write_atomic(
+        str(args.out / "report.json"),
+        (
+            json.dumps(
+                {
+                    "stage1_labels": dataclasses.asdict(stage1),
+                    "stage2_labels": dataclasses.asdict(stage2_labels) if stage2_labels else None,
+                    "captions": dataclasses.asdict(captions) if captions else None,
+                    "losses": summaries[: len(metrics)],
+                    "timings": timings,
+                },
+                indent=2,
+            )
+            + "\n"
+        ).encode(),
+    )
+    print(
+        f"\nwritten: {args.out / 'report.txt'}, {args.out / 'report.json'}"
+        + (f", {args.out / 'loss_curves.png'}" if metrics else "")
+    )
     return 0 if stage1.accuracy >= args.min_label_accuracy else 1
 
 

@@ -28,8 +28,13 @@ def pixels_digest(path) -> str:
 def test_counts_and_layout(tree):
     root, counts = tree
     n_classes = len(scenes.classes())
-    assert counts == {"label_train": 3 * n_classes, "label_heldout": 2 * n_classes, "caption_train": 12,
-                      "caption_heldout": 5, "text_documents": 7}
+    assert counts == {
+        "label_train": 3 * n_classes,
+        "label_heldout": 2 * n_classes,
+        "caption_train": 12,
+        "caption_heldout": 5,
+        "text_documents": 7,
+    }
     assert not root.with_name("raw.partial").exists()
     assert len(list((root / "labels" / "train").glob("*/*.png"))) == 3 * n_classes
     assert len((root / "text" / "corpus.jsonl").read_text().splitlines()) == 7
@@ -75,7 +80,9 @@ def test_same_seed_same_bytes_other_seed_other_data(tree, tmp_path):
     write_demo_data(again, SMALL, workers=2)  # the tree fixture used one process
     for rel in ["captions/train.jsonl", "text/corpus.jsonl", "labels/classes.txt", "labels/heldout.jsonl"]:
         assert (again / rel).read_bytes() == (root / rel).read_bytes(), rel
-    for path in sorted((root / "labels" / "train").glob("*/*.png"))[:5] + sorted((root / "captions").glob("*/*.png"))[:5]:
+    for path in (
+        sorted((root / "labels" / "train").glob("*/*.png"))[:5] + sorted((root / "captions").glob("*/*.png"))[:5]
+    ):
         assert pixels_digest(path) == pixels_digest(again / path.relative_to(root))
     other = tmp_path / "other"
     write_demo_data(other, DemoDataConfig(**{**SMALL.__dict__, "seed": 4}))

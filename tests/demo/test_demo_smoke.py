@@ -24,8 +24,12 @@ def smoke(tmp_path_factory):
     hide = tmp_path_factory.mktemp("hide")
     for name in ("transformers", "safetensors"):
         (hide / f"{name}.py").write_text(f"raise ImportError('{name} is not in the demo extra')\n")
-    env = {**os.environ, "DEMO_DIR": str(out), "PYTHON": sys.executable,  # this Python has everything: no install
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "DEMO_DIR": str(out),
+        "PYTHON": sys.executable,  # this Python has everything: no install
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")])),
+    }
     proc = run_in_session(["bash", "examples/solo/demo.sh", "--smoke"], timeout=840, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     return out, proc.stdout + proc.stderr
@@ -47,8 +51,12 @@ def test_every_step_ran_and_wrote_its_outputs(smoke):
         assert (out / "ckpt" / stage / "latest_checkpointed_iteration.txt").is_file()
     assert (out / "loss_curves.png").stat().st_size > 10_000
     assert "SOLO CPU demo: report" in (out / "report.txt").read_text()
-    assert [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()] == \
-        ["data", "preprocess", "stage1", "stage2"]
+    assert [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()] == [
+        "data",
+        "preprocess",
+        "stage1",
+        "stage2",
+    ]
 
 
 def test_stage2_starts_from_stage1_and_both_losses_fall(smoke):
@@ -74,9 +82,20 @@ def test_report_scores_every_heldout_image(smoke):
 def test_generate_tool_answers_from_the_demo_checkpoint(smoke):
     out, _ = smoke
     images = sorted((out / "raw" / "labels" / "heldout").glob("*.png"))[:2]
-    proc = run_in_session([sys.executable, "tools/generate.py", "--load", str(out / "ckpt" / "stage2"), "--each",
-                           "--max-new-tokens", "4", *[a for i in images for a in ("--image", str(i))]],
-                          timeout=300, cwd=ROOT)
+    proc = run_in_session(
+        [
+            sys.executable,
+            "tools/generate.py",
+            "--load",
+            str(out / "ckpt" / "stage2"),
+            "--each",
+            "--max-new-tokens",
+            "4",
+            *[a for i in images for a in ("--image", str(i))],
+        ],
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     answers = [line for line in proc.stdout.splitlines() if line.startswith(str(images[0].parent))]
     assert [a.split("\t")[0] for a in answers] == [str(i) for i in images]

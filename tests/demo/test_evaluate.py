@@ -9,8 +9,10 @@ from megatron.solo.demo import evaluate as ev
 
 
 def test_label_scores():
-    s = ev.score_labels(["red circle", "blue square", "green triangle", "red square"],
-                        ["Red circle.", "blue circle", "purple triangle", ""])
+    s = ev.score_labels(
+        ["red circle", "blue square", "green triangle", "red square"],
+        ["Red circle.", "blue circle", "purple triangle", ""],
+    )
     assert s.n == 4 and s.accuracy == 0.25 and s.colour_accuracy == 0.5 and s.shape_accuracy == 0.5
     assert s.examples[0] == ("blue square", "blue circle")  # the mistakes come first
 
@@ -21,13 +23,19 @@ def test_caption_scores_count_every_slot_of_the_truth():
     s = ev.score_captions(truths, answers)
     assert s.exact_match == pytest.approx(1 / 3)
     # count: 2 + 0 + (1 of 2: the second group is missing); colour and shape: 2 + 1 + 1 of 2 + 1 + 2
-    assert s.attribute_accuracy == {"count": pytest.approx(3 / 5), "colour": pytest.approx(4 / 5),
-                                    "shape": pytest.approx(4 / 5), "relation": 0.5}
+    assert s.attribute_accuracy == {
+        "count": pytest.approx(3 / 5),
+        "colour": pytest.approx(4 / 5),
+        "shape": pytest.approx(4 / 5),
+        "relation": 0.5,
+    }
 
 
 def metrics(n, start):
-    return [{"iteration": i, "lm_loss": start / i, "img_lm_loss": start / i, "txt_lm_loss": start / i + 1}
-            for i in range(1, n + 1)]
+    return [
+        {"iteration": i, "lm_loss": start / i, "img_lm_loss": start / i, "txt_lm_loss": start / i + 1}
+        for i in range(1, n + 1)
+    ]
 
 
 def test_loss_summary_and_plot(tmp_path):
@@ -45,8 +53,14 @@ def test_report_says_pass_or_fail_and_sums_times(tmp_path):
     bad = ev.score_labels(["red circle"] * 10, ["red circle"] * 8 + ["red square"] * 2)
     summary = ev.loss_summary(metrics(3, 9.0))
     caps = ev.score_captions(["a red circle"], ["a red circle"])
-    report = ev.format_report(stage1_labels=good, stage1_losses=summary, captions=caps, stage2_losses=summary,
-                              stage2_labels=bad, timings={"stage1": 60, "stage2": 90})
+    report = ev.format_report(
+        stage1_labels=good,
+        stage1_losses=summary,
+        captions=caps,
+        stage2_losses=summary,
+        stage2_labels=bad,
+        timings={"stage1": 60, "stage2": 90},
+    )
     assert "label accuracy: 100.0% of 10" in report and "PASS" in report and "total 2.5 min" in report
     assert "caption exact match: 100.0% of 1" in report and "after stage 2: 80.0%" in report
     assert "FAIL" in ev.format_report(stage1_labels=bad, stage1_losses=summary)

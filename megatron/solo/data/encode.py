@@ -21,8 +21,8 @@ Document layout (``chat_template="mistral"``, the default)::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -56,13 +56,19 @@ class EncodeConfig:
 
     def __post_init__(self):
         if self.image_format not in codec.CODECS:
-            raise ValueError(f"EncodeConfig.image_format must be one of {', '.join(codec.CODECS)}, got {self.image_format!r}")
+            raise ValueError(
+                f"EncodeConfig.image_format must be one of {', '.join(codec.CODECS)}, got {self.image_format!r}"
+            )
         if not (isinstance(self.image_quality, int) and 1 <= self.image_quality <= 100):
             raise ValueError(f"EncodeConfig.image_quality must be an int in 1..100, got {self.image_quality!r}")
         if self.chat_template not in TEMPLATES:
-            raise ValueError(f"EncodeConfig.chat_template must be one of {', '.join(TEMPLATES)}, got {self.chat_template!r}")
+            raise ValueError(
+                f"EncodeConfig.chat_template must be one of {', '.join(TEMPLATES)}, got {self.chat_template!r}"
+            )
         if self.max_aspect_distortion is not None and not self.max_aspect_distortion >= 1:
-            raise ValueError(f"EncodeConfig.max_aspect_distortion must be >= 1 or None, got {self.max_aspect_distortion!r}")
+            raise ValueError(
+                f"EncodeConfig.max_aspect_distortion must be >= 1 or None, got {self.max_aspect_distortion!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,7 @@ class EncodedImage:
     def num_tokens(self) -> int:
         return _image.layout_length(self.n_rows, self.n_cols)
 
-    def shifted(self, offset: int) -> "EncodedImage":
+    def shifted(self, offset: int) -> EncodedImage:
         return EncodedImage(self.position + offset, self.n_rows, self.n_cols, self.codec, self.data)
 
 
@@ -103,13 +109,18 @@ class Document:
         """Whether [0, n) / [n, len) leaves every image whole on one side."""
         return all(not (im.position < n < im.position + im.num_tokens) for im in self.images)
 
-    def head(self, n: int) -> "Document":
+    def head(self, n: int) -> Document:
         """The first ``n`` tokens (an image may not straddle the cut)."""
         assert self.cut_allowed(n), n
-        return Document(self.tokens[:n], self.targets[:n], tuple(im for im in self.images if im.position < n),
-                        self.origin, self.continuation)
+        return Document(
+            self.tokens[:n],
+            self.targets[:n],
+            tuple(im for im in self.images if im.position < n),
+            self.origin,
+            self.continuation,
+        )
 
-    def tail(self, n: int) -> "Document":
+    def tail(self, n: int) -> Document:
         """Tokens from ``n`` on, as a continuation chunk."""
         assert self.cut_allowed(n), n
         images = tuple(im.shifted(-n) for im in self.images if im.position >= n)
@@ -127,8 +138,9 @@ def encode_sample(sample: Sample, tokenizer, config: EncodeConfig) -> Document:
     return Document(tokens, targets, images, sample.origin)
 
 
-def encode_turns(turns: tuple[Turn, ...], tokenizer, config: EncodeConfig,
-                 origin: Origin) -> tuple[np.ndarray, np.ndarray, tuple[EncodedImage, ...]]:
+def encode_turns(
+    turns: tuple[Turn, ...], tokenizer, config: EncodeConfig, origin: Origin
+) -> tuple[np.ndarray, np.ndarray, tuple[EncodedImage, ...]]:
     """BOS and the rendered turns → (token ids int32 [n], targets bool [n], images), without the final
     EOS: a document (:func:`encode_sample`) or a generation prompt (``inference.build_prompt``)."""
     ids: list[list[int]] = [[tokenizer.bos_id]]
@@ -188,7 +200,8 @@ def _encode_image(ref: ImageRef, tokenizer, config: EncodeConfig, origin: Origin
     distortion = _distortion((width, height), size)
     if config.max_aspect_distortion is not None and distortion > config.max_aspect_distortion:
         raise SampleError(
-            "sliver", origin,
+            "sliver",
+            origin,
             f"{width}x{height} image would become {size[0]}x{size[1]}: aspect ratio changed {distortion:.1f}x "
             f"(limit {config.max_aspect_distortion:g}x)",
         )

@@ -7,6 +7,13 @@ from megatron.solo.model.solo_model import SoloModel
 from megatron.solo.model.specs import RMSNorm, resolve_backend
 
 __all__ = [
-    "RMSNorm", "SoloModel", "build_model", "document_ids", "make_transformer_config", "masked_token_loss",
-    "packed_causal_mask", "resolve_backend", "thd_packed_seq_params",
+    "RMSNorm",
+    "SoloModel",
+    "build_model",
+    "document_ids",
+    "make_transformer_config",
+    "masked_token_loss",
+    "packed_causal_mask",
+    "resolve_backend",
+    "thd_packed_seq_params",
 ]
