@@ -45,11 +45,14 @@ def torchrun_command(script: str | Path, nproc: int, *args: str) -> list[str]:
 
 
 def run_in_session(
-    cmd: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd=None
+    cmd: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd=None, started=None
 ) -> subprocess.CompletedProcess:
+    """``started(pid)``, if given, is called once the session exists (its process-group id is ``pid``)."""
     proc = subprocess.Popen(
         cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+    if started is not None:
+        started(proc.pid)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

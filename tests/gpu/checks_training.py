@@ -79,36 +79,10 @@ def pretrain_inputs(ctx: Context) -> dict:
 
 
 def common_args(ctx: Context, inputs: dict, *extra: str) -> list[str]:
+    from pretrain_helpers import recipe_args
+
     precision = ["--transformer-impl", "local"] if ctx.smoke else ["--bf16", "--transformer-impl", "transformer_engine"]
-    return [
-        "--load",
-        inputs["release"],
-        "--data-path",
-        *inputs["data_path"],
-        "--seq-length",
-        str(inputs["seq_length"]),
-        "--global-batch-size",
-        "4",
-        "--train-iters",
-        str(ITERS),
-        "--lr",
-        "3e-3",
-        "--min-lr",
-        "3e-4",
-        "--lr-warmup-iters",
-        "1",
-        "--weight-decay",
-        "0.1",
-        "--clip-grad",
-        "1.0",
-        "--use-distributed-optimizer",
-        "--log-interval",
-        "1",
-        "--num-workers",
-        "1",
-        *precision,
-        *extra,
-    ]
+    return recipe_args(inputs["data_path"], inputs["release"], inputs["seq_length"], ITERS, *precision, *extra)
 
 
 def pretrain_env() -> dict[str, str]:

@@ -172,23 +172,14 @@ _SESSIONS: set[int] = set()  # process groups of the launches still running
 
 
 def run_in_session(cmd: list[str], *, timeout: float, env: dict[str, str], cwd) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in a session of its own under a hard timeout (as ``tests/session_run.py``), remembering its
-    process group so that :func:`kill_sessions` can end it when this script itself is stopped."""
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    _SESSIONS.add(proc.pid)
+    """``session_run.run_in_session``, remembering the launch's process group so that :func:`kill_sessions`
+    can end it when this script itself is stopped."""
+    import session_run
+
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise TimeoutError(
-            f"{' '.join(cmd)} timed out after {timeout} s:\n{stdout[-2000:]}\n{stderr[-4000:]}"
-        ) from None
+        return session_run.run_in_session(cmd, timeout=timeout, env=env, cwd=cwd, started=_SESSIONS.add)
     finally:
-        _SESSIONS.discard(proc.pid)
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        _SESSIONS.clear()  # one launch at a time: it has ended (or was killed with its group)
 
 
 def kill_sessions() -> None:

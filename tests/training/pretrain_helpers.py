@@ -14,6 +14,15 @@ from session_run import child_env, run_in_session, torchrun_command
 REPO = Path(__file__).resolve().parents[2]
 
 
+def recipe_args(data: list[str], release: str, seq_length: int, train_iters: int, *extra: str) -> list[str]:
+    """The flags every end-to-end trainer run shares (the GPU checks' too): 4 packs a step with the
+    distributed optimizer, warm-up 1 then cosine, weight decay and clipping, a log line per iteration."""
+    recipe = "--global-batch-size 4 --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 1 --weight-decay 0.1 --clip-grad 1.0"
+    return ["--load", release, "--data-path", *data, "--seq-length", str(seq_length), "--train-iters",
+            str(train_iters), *recipe.split(), "--use-distributed-optimizer", "--log-interval", "1",
+            "--num-workers", "1", *extra]  # fmt: skip
+
+
 def pretrain_command(args: list[str], nproc: int = 1) -> list[str]:
     """A plain ``python`` run for one process (a world of one), torchrun for more."""
     script = str(REPO / "pretrain_solo.py")

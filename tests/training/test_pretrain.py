@@ -18,6 +18,7 @@ from pretrain_helpers import (
     checkpoint_common,
     losses,
     metrics,
+    recipe_args,
     run_pretrain,
     saved_rng,
     saved_weights,
@@ -63,34 +64,7 @@ def release(tmp_path_factory, megatron_world, tokenizer) -> str:
 
 
 def common(data, release, *extra) -> list[str]:
-    return [
-        "--load",
-        release,
-        "--data-path",
-        *data,
-        "--seq-length",
-        str(SEQ_LENGTH),
-        "--global-batch-size",
-        "4",
-        "--train-iters",
-        str(ITERS),
-        "--lr",
-        "3e-3",
-        "--min-lr",
-        "3e-4",
-        "--lr-warmup-iters",
-        "1",
-        "--weight-decay",
-        "0.1",
-        "--clip-grad",
-        "1.0",
-        "--use-distributed-optimizer",
-        "--log-interval",
-        "1",
-        "--num-workers",
-        "1",
-        *extra,
-    ]
+    return recipe_args(data, release, SEQ_LENGTH, ITERS, *extra)
 
 
 @pytest.fixture(scope="module")
