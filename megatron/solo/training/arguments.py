@@ -65,6 +65,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    loss_averaging: Literal["token", "sample"] = "token"
     # checkpoints
     save: str | None = None
     save_interval: int | None = None
@@ -113,6 +114,7 @@ class TrainConfig:
         _require(0 <= self.adam_beta1 < 1, "--adam-beta1", f"must lie in [0, 1), got {self.adam_beta1}")
         _require(0 <= self.adam_beta2 < 1, "--adam-beta2", f"must lie in [0, 1), got {self.adam_beta2}")
         _require(self.adam_eps > 0, "--adam-eps", f"must be positive, got {self.adam_eps}")
+        _require(self.loss_averaging in ("token", "sample"), "--loss-averaging", f"token or sample, got {self.loss_averaging!r}")
         _require(self.lr_warmup_iters <= self.decay_iters or self.train_iters == 0, "--lr-warmup-iters",
                  f"{self.lr_warmup_iters} exceeds --lr-decay-iters/--train-iters={self.decay_iters}")
         _require(bool(self.data_path) or self.train_iters == 0 or self.dry_run, "--data-path",
@@ -247,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta1", type=float, default=d.adam_beta1)
     g.add_argument("--adam-beta2", type=float, default=d.adam_beta2)
     g.add_argument("--adam-eps", type=float, default=d.adam_eps)
+    g.add_argument("--loss-averaging", choices=["token", "sample"], default=d.loss_averaging,
+                   help="token: one mean over the global batch's target tokens; sample: each sample's mean, then "
+                        "their mean (SOLO's SFT recipe), exact under packing and any parallel layout")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", help="checkpoint root; a run finding a checkpoint here resumes from it")
