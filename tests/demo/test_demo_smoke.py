@@ -37,28 +37,33 @@ def read_jsonl(path):
 
 def test_every_step_ran_and_wrote_its_outputs(smoke):
     out, log = smoke
-    for step in ("data", "preprocess", "stage1", "stage2", "evaluate"):
+    for step in ("data", "preprocess", "stage1", "stage2", "sft", "evaluate"):
         assert f"demo: {step}" in log
-    for name in ("labels", "captions", "text"):
+    for name in ("labels", "captions", "text", "sft"):
         stats = json.loads((out / "data" / f"{name}.stats.json").read_text())
         assert stats["packs"] > 0 and stats["skipped"] == {}, (name, stats)
     assert json.loads((out / "data" / "labels.stats.json").read_text())["input_format"] == "imagenet"
-    for stage in ("stage1", "stage2"):
+    assert json.loads((out / "data" / "sft.stats.json").read_text())["input_format"] == "sft"
+    for stage in ("stage1", "stage2", "sft"):
         assert (out / "ckpt" / stage / "latest_checkpointed_iteration.txt").is_file()
     assert (out / "loss_curves.png").stat().st_size > 10_000
     assert "SOLO CPU demo: report" in (out / "report.txt").read_text()
     assert [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()] == \
-        ["data", "preprocess", "stage1", "stage2"]
+        ["data", "preprocess", "stage1", "stage2", "sft"]
 
 
-def test_stage2_starts_from_stage1_and_both_losses_fall(smoke):
+def test_each_stage_starts_from_the_last_and_the_losses_fall(smoke):
     out, log = smoke
     assert f"weights of {out / 'ckpt' / 'stage1'} (iteration 16)" in log  # stage 2 says where it starts
-    for stage in ("stage1", "stage2"):
-        losses = [m["lm_loss"] for m in read_jsonl(out / f"{stage}.metrics.jsonl")]
+    assert f"weights of {out / 'ckpt' / 'stage2'} (iteration 16)" in log  # and SFT
+    for stage, factor in (("stage1", 0.9), ("stage2", 0.9), ("sft", 0.97)):
+        metrics = read_jsonl(out / f"{stage}.metrics.jsonl")
+        losses = [m["lm_loss"] for m in metrics]
         assert len(losses) >= 6
         head, tail = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-        assert tail < 0.9 * head, (stage, losses)
+        assert tail < factor * head, (stage, losses)
+    sft = read_jsonl(out / "sft.metrics.jsonl")
+    assert all(m["target_tokens"] > m["samples"] > 0 for m in sft)  # averaged per sample: several per pack
 
 
 def test_report_scores_every_heldout_image(smoke):
@@ -66,7 +71,9 @@ def test_report_scores_every_heldout_image(smoke):
     report = json.loads((out / "report.json").read_text())
     assert report["stage1_labels"]["n"] == len(scenes.classes())  # one held-out image per class
     assert report["captions"]["n"] == 6
-    assert set(report["timings"]) == {"data", "preprocess", "stage1", "stage2", "evaluate"}
+    assert set(report["timings"]) == {"data", "preprocess", "stage1", "stage2", "sft", "evaluate"}
+    questions = [json.loads(line) for line in (out / "raw" / "sft" / "heldout.jsonl").read_text().splitlines()]
+    assert report["sft"]["n"] == len(questions) >= 4 and set(report["sft"]["by_kind"]) <= set(scenes.QUESTION_KINDS)
     for truth, answer in report["captions"]["examples"]:
         assert scenes.parse_caption(truth) and isinstance(answer, str)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from megatron.solo.data.workdir import write_atomic
-from megatron.solo.demo.scenes import parse_caption
+from megatron.solo.demo.scenes import QUESTION_KINDS, parse_caption
 
 
 def read_heldout(path: str | os.PathLike, key: str) -> list[tuple[str, str]]:
@@ -76,6 +76,37 @@ def score_captions(truths: Sequence[str], answers: Sequence[str], n_examples: in
     exact = sum(t == a for t, a in pairs) / max(len(pairs), 1)
     attrs = {k: right[k] / total[k] for k in ("count", "colour", "shape", "relation") if total[k]}
     return CaptionScore(exact, attrs, len(pairs), pairs[:n_examples])
+
+
+@dataclass
+class ChatScore:
+    accuracy: float
+    by_kind: dict[str, float]
+    """count / colour / shape / relation → fraction of those questions answered exactly."""
+    n_by_kind: dict[str, int]
+    n: int
+    examples: list[tuple[str, str, str]] = field(default_factory=list)
+    """(question, truth, answer): one right and one wrong per kind where there are."""
+
+
+def read_questions(path: str | os.PathLike, image_root: str | os.PathLike) -> list[dict]:
+    """Held-out questions ({"image", "kind", "question", "answer"}), images made absolute against ``image_root``."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{**r, "image": str(Path(image_root) / r["image"])} for r in rows]
+
+
+def score_chat(questions: Sequence[dict], answers: Sequence[str]) -> ChatScore:
+    """Exact one-word answers (after :func:`_norm`), per question kind."""
+    right, total, examples = Counter(), Counter(), {}
+    for q, a in zip(questions, answers, strict=True):
+        ok = _norm(a) == _norm(q["answer"])
+        right[q["kind"]] += ok
+        total[q["kind"]] += 1
+        examples.setdefault((q["kind"], ok), (q["question"], q["answer"], a))
+    kinds = [k for k in QUESTION_KINDS if total[k]]
+    shown = [examples[(k, ok)] for k in kinds for ok in (True, False) if (k, ok) in examples]
+    return ChatScore(sum(right.values()) / max(sum(total.values()), 1), {k: right[k] / total[k] for k in kinds},
+                     {k: total[k] for k in kinds}, sum(total.values()), shown)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -137,7 +168,8 @@ def _losses(summary) -> str:
 
 
 def format_report(*, stage1_labels: LabelScore, stage1_losses, stage2_labels: LabelScore | None = None,
-                  captions: CaptionScore | None = None, stage2_losses=None, timings: dict[str, float] | None = None,
+                  captions: CaptionScore | None = None, stage2_losses=None, chat: ChatScore | None = None,
+                  sft_losses=None, timings: dict[str, float] | None = None,
                   min_label_accuracy: float = 0.9) -> str:
     """The human-readable report."""
     ok = stage1_labels.accuracy >= min_label_accuracy
@@ -157,6 +189,13 @@ def format_report(*, stage1_labels: LabelScore, stage1_losses, stage2_labels: La
         if stage2_labels is not None:
             lines.append(f"  held-out label accuracy after stage 2: {_pct(stage2_labels.accuracy)}")
         lines += [f"    truth {t!r} → answer {a!r}" for t, a in captions.examples]
+    if chat is not None:
+        kinds = ", ".join(f"{k} {_pct(v)} of {chat.n_by_kind[k]}" for k, v in chat.by_kind.items())
+        lines += ["", "SFT (question-answer chats, loading stage 2; [INST] … [/INST], per-sample loss):",
+                  f"  loss per sample (first → last logged): {_losses(sft_losses)}",
+                  f"  held-out questions answered exactly: {_pct(chat.accuracy)} of {chat.n}",
+                  f"  by kind: {kinds}"]
+        lines += [f"    {q!r} → {a!r} (truth {t!r})" for q, t, a in chat.examples]
     if timings:
         lines += ["", "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
                   + f"; total {sum(timings.values()) / 60:.1f} min"]
