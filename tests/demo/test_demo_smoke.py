@@ -87,3 +87,17 @@ def test_generate_tool_answers_from_the_demo_checkpoint(smoke):
     assert proc.returncode == 0, proc.stderr[-3000:]
     answers = [line for line in proc.stdout.splitlines() if line.startswith(str(images[0].parent))]
     assert [a.split("\t")[0] for a in answers] == [str(i) for i in images]
+
+
+def test_ablation_command_runs_from_the_demos_stage1(smoke, tmp_path):
+    """demo_ablation.sh end to end in a few steps, reusing the smoke run's data and stage 1."""
+    out, _ = smoke
+    env = {**os.environ, "PYTHON": sys.executable, "REUSE_DEMO": str(out), "ITERS": "4",
+           "ABLATION_DIR": str(tmp_path / "ablation")}
+    proc = run_in_session(["bash", "examples/solo/demo_ablation.sh"], timeout=400, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    report = json.loads((tmp_path / "ablation" / "ablation_report.json").read_text())
+    assert set(report["runs"]) == {"after stage 1", "from scratch"}
+    assert all(run["captions"]["n"] == 6 for run in report["runs"].values())
+    assert (tmp_path / "ablation" / "ablation_loss_curves.png").stat().st_size > 10_000
+    assert f"weights of {out / 'ckpt' / 'stage1'}" in proc.stdout + proc.stderr  # only one run loads stage 1

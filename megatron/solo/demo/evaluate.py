@@ -155,6 +155,49 @@ def plot_losses(stages: Sequence[tuple[str, list[dict]]], out: str | os.PathLike
     write_atomic(str(out), png.getvalue())
 
 
+def plot_runs(runs: Sequence[tuple[str, list[dict]]], out: str | os.PathLike, title: str) -> None:
+    """A PNG of several runs over the same iterations: loss on image-bearing (solid) and text-only (dashed) packs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for (name, metrics), colour in zip(runs, ("tab:blue", "tab:green", "tab:red", "tab:purple")):
+        for key, style, what in (("img_lm_loss", "-", "caption packs"), ("txt_lm_loss", "--", "text packs")):
+            points = [(m["iteration"], m[key]) for m in metrics if m.get(key) is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, style, color=colour, label=f"{name}: {what}", linewidth=1.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss per target token")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    plt.close(fig)
+    write_atomic(str(out), png.getvalue())
+
+
+def format_ablation(runs: Sequence[tuple[str, CaptionScore, dict]], timings: dict[str, float] | None = None) -> str:
+    """The ablation's report: per run, the loss (first → last logged) and the held-out caption scores."""
+    lines = ["SOLO CPU demo: curriculum ablation (stage 2 at equal compute, after stage 1 vs from scratch)", ""]
+    for name, score, losses in runs:
+        attrs = ", ".join(f"{k} {_pct(v)}" for k, v in score.attribute_accuracy.items())
+        lines += [f"{name}:", f"  loss (first → last logged): {_losses(losses)}",
+                  f"  held-out caption exact match: {_pct(score.exact_match)} of {score.n}",
+                  f"  per attribute: {attrs}"]
+        lines += [f"    truth {t!r} → answer {a!r}" for t, a in score.examples[:3]]
+        lines.append("")
+    if timings:
+        lines.append("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+                     + f"; total {sum(timings.values()) / 60:.1f} min")
+    return "\n".join(lines).rstrip()
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -212,5 +255,6 @@ def read_timings(path: str | os.PathLike) -> dict[str, float]:
     return out
 
 
-__all__ = ["CaptionScore", "LabelScore", "format_report", "loss_summary", "plot_losses", "read_heldout",
+__all__ = ["CaptionScore", "ChatScore", "LabelScore", "format_ablation", "format_report", "plot_runs",
+           "read_questions", "score_chat", "loss_summary", "plot_losses", "read_heldout",
            "read_metrics", "read_timings", "score_captions", "score_labels"]
