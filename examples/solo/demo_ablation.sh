@@ -44,8 +44,9 @@ step() {
   echo "$name $((SECONDS - t0))" >> "$TIMINGS"
 }
 
+WARMUP=$((ITERS < 100 ? 1 : 10))  # (a few-step check run: ITERS=4)
 TRAIN=(--tokenizer-model "$TOKENIZER" --seq-length "$SEQ" --micro-batch-size 1 --global-batch-size 1
-       --lr-warmup-iters 10 --log-interval 25 --num-workers 1 --save-interval 100000 --seed 1234)
+       --lr-warmup-iters "$WARMUP" --log-interval 25 --num-workers 1 --save-interval 100000 --seed 1234)
 
 if [ -n "${REUSE_DEMO:-}" ]; then
   SRC=$(cd "$REUSE_DEMO" && pwd)
