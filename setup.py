@@ -34,6 +34,7 @@ setup(
             "transformers>=5.23",  # the HF conversion tests (tests/convert)
             "safetensors>=0.4",
             "matplotlib>=3.7",  # the demo's loss-curve PNG (its CI smoke test)
+            "ruff==0.17.6",  # lint + format check in CI; pinned: another release may format differently
         ],
         # examples/solo/demo.sh: the real Mistral tokenizer and the loss-curve plot
         "demo": ["mistral-common>=1.5", "matplotlib>=3.7"],

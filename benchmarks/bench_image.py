@@ -31,8 +31,8 @@ def make_jpegs(quality: int) -> list[bytes]:
     root = Path(skimage.data.__file__).parent
     photos = [Image.open(root / n).convert("RGB") for n in ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg")]
     out = []
-    for i, size in enumerate(SIZES):
-        for j, photo in enumerate(photos):
+    for size in SIZES:
+        for photo in photos:
             buf = io.BytesIO()
             photo.resize(size, Image.Resampling.BICUBIC).save(buf, "JPEG", quality=quality)
             out.append(buf.getvalue())
@@ -78,7 +78,11 @@ def main(argv=None):
     images = make_jpegs(args.quality)
     tokens = [im.num_image_tokens(*Image.open(io.BytesIO(b)).size) for b in images]
     np.testing.assert_array_equal(ours(images[0]), reference_style(images[0]).numpy())  # same output
-    pipelines = {"decode+resize floor": floor, "ours: load+resize+patchify": ours, "reference-style torch": reference_style}
+    pipelines = {
+        "decode+resize floor": floor,
+        "ours: load+resize+patchify": ours,
+        "reference-style torch": reference_style,
+    }
     rates = {name: [] for name in pipelines}
     for fn in pipelines.values():
         fn(images[0])  # warm-up
@@ -86,8 +90,10 @@ def main(argv=None):
         for name, fn in pipelines.items():
             rates[name].append(time_pass(fn, images))
 
-    print(f"{len(images)} JPEG photos (q{args.quality}), sizes {sorted(set(SIZES))}, "
-          f"mean {np.mean(tokens):.0f} image tokens; {args.repeats} interleaved rounds, 1 thread")
+    print(
+        f"{len(images)} JPEG photos (q{args.quality}), sizes {sorted(set(SIZES))}, "
+        f"mean {np.mean(tokens):.0f} image tokens; {args.repeats} interleaved rounds, 1 thread"
+    )
     base = statistics.median(rates["decode+resize floor"])
     for name, values in rates.items():
         med = statistics.median(values)

@@ -39,8 +39,18 @@ import numpy as np
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 SEQ_LENGTH = 32768
-SIZES = [(256, 256), (320, 240), (480, 360), (512, 512), (640, 480), (800, 600), (1024, 768), (768, 1024),
-         (1024, 576), (1024, 1024)]
+SIZES = [
+    (256, 256),
+    (320, 240),
+    (480, 360),
+    (512, 512),
+    (640, 480),
+    (800, 600),
+    (1024, 768),
+    (768, 1024),
+    (1024, 576),
+    (1024, 1024),
+]
 PAD_ID = 2
 MIB = 2**20
 
@@ -78,8 +88,11 @@ def peak_mib(pid: int | str = "self") -> float:
 
 def worker_peak_mib() -> float:
     """Largest peak RSS among this process's live children (the DataLoader's workers), 0 without any."""
-    pids = [int(p) for task in os.listdir("/proc/self/task")
-            for p in open(f"/proc/self/task/{task}/children").read().split()]
+    pids = [
+        int(p)
+        for task in os.listdir("/proc/self/task")
+        for p in open(f"/proc/self/task/{task}/children").read().split()
+    ]
     return max((peak_mib(pid) for pid in pids), default=0.0)
 
 
@@ -94,15 +107,29 @@ def measure_loader(blend: list[tuple[float, str]], workers: int, samples: int) -
     ds = BlendedPackDataset(blend, samples, seed=0)
     base = rss_mib()
     start = time.perf_counter()
-    batches = build_train_loader(ds, seq_length=SEQ_LENGTH, micro_batch_size=1, data_parallel_rank=0,
-                                 data_parallel_size=1, num_workers=workers, pad_id=PAD_ID, timeout=600)
+    batches = build_train_loader(
+        ds,
+        seq_length=SEQ_LENGTH,
+        micro_batch_size=1,
+        data_parallel_rank=0,
+        data_parallel_size=1,
+        num_workers=workers,
+        pad_id=PAD_ID,
+        timeout=600,
+    )
     patches, workers_mib = [], 0.0
     for batch in batches:
         patches.append(len(batch.patches))
         workers_mib = max(workers_mib, worker_peak_mib())  # while they live: they exit with the last batch
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "samples": len(patches), "patches": float(np.mean(patches)), "base_mib": base,
-            "main_peak_mib": peak_mib(), "worker_peak_mib": workers_mib}
+    return {
+        "seconds": seconds,
+        "samples": len(patches),
+        "patches": float(np.mean(patches)),
+        "base_mib": base,
+        "main_peak_mib": peak_mib(),
+        "worker_peak_mib": workers_mib,
+    }
 
 
 def reference_dense_mask(tokens: np.ndarray, doc_offsets: np.ndarray, s: int):
@@ -113,7 +140,7 @@ def reference_dense_mask(tokens: np.ndarray, doc_offsets: np.ndarray, s: int):
     ex_id = torch.zeros(s, dtype=torch.int64)
     for start in doc_offsets[1:-1]:
         if start < s:
-            ex_id[int(start):] += 1
+            ex_id[int(start) :] += 1
     causal = torch.tril(torch.ones((s, s), dtype=torch.bool))
     mask = ~((ex_id[:, None] == ex_id[None, :]) & causal & (row != PAD_ID)[:, None])
     ids = ex_id.tolist()
@@ -137,8 +164,11 @@ def measure_dense(n_tokens: int, doc_offsets: list[int], sizes: list[int]) -> di
         base = rss_mib()
         start = time.perf_counter()
         mask, _ = reference_dense_mask(tokens, np.asarray(doc_offsets), s)
-        out[s] = {"seconds": time.perf_counter() - start, "mask_mib": mask.numel() / MIB,
-                  "peak_extra_mib": peak_mib() - base}
+        out[s] = {
+            "seconds": time.perf_counter() - start,
+            "mask_mib": mask.numel() / MIB,
+            "peak_extra_mib": peak_mib() - base,
+        }
         del mask
     return out
 
@@ -146,8 +176,12 @@ def measure_dense(n_tokens: int, doc_offsets: list[int], sizes: list[int]) -> di
 def run_child(kind: str, **kwargs) -> dict:
     """Run ``measure_<kind>(**kwargs)`` in a fresh interpreter; its JSON result."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, __file__, "--child", json.dumps({"kind": kind, **kwargs})],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps({"kind": kind, **kwargs})],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if done.returncode:
         raise RuntimeError(f"measure_{kind}({kwargs}) failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -187,9 +221,13 @@ def collate_cost() -> tuple[float, float]:
     from megatron.solo.batch import PackedExample, collate
 
     rng = np.random.default_rng(0)
-    ex = PackedExample(rng.integers(3, 30000, SEQ_LENGTH), np.ones(SEQ_LENGTH, bool),
-                       np.linspace(0, SEQ_LENGTH, 9).astype(np.int64), np.zeros((0, 3072), np.uint8),
-                       np.zeros(0, np.int64))
+    ex = PackedExample(
+        rng.integers(3, 30000, SEQ_LENGTH),
+        np.ones(SEQ_LENGTH, bool),
+        np.linspace(0, SEQ_LENGTH, 9).astype(np.int64),
+        np.zeros((0, 3072), np.uint8),
+        np.zeros(0, np.int64),
+    )
     tracemalloc.start()
     start = time.perf_counter()
     collate([ex], SEQ_LENGTH, pad_id=PAD_ID)
@@ -224,13 +262,19 @@ def patch_dtype_costs(n_patches: int = 15_763, rounds: int = 5) -> dict:
                 batch = collate([ex], SEQ_LENGTH, pad_id=PAD_ID)
                 best = min(best, time.perf_counter() - start)
             nbytes = sum(v.numel() * v.element_size() for v in vars(batch).values() if isinstance(v, torch.Tensor))
-            out[name] = {"collate_ms": 1000 * best, "batch_mib": nbytes / MIB,
-                         "patch_mib": batch.patches.numel() * batch.patches.element_size() / MIB}
+            out[name] = {
+                "collate_ms": 1000 * best,
+                "batch_mib": nbytes / MIB,
+                "patch_mib": batch.patches.numel() * batch.patches.element_size() / MIB,
+            }
     finally:
         torch.utils.data.get_worker_info = real_worker_info
     host = min(_timed(lambda: normalize_patches(raw)) for _ in range(rounds))
     device = min(_timed(lambda: normalize_patches_torch(torch.from_numpy(raw))) for _ in range(rounds))
-    out["normalise_ms"] = {"numpy (host loader, before)": 1000 * host, "torch CPU (stand-in for the device)": 1000 * device}
+    out["normalise_ms"] = {
+        "numpy (host loader, before)": 1000 * host,
+        "torch CPU (stand-in for the device)": 1000 * device,
+    }
     return out
 
 
@@ -243,11 +287,13 @@ def _timed(fn) -> float:
 def print_patch_dtype_costs() -> None:
     r = patch_dtype_costs()
     f, u = r["float32"], r["uint8"]
-    print(f"  patches per 32K micro-batch (15,763 patches): float32 {f['batch_mib']:.0f} MiB per Batch "
-          f"({f['patch_mib']:.0f} MiB patches), collate {f['collate_ms']:.1f} ms; uint8 {u['batch_mib']:.0f} MiB "
-          f"({u['patch_mib']:.0f} MiB patches), collate {u['collate_ms']:.1f} ms (in a worker: into shared memory): "
-          f"{f['batch_mib'] / u['batch_mib']:.1f}x fewer bytes host -> device, collate "
-          f"{f['collate_ms'] / u['collate_ms']:.1f}x faster")
+    print(
+        f"  patches per 32K micro-batch (15,763 patches): float32 {f['batch_mib']:.0f} MiB per Batch "
+        f"({f['patch_mib']:.0f} MiB patches), collate {f['collate_ms']:.1f} ms; uint8 {u['batch_mib']:.0f} MiB "
+        f"({u['patch_mib']:.0f} MiB patches), collate {u['collate_ms']:.1f} ms (in a worker: into shared memory): "
+        f"{f['batch_mib'] / u['batch_mib']:.1f}x fewer bytes host -> device, collate "
+        f"{f['collate_ms'] / u['collate_ms']:.1f}x faster"
+    )
     print("  normalising those patches: " + ", ".join(f"{k} {v:.1f} ms" for k, v in r["normalise_ms"].items()))
 
 
@@ -258,10 +304,16 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=12, help="32K samples per loader run")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--image-weight", type=float, default=0.7, help="blend weight of the caption prefix")
-    parser.add_argument("--dense-seq", type=int, nargs="+", default=[4096, 8192],
-                        help="sequence lengths at which to measure the reference's dense mask")
-    parser.add_argument("--patch-dtype-only", action="store_true",
-                        help="only the float32 vs uint8 patch comparison (no data to build)")
+    parser.add_argument(
+        "--dense-seq",
+        type=int,
+        nargs="+",
+        default=[4096, 8192],
+        help="sequence lengths at which to measure the reference's dense mask",
+    )
+    parser.add_argument(
+        "--patch-dtype-only", action="store_true", help="only the float32 vs uint8 patch comparison (no data to build)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.patch_dtype_only:
@@ -278,11 +330,13 @@ def main(argv=None):
         from megatron.solo.data.packed_format import PackedDataset
 
         packs = {p: PackedDataset(p) for p in (captions, text)}
-        print(f"{args.images} photos (JPEG, {SIZES[0]}…{SIZES[-1]}) with captions -> {len(packs[captions])} packs, "
-              f"{args.texts} texts -> {len(packs[text])} packs of <= {SEQ_LENGTH} tokens "
-              f"(mean {np.mean(np.concatenate([d.sequence_lengths for d in packs.values()])):.0f}), "
-              f"preprocessed in {time.perf_counter() - start:.0f} s; blend {args.image_weight:g} captions / "
-              f"{1 - args.image_weight:g} text; {os.cpu_count()} CPUs (shared)")
+        print(
+            f"{args.images} photos (JPEG, {SIZES[0]}…{SIZES[-1]}) with captions -> {len(packs[captions])} packs, "
+            f"{args.texts} texts -> {len(packs[text])} packs of <= {SEQ_LENGTH} tokens "
+            f"(mean {np.mean(np.concatenate([d.sequence_lengths for d in packs.values()])):.0f}), "
+            f"preprocessed in {time.perf_counter() - start:.0f} s; blend {args.image_weight:g} captions / "
+            f"{1 - args.image_weight:g} text; {os.cpu_count()} CPUs (shared)"
+        )
         blend = [(args.image_weight, captions), (1 - args.image_weight, text)]
         loader_ms = {}
         for workers in args.workers:
@@ -291,31 +345,42 @@ def main(argv=None):
             loader_ms[workers] = ms
             label = "in-process (num_workers=0)" if workers == 0 else f"num_workers={workers}"
             worker_mem = f", largest worker {r['worker_peak_mib']:6.0f} MiB (forked)" if workers else ""
-            print(f"  loader, {label:27s} {ms:7.1f} ms/sample = {ms * max(workers, 1):7.1f} ms per worker, "
-                  f"{1000 / ms:5.2f} samples/s; {r['patches']:,.0f} patches/sample; peak RSS main "
-                  f"{r['main_peak_mib']:6.0f} MiB (after imports {r['base_mib']:.0f}){worker_mem}")
+            print(
+                f"  loader, {label:27s} {ms:7.1f} ms/sample = {ms * max(workers, 1):7.1f} ms per worker, "
+                f"{1000 / ms:5.2f} samples/s; {r['patches']:,.0f} patches/sample; peak RSS main "
+                f"{r['main_peak_mib']:6.0f} MiB (after imports {r['base_mib']:.0f}){worker_mem}"
+            )
         stages = stage_times(blend, args.samples)
         total = sum(stages.values())
-        print("  per sample, in-process: " + ", ".join(f"{k} {1000 * v:.1f} ms ({100 * v / total:.0f}%)"
-                                                      for k, v in stages.items()))
+        print(
+            "  per sample, in-process: "
+            + ", ".join(f"{k} {1000 * v:.1f} ms ({100 * v / total:.0f}%)" for k, v in stages.items())
+        )
         print_patch_dtype_costs()
         ours_s, ours_mib = collate_cost()
-        print(f"  our collate, one 32K row of 8 documents (no patches): {1000 * ours_s:7.2f} ms, "
-              f"peak {ours_mib:.1f} MiB (tracemalloc)")
+        print(
+            f"  our collate, one 32K row of 8 documents (no patches): {1000 * ours_s:7.2f} ms, "
+            f"peak {ours_mib:.1f} MiB (tracemalloc)"
+        )
         first = packs[captions][0]
-        dense = run_child("dense", n_tokens=len(first.tokens), doc_offsets=first.doc_offsets.tolist(),
-                          sizes=args.dense_seq)
+        dense = run_child(
+            "dense", n_tokens=len(first.tokens), doc_offsets=first.doc_offsets.tolist(), sizes=args.dense_seq
+        )
         dense = {int(s): r for s, r in dense.items()}
         for s, r in dense.items():
-            print(f"  reference dense mask, s={s:5d}, measured:   {1000 * r['seconds']:9.1f} ms, mask "
-                  f"{r['mask_mib']:7.0f} MiB, peak +{r['peak_extra_mib']:6.0f} MiB RSS")
+            print(
+                f"  reference dense mask, s={s:5d}, measured:   {1000 * r['seconds']:9.1f} ms, mask "
+                f"{r['mask_mib']:7.0f} MiB, peak +{r['peak_extra_mib']:6.0f} MiB RSS"
+            )
         s, r = max(dense.items())
         scale = (SEQ_LENGTH / s) ** 2
         ms32, mib32 = 1000 * r["seconds"] * scale, r["peak_extra_mib"] * scale
         how = "measured" if s == SEQ_LENGTH else f"x{scale:.0f} from s={s}"
-        print(f"  reference dense mask, s={SEQ_LENGTH}, {how}: {ms32:9.1f} ms, peak +{mib32:6.0f} MiB "
-              f"= {ms32 / (1000 * ours_s):,.0f}x the time and {mib32 / ours_mib:,.0f}x the memory of our collate; "
-              f"it would add {100 * ms32 / loader_ms[args.workers[0]]:.0f}% to the in-process loader's ms/sample")
+        print(
+            f"  reference dense mask, s={SEQ_LENGTH}, {how}: {ms32:9.1f} ms, peak +{mib32:6.0f} MiB "
+            f"= {ms32 / (1000 * ours_s):,.0f}x the time and {mib32 / ours_mib:,.0f}x the memory of our collate; "
+            f"it would add {100 * ms32 / loader_ms[args.workers[0]]:.0f}% to the in-process loader's ms/sample"
+        )
 
 
 if __name__ == "__main__":

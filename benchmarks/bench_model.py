@@ -38,11 +38,15 @@ def make_batch(cfg: ModelConfig, seq: int, micro_batch: int, image_fraction: flo
         positions = []
         for start, n in zip(np.cumsum([0, *lens[:-1]]), lens):
             positions.extend(range(start + 1, start + 1 + int(n * image_fraction)))
-        examples.append(PackedExample(
-            tokens=rng.integers(3, cfg.vocab_size, seq), targets=np.ones(seq, bool),
-            doc_offsets=np.concatenate([[0], np.cumsum(lens)]),
-            patches=rng.standard_normal((len(positions), cfg.patch_dim)).astype(np.float32),
-            patch_positions=np.asarray(positions)))
+        examples.append(
+            PackedExample(
+                tokens=rng.integers(3, cfg.vocab_size, seq),
+                targets=np.ones(seq, bool),
+                doc_offsets=np.concatenate([[0], np.cumsum(lens)]),
+                patches=rng.standard_normal((len(positions), cfg.patch_dim)).astype(np.float32),
+                patch_positions=np.asarray(positions),
+            )
+        )
     return collate(examples, seq, pad_id=2, patch_dim=cfg.patch_dim)
 
 
@@ -66,15 +70,27 @@ def main(argv=None) -> None:
 
     install_cpu_backend_if_needed()
     initialize_model_parallel(1, 1)
-    cfg = ModelConfig(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=4 * args.hidden_size,
-                      num_attention_heads=4, num_query_groups=2, max_sequence_length=args.seq_length,
-                      sliding_window=None)
+    cfg = ModelConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=4 * args.hidden_size,
+        num_attention_heads=4,
+        num_query_groups=2,
+        max_sequence_length=args.seq_length,
+        sliding_window=None,
+    )
     tc = make_transformer_config(cfg)
     torch.manual_seed(0)
     solo = build_model(cfg, tc)
-    plain = GPTModel(tc, decoder_block_spec(tc, "local"), vocab_size=cfg.padded_vocab_size(),
-                     max_sequence_length=cfg.max_sequence_length, position_embedding_type="rope",
-                     rotary_base=cfg.rotary_base, share_embeddings_and_output_weights=False)
+    plain = GPTModel(
+        tc,
+        decoder_block_spec(tc, "local"),
+        vocab_size=cfg.padded_vocab_size(),
+        max_sequence_length=cfg.max_sequence_length,
+        position_embedding_type="rope",
+        rotary_base=cfg.rotary_base,
+        share_embeddings_and_output_weights=False,
+    )
     missing = plain.load_state_dict(solo.state_dict(), strict=False)
     assert missing.unexpected_keys == ["patch_embedding.weight"], missing
     batch = make_batch(cfg, args.seq_length, args.micro_batch, args.image_fraction)
@@ -83,12 +99,28 @@ def main(argv=None) -> None:
 
     variants = {
         "GPTModel, causal, no images": (plain, lambda m: m(batch.tokens, positions, None, labels=batch.labels)),
-        "SoloModel, packed, no images": (solo, lambda m: m(
-            text_only.tokens, text_only.position_ids, text_only.cu_seqlens, text_only.max_seqlen,
-            labels=text_only.labels)),
-        f"SoloModel, packed, {args.image_fraction:.0%} patches": (solo, lambda m: m(
-            batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches, batch.patch_index,
-            labels=batch.labels)),
+        "SoloModel, packed, no images": (
+            solo,
+            lambda m: m(
+                text_only.tokens,
+                text_only.position_ids,
+                text_only.cu_seqlens,
+                text_only.max_seqlen,
+                labels=text_only.labels,
+            ),
+        ),
+        f"SoloModel, packed, {args.image_fraction:.0%} patches": (
+            solo,
+            lambda m: m(
+                batch.tokens,
+                batch.position_ids,
+                batch.cu_seqlens,
+                batch.max_seqlen,
+                batch.patches,
+                batch.patch_index,
+                labels=batch.labels,
+            ),
+        ),
     }
     optimizers = {name: torch.optim.SGD(model.parameters(), lr=1e-6) for name, (model, _) in variants.items()}
     times = {name: [] for name in variants}
@@ -100,9 +132,11 @@ def main(argv=None) -> None:
 
     tokens = args.seq_length * args.micro_batch
     base = statistics.median(times["GPTModel, causal, no images"])
-    print(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.padded_vocab_size()}, "
-          f"{sum(p.numel() for p in solo.parameters()) / 1e6:.1f}M params | micro-batch {args.micro_batch} × "
-          f"{args.seq_length} tokens | {torch.get_num_threads()} threads | median of {args.steps} steps")
+    print(
+        f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.padded_vocab_size()}, "
+        f"{sum(p.numel() for p in solo.parameters()) / 1e6:.1f}M params | micro-batch {args.micro_batch} × "
+        f"{args.seq_length} tokens | {torch.get_num_threads()} threads | median of {args.steps} steps"
+    )
     for name, values in times.items():
         median = statistics.median(values)
         print(f"{name:<34} {median * 1e3:8.1f} ms/step  {tokens / median:8.0f} tokens/s  ratio {median / base:5.2f}")

@@ -35,18 +35,40 @@ from megatron.solo import image as im
 # the driver's (torch, megatron-core) are imported in main().
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
-SIZES = [(256, 256), (400, 300), (500, 375), (640, 480), (800, 800), (1024, 768), (1280, 720), (1920, 1080),
-         (300, 2000), (2048, 1536)]
-PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "camera.png", "rocket.jpg", "horse.png",
-          "hubble_deep_field.jpg", "motorcycle_left.png", "logo.png"]
-WORDS = ("a the of and in on with at by from over under near small large old new red blue green white black "
-         "dog cat man woman child car street house tree sky water road building table chair window light "
-         "photo picture view close up standing sitting walking holding wearing looking two three several "
-         "people group city park beach mountain field river boat train plane bird flower food plate cup").split()
+SIZES = [
+    (256, 256),
+    (400, 300),
+    (500, 375),
+    (640, 480),
+    (800, 800),
+    (1024, 768),
+    (1280, 720),
+    (1920, 1080),
+    (300, 2000),
+    (2048, 1536),
+]
+PHOTOS = [
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "camera.png",
+    "rocket.jpg",
+    "horse.png",
+    "hubble_deep_field.jpg",
+    "motorcycle_left.png",
+    "logo.png",
+]
+WORDS = (
+    "a the of and in on with at by from over under near small large old new red blue green white black "
+    "dog cat man woman child car street house tree sky water road building table chair window light "
+    "photo picture view close up standing sitting walking holding wearing looking two three several "
+    "people group city park beach mountain field river boat train plane bird flower food plate cup"
+).split()
 
 
-def make_data(root: Path, n_images: int, n_texts: int, seed: int = 0,
-              sizes: list[tuple[int, int]] = SIZES) -> tuple[Path, Path, list[Path]]:
+def make_data(
+    root: Path, n_images: int, n_texts: int, seed: int = 0, sizes: list[tuple[int, int]] = SIZES
+) -> tuple[Path, Path, list[Path]]:
     import skimage.data
 
     rng = random.Random(seed)
@@ -86,8 +108,13 @@ def run(inputs, prefix: str, workers: int, image_format: str = "jpeg") -> tuple[
     from megatron.solo.data.encode import EncodeConfig
     from megatron.solo.data.pipeline import PreprocessConfig, preprocess
 
-    config = PreprocessConfig(inputs=tuple(map(str, inputs)), output_prefix=prefix,
-                              encode=EncodeConfig(image_format=image_format), workers=workers, progress=False)
+    config = PreprocessConfig(
+        inputs=tuple(map(str, inputs)),
+        output_prefix=prefix,
+        encode=EncodeConfig(image_format=image_format),
+        workers=workers,
+        progress=False,
+    )
     start = time.perf_counter()
     stats = preprocess(config, stream=io.StringIO())
     return stats, time.perf_counter() - start
@@ -113,8 +140,9 @@ def document_lengths(prefix: str) -> list[tuple[int, bool]]:
     out = []
     for view in PackedDataset(prefix):
         starts = view.doc_offsets.tolist()
-        with_images = {next(k for k in range(len(starts) - 1) if starts[k] <= i.position < starts[k + 1])
-                       for i in view.images}
+        with_images = {
+            next(k for k in range(len(starts) - 1) if starts[k] <= i.position < starts[k + 1]) for i in view.images
+        }
         out += [(b - a, k in with_images) for k, (a, b) in enumerate(zip(starts, starts[1:]))]
     return out
 
@@ -151,38 +179,50 @@ def main(argv=None):
         half = tmp / "half.jsonl"
         half.write_text("".join(captions.read_text().splitlines(keepends=True)[: args.images // 2]))
         grids = [im.grid_size(*Image.open(p).size) for p in paths]
-        print(f"{len(paths)} JPEG photos (q90) at {len(SIZES)} sizes {SIZES[0]}…{SIZES[-1]}, mean "
-              f"{np.mean([r * c for r, c in grids]):.0f} patches; captions of 3-60 words; {os.cpu_count()} CPUs "
-              f"(shared: best of {args.repeats} rounds)")
+        print(
+            f"{len(paths)} JPEG photos (q90) at {len(SIZES)} sizes {SIZES[0]}…{SIZES[-1]}, mean "
+            f"{np.mean([r * c for r, c in grids]):.0f} patches; captions of 3-60 words; {os.cpu_count()} CPUs "
+            f"(shared: best of {args.repeats} rounds)"
+        )
         floor = max(floor_rate(paths) for _ in range(args.repeats))
         print(f"  decode+resize floor, 1 thread          {floor:7.1f} images/s")
         for workers in args.workers:
             rate = steady_rate(half, captions, str(tmp / f"w{workers}"), workers, args.repeats)
             per_worker = rate / max(workers, 1)
             label = "in-process (--workers 0)" if workers == 0 else f"--workers {workers}"
-            print(f"  full pipeline, {label:24s} {rate:7.1f} samples/s = {per_worker:6.1f} per worker "
-                  f"= {per_worker / floor:.2f}x the floor")
+            print(
+                f"  full pipeline, {label:24s} {rate:7.1f} samples/s = {per_worker:6.1f} per worker "
+                f"= {per_worker / floor:.2f}x the floor"
+            )
         for fmt in ("jpeg", "webp", "webp-lossless", "png", "raw"):
             stats, seconds = run([half], str(tmp / f"fmt-{fmt}"), 0, image_format=fmt)
-            print(f"  --image-format {fmt:14s} {stats['bytes_per_vision_token']:7.1f} bytes/vision token "
-                  f"({stats['bytes_per_patch']:.0f}/patch; reference fp16: 6144/patch), "
-                  f"{stats['samples'] / seconds:6.1f} samples/s in-process")
+            print(
+                f"  --image-format {fmt:14s} {stats['bytes_per_vision_token']:7.1f} bytes/vision token "
+                f"({stats['bytes_per_patch']:.0f}/patch; reference fp16: 6144/patch), "
+                f"{stats['samples'] / seconds:6.1f} samples/s in-process"
+            )
         stats, seconds = run([texts], str(tmp / "text"), 0)
-        print(f"  text documents, in-process: {stats['samples'] / seconds:7.1f} docs/s, "
-              f"{stats['text_tokens'] / seconds / 1e3:7.1f}k tokens/s (incl. start-up), "
-              f"{stats['split_documents']} split over 32K")
+        print(
+            f"  text documents, in-process: {stats['samples'] / seconds:7.1f} docs/s, "
+            f"{stats['text_tokens'] / seconds / 1e3:7.1f}k tokens/s (incl. start-up), "
+            f"{stats['split_documents']} split over 32K"
+        )
         rng = random.Random(1)
         image_docs = document_lengths(str(tmp / "fmt-jpeg"))
         text_docs = document_lengths(str(tmp / "text"))
         for name, pool in (("captions", image_docs), ("text", text_docs), ("70% captions + 30% text", None)):
             if pool is None:
-                drawn = [rng.choice(image_docs) if rng.random() < 0.7 else rng.choice(text_docs)
-                         for _ in range(args.simulate)]
+                drawn = [
+                    rng.choice(image_docs) if rng.random() < 0.7 else rng.choice(text_docs)
+                    for _ in range(args.simulate)
+                ]
             else:
                 drawn = [rng.choice(pool) for _ in range(args.simulate)]
             greedy, best = padding(drawn, 1), padding(drawn, 16)
-            print(f"  padding of 32K packs, {name:24s} best-fit(16) {100 * best:5.2f}%   "
-                  f"reference greedy {100 * greedy:5.2f}%   ({args.simulate} documents)")
+            print(
+                f"  padding of 32K packs, {name:24s} best-fit(16) {100 * best:5.2f}%   "
+                f"reference greedy {100 * greedy:5.2f}%   ({args.simulate} documents)"
+            )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("default", deadline=None, max_examples=200)
-settings.register_profile("ci", deadline=None, max_examples=200, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci", deadline=None, max_examples=200, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
@@ -26,8 +27,17 @@ def sample_photos() -> list[Path]:
     import skimage.data
 
     root = Path(skimage.data.__file__).parent
-    names = ["astronaut.png", "chelsea.png", "coffee.png", "camera.png", "rocket.jpg", "logo.png", "horse.png",
-             "hubble_deep_field.jpg", "motorcycle_left.png"]
+    names = [
+        "astronaut.png",
+        "chelsea.png",
+        "coffee.png",
+        "camera.png",
+        "rocket.jpg",
+        "logo.png",
+        "horse.png",
+        "hubble_deep_field.jpg",
+        "motorcycle_left.png",
+    ]
     photos = [root / n for n in names if (root / n).is_file()]
     assert len(photos) >= 3, f"expected scikit-image sample photos in {root}"
     return photos
@@ -47,4 +57,3 @@ def megatron_world():
 
     initialize_model_parallel(1, 1, seed=1234)
     yield
-

@@ -33,19 +33,32 @@ def free_port() -> int:
 
 
 def torchrun_command(script: str | Path, nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-            str(script), *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(script),
+        *map(str, args),
+    ]
 
 
-def run_in_session(cmd: list[str], *, timeout: float, env: dict[str, str] | None = None,
-                   cwd=None) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def run_in_session(
+    cmd: list[str], *, timeout: float, env: dict[str, str] | None = None, cwd=None, started=None
+) -> subprocess.CompletedProcess:
+    """``started(pid)``, if given, is called once the session exists (its process-group id is ``pid``)."""
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    if started is not None:
+        started(proc.pid)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        raise AssertionError(f"{' '.join(map(str, cmd))} timed out after {timeout} s:\n{stdout[-3000:]}\n"
-                             f"{stderr[-5000:]}") from None
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} timed out after {timeout} s:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+        ) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

@@ -41,8 +41,9 @@ def imports_between_parts() -> dict[str, set[str]]:
         source = _part(".".join(("megatron", "solo", *path.relative_to(PACKAGE).with_suffix("").parts)))
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("megatron.solo"):
-                targets = ([f"megatron.solo.{a.name}" for a in node.names] if node.module == "megatron.solo"
-                           else [node.module])
+                targets = (
+                    [f"megatron.solo.{a.name}" for a in node.names] if node.module == "megatron.solo" else [node.module]
+                )
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names if a.name.startswith("megatron.solo")]
             else:

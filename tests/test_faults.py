@@ -7,16 +7,25 @@ import pytest
 
 from megatron.solo import faults
 
-KILL_AT_2 = "from megatron.solo import faults\nfor i in (1, 2, 3):\n    print(i, flush=True)\n    faults.kill_at('{}', i)\n"
+KILL_AT_2 = (
+    "from megatron.solo import faults\nfor i in (1, 2, 3):\n    print(i, flush=True)\n    faults.kill_at('{}', i)\n"
+)
 
 
 @pytest.mark.parametrize("name", sorted(faults.FAULTS))
 def test_a_fault_kills_at_its_count_and_only_there(name):
-    proc = subprocess.run([sys.executable, "-c", KILL_AT_2.format(name)], env=faults.env(name, 2), text=True,
-                          capture_output=True, timeout=60, start_new_session=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_AT_2.format(name)],
+        env=faults.env(name, 2),
+        text=True,
+        capture_output=True,
+        timeout=60,
+        start_new_session=True,
+    )
     assert proc.returncode == -9 and proc.stdout.split() == ["1", "2"], proc.stderr
-    unset = subprocess.run([sys.executable, "-c", KILL_AT_2.format(name)], text=True, capture_output=True,
-                           timeout=60, env={})
+    unset = subprocess.run(
+        [sys.executable, "-c", KILL_AT_2.format(name)], text=True, capture_output=True, timeout=60, env={}
+    )
     assert unset.returncode == 0 and unset.stdout.split() == ["1", "2", "3"], unset.stderr
 
 

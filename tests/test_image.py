@@ -199,7 +199,10 @@ MODE_CASES = {
     "LA": (Image.new("LA", (1, 1), (0, 64)), _blend_on_white((0, 0, 0), 64)),
     "RGBa premultiplied": (Image.new("RGBa", (1, 1), (100, 0, 0, 128)), _blend_on_white((199, 0, 0), 128)),
     "La premultiplied": (Image.new("La", (1, 1), (50, 100)), _blend_on_white((127, 127, 127), 100)),
-    "CMYK": (Image.new("CMYK", (1, 1), (50, 100, 150, 60)), tuple(round((255 - v) * (255 - 60) / 255) for v in (50, 100, 150))),
+    "CMYK": (
+        Image.new("CMYK", (1, 1), (50, 100, 150, 60)),
+        tuple(round((255 - v) * (255 - 60) / 255) for v in (50, 100, 150)),
+    ),
     "I;16": (Image.new("I;16", (1, 1), 32896), (128, 128, 128)),
     "I;16B": (Image.new("I;16B", (1, 1), 65535), (255, 255, 255)),
     "I 16-bit values": (Image.new("I", (1, 1), 1028), (4, 4, 4)),
@@ -346,7 +349,9 @@ def test_bomb_refused_before_decoding(tmp_path):
     # decoding it would fail as a truncated image: only a check made from the header gives this error.
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_header_claiming(10_000, 10_000))
-    with pytest.raises(ImageError, match=r"bomb\.png: decompression bomb: 10000x10000 = 100000000 pixels exceeds") as err:
+    with pytest.raises(
+        ImageError, match=r"bomb\.png: decompression bomb: 10000x10000 = 100000000 pixels exceeds"
+    ) as err:
         im.load_image(path)
     assert err.value.reason == "decompression_bomb"
     with pytest.raises(ImageError) as err:
@@ -418,9 +423,10 @@ def test_bad_data_urls():
 # Normalisation on the device: uint8 patches travel, torch normalises them like the numpy front end
 
 
-@pytest.mark.parametrize("config", [im.DEFAULT_CONFIG,
-                                    im.ImageConfig(patch_size=14, max_size=1022, mean=(0.5, 0.4, 0.3),
-                                                   std=(0.26, 0.7, 0.11))])
+@pytest.mark.parametrize(
+    "config",
+    [im.DEFAULT_CONFIG, im.ImageConfig(patch_size=14, max_size=1022, mean=(0.5, 0.4, 0.3), std=(0.26, 0.7, 0.11))],
+)
 def test_torch_normalisation_is_bit_identical_to_numpy(config):
     import torch
 

@@ -43,8 +43,9 @@ def test_prompt_is_the_training_document_up_to_the_answer(tokenizer, images):
 
 
 def test_mistral_prompt_is_the_instruction_document_up_to_the_answer(tokenizer, images):
-    doc = training_document(tokenizer, [("user", [ImageRef(images[1]), ImageRef(images[2]), "What is it?"]),
-                                        ("assistant", ["A test."])])
+    doc = training_document(
+        tokenizer, [("user", [ImageRef(images[1]), ImageRef(images[2]), "What is it?"]), ("assistant", ["A test."])]
+    )
     prompt = build_prompt(tokenizer, images[1:], "What is it?", template="mistral")
     n = len(prompt.tokens)
     assert prompt.tokens.tolist() == doc.tokens[:n].tolist() and doc.targets[n] and not doc.targets[n - 1]
@@ -73,9 +74,14 @@ def reference_greedy(model, prompt, allowed, eos_id, max_new_tokens):
     for _ in range(max_new_tokens):
         n = len(ids)
         with torch.no_grad():
-            logits = model(torch.tensor([ids]), torch.arange(n)[None], torch.tensor([0, n], dtype=torch.int32), n,
-                           torch.from_numpy(normalize_patches(prompt.patches)),
-                           torch.from_numpy(prompt.patch_positions))
+            logits = model(
+                torch.tensor([ids]),
+                torch.arange(n)[None],
+                torch.tensor([0, n], dtype=torch.int32),
+                n,
+                torch.from_numpy(normalize_patches(prompt.patches)),
+                torch.from_numpy(prompt.patch_positions),
+            )
         t = int(logits[0, -1].masked_fill(~allowed, float("-inf")).argmax())
         if t == eos_id:
             break
@@ -86,10 +92,14 @@ def reference_greedy(model, prompt, allowed, eos_id, max_new_tokens):
 
 def test_batched_greedy_equals_each_prompt_alone(model, tokenizer, images):
     allowed = allowed_ids(tokenizer, model.vocab_size)
-    prompts = [build_prompt(tokenizer, [images[0]]), build_prompt(tokenizer, [], "Two plus two is"),
-               build_prompt(tokenizer, images[1:], "Describe.")]
-    got = greedy_generate(model, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, allowed=allowed,
-                          max_new_tokens=6)
+    prompts = [
+        build_prompt(tokenizer, [images[0]]),
+        build_prompt(tokenizer, [], "Two plus two is"),
+        build_prompt(tokenizer, images[1:], "Describe."),
+    ]
+    got = greedy_generate(
+        model, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, allowed=allowed, max_new_tokens=6
+    )
     for prompt, ids in zip(prompts, got):
         assert ids == reference_greedy(model, prompt, allowed, tokenizer.eos_id, 6)
         assert len(ids) == 6 and not set(ids) & set(tokenizer.vision_token_ids)
@@ -119,8 +129,9 @@ class ScriptedModel:
 def test_rows_stop_at_eos_and_finished_rows_leave_the_batch():
     prompts = [build_prompt_ids([7, 5]), build_prompt_ids([8, 5, 5, 5]), build_prompt_ids([9])]
     model = ScriptedModel(stop_at={7: 4, 8: 6})  # row 0 stops after 2 new tokens, row 1 after 2, row 2 never
-    out = greedy_generate(model, prompts, eos_id=2, pad_id=0, allowed=torch.ones(400, dtype=torch.bool),
-                          max_new_tokens=5)
+    out = greedy_generate(
+        model, prompts, eos_id=2, pad_id=0, allowed=torch.ones(400, dtype=torch.bool), max_new_tokens=5
+    )
     assert out == [[102, 103], [104, 105], [101, 102, 103, 104, 105]]
     assert model.calls == [3, 3, 3, 1, 1]
 

@@ -33,13 +33,26 @@ def test_default_is_real_mistral_v01_tokenizer(tokenizer):
 
 
 def test_reference_id_layout(tokenizer):
-    expected = {"<vision>": 32000, "<vpatch>": 32001, "<vrow_sep>": 32002, "<vframe_sep>": 32003, "</vision>": 32004,
-                "<loc_1>": 32005, "<loc_512>": 32516, "<loc_1024>": 33028}
+    expected = {
+        "<vision>": 32000,
+        "<vpatch>": 32001,
+        "<vrow_sep>": 32002,
+        "<vframe_sep>": 32003,
+        "</vision>": 32004,
+        "<loc_1>": 32005,
+        "<loc_512>": 32516,
+        "<loc_1024>": 33028,
+    }
     for token, idx in expected.items():
         assert tokenizer.token_to_id(token) == idx
         assert tokenizer.id_to_token(idx) == token
-    assert (tokenizer.vision_start_id, tokenizer.vision_patch_id, tokenizer.vision_row_sep_id,
-            tokenizer.vision_frame_sep_id, tokenizer.vision_end_id) == (32000, 32001, 32002, 32003, 32004)
+    assert (
+        tokenizer.vision_start_id,
+        tokenizer.vision_patch_id,
+        tokenizer.vision_row_sep_id,
+        tokenizer.vision_frame_sep_id,
+        tokenizer.vision_end_id,
+    ) == (32000, 32001, 32002, 32003, 32004)
     assert tokenizer.loc_token_id(1) == 32005 and tokenizer.loc_token_id(1024) == 33028
     assert tokenizer.vocab_size == len(tokenizer) == 33029
     assert tokenizer.token_to_id("▁the") == 272 and tokenizer.token_to_id("<s>") == 1
@@ -88,7 +101,7 @@ def test_image_layout(tokenizer, rows, cols):
     assert ids.count(32001) == rows * cols and ids.count(32002) == rows - 1
     body = ids[1:-1]
     for r in range(rows):  # each row is `cols` patches, separated (not terminated) by <vrow_sep>
-        assert body[r * (cols + 1): r * (cols + 1) + cols] == [32001] * cols
+        assert body[r * (cols + 1) : r * (cols + 1) + cols] == [32001] * cols
         if r < rows - 1:
             assert body[r * (cols + 1) + cols] == 32002
     assert len(ids) == num_image_tokens(cols * 32, rows * 32)

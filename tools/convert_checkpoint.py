@@ -33,20 +33,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     to_mg = sub.add_parser("hf-to-megatron", help="HF Mistral / SOLO-7B directory → Megatron checkpoint")
     to_mg.add_argument("--hf-model", required=True, type=Path, help="HF model directory")
     to_mg.add_argument("--out", required=True, type=Path, help="Megatron checkpoint directory to create")
-    to_mg.add_argument("--tensor-model-parallel-size", type=int, default=1,
-                       help="sets the vocabulary padding (128·TP) and is validated; the checkpoint loads at any TP")
-    to_mg.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                       help="validated against the layer count only: the checkpoint loads at any PP")
-    to_mg.add_argument("--tokenizer-model", type=Path, default=None,
-                       help="tokenizer.model (default: the one in --hf-model)")
+    to_mg.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="sets the vocabulary padding (128·TP) and is validated; the checkpoint loads at any TP",
+    )
+    to_mg.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="validated against the layer count only: the checkpoint loads at any PP",
+    )
+    to_mg.add_argument(
+        "--tokenizer-model", type=Path, default=None, help="tokenizer.model (default: the one in --hf-model)"
+    )
     to_mg.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the HF weights' dtype")
     to_mg.add_argument("--seed", type=int, default=0, help="seed of the patch projection's initialisation")
     to_hf = sub.add_parser("megatron-to-hf", help="Megatron checkpoint → HF SoloForCausalLM directory")
     to_hf.add_argument("--load", required=True, type=Path, help="Megatron checkpoint directory")
     to_hf.add_argument("--out", required=True, type=Path, help="HF directory to write")
     to_hf.add_argument("--iteration", type=int, default=None, help="default: the latest (or release)")
-    to_hf.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                       help="default: the checkpoint's own dtype (an fp32 checkpoint stays fp32)")
+    to_hf.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="default: the checkpoint's own dtype (an fp32 checkpoint stays fp32)",
+    )
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser.parse_args(argv)
 
@@ -60,16 +73,27 @@ def main(argv=None) -> int:
 
     if args.direction == "hf-to-megatron":
         meta = hf_to_megatron_checkpoint(
-            args.hf_model, args.out, tensor_parallel=args.tensor_model_parallel_size,
-            pipeline_parallel=args.pipeline_model_parallel_size, tokenizer_model=args.tokenizer_model,
-            dtype=DTYPES[args.dtype] if args.dtype else None, seed=args.seed)
-        print(f"wrote {args.out}: {meta.model.num_layers} layers, hidden {meta.model.hidden_size}, "
-              f"vocab {meta.model.vocab_size} (padded {meta.padded_vocab_size})")
+            args.hf_model,
+            args.out,
+            tensor_parallel=args.tensor_model_parallel_size,
+            pipeline_parallel=args.pipeline_model_parallel_size,
+            tokenizer_model=args.tokenizer_model,
+            dtype=DTYPES[args.dtype] if args.dtype else None,
+            seed=args.seed,
+        )
+        print(
+            f"wrote {args.out}: {meta.model.num_layers} layers, hidden {meta.model.hidden_size}, "
+            f"vocab {meta.model.vocab_size} (padded {meta.padded_vocab_size})"
+        )
     else:
         iteration = "latest" if args.iteration is None else args.iteration
-        out = megatron_to_hf_checkpoint(args.load, args.out, iteration=iteration,
-                                        dtype=DTYPES[args.dtype] if args.dtype else None,
-                                        overwrite=args.overwrite)
+        out = megatron_to_hf_checkpoint(
+            args.load,
+            args.out,
+            iteration=iteration,
+            dtype=DTYPES[args.dtype] if args.dtype else None,
+            overwrite=args.overwrite,
+        )
         print(f"wrote {out}")
     return 0
 

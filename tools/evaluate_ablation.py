@@ -47,16 +47,31 @@ def main(argv=None) -> int:
         runs.append((name, ev.score_captions([t for _, t in caps], answers), ev.loss_summary(metrics)))
         curves.append((name, metrics))
     args.out.mkdir(parents=True, exist_ok=True)
-    ev.plot_runs(curves, args.out / "ablation_loss_curves.png",
-                 "SOLO CPU demo: stage 2 after stage 1 vs from scratch (equal compute)")
+    ev.plot_runs(
+        curves,
+        args.out / "ablation_loss_curves.png",
+        "SOLO CPU demo: stage 2 after stage 1 vs from scratch (equal compute)",
+    )
     timings = ev.read_timings(args.timings) if args.timings else {}
     timings["evaluate"] = time.perf_counter() - start
     report = ev.format_ablation(runs, timings)
     print(report)
     write_atomic(str(args.out / "ablation_report.txt"), (report + "\n").encode())
-    write_atomic(str(args.out / "ablation_report.json"), (json.dumps({
-        "runs": {name: {"captions": dataclasses.asdict(score), "losses": losses} for name, score, losses in runs},
-        "timings": timings}, indent=2) + "\n").encode())
+    write_atomic(
+        str(args.out / "ablation_report.json"),
+        (
+            json.dumps(
+                {
+                    "runs": {
+                        name: {"captions": dataclasses.asdict(score), "losses": losses} for name, score, losses in runs
+                    },
+                    "timings": timings,
+                },
+                indent=2,
+            )
+            + "\n"
+        ).encode(),
+    )
     return 0
 
 

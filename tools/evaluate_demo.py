@@ -61,8 +61,12 @@ def main(argv=None) -> int:
     chat = None
     if args.sft is not None:
         questions = ev.read_questions(args.data / "sft" / "heldout.jsonl", args.data / "captions")
-        answers = Generator(args.sft)([([q["image"]], q["question"]) for q in questions], template="mistral",
-                                      max_new_tokens=6, batch_size=args.batch_size)
+        answers = Generator(args.sft)(
+            [([q["image"]], q["question"]) for q in questions],
+            template="mistral",
+            max_new_tokens=6,
+            batch_size=args.batch_size,
+        )
         chat = ev.score_chat(questions, answers)
     metrics = [ev.read_metrics(p) for p in args.metrics]
     names = ["stage 1", "stage 2", "SFT"][: len(metrics)]
@@ -72,21 +76,40 @@ def main(argv=None) -> int:
     timings = ev.read_timings(args.timings) if args.timings else {}
     timings["evaluate"] = time.perf_counter() - start
     summaries = [ev.loss_summary(m) for m in metrics] + [None, None, None]
-    report = ev.format_report(stage1_labels=stage1, stage1_losses=summaries[0], stage2_labels=stage2_labels,
-                              captions=captions, stage2_losses=summaries[1], chat=chat, sft_losses=summaries[2],
-                              timings=timings,
-                              min_label_accuracy=args.min_label_accuracy)
+    report = ev.format_report(
+        stage1_labels=stage1,
+        stage1_losses=summaries[0],
+        stage2_labels=stage2_labels,
+        captions=captions,
+        stage2_losses=summaries[1],
+        chat=chat,
+        sft_losses=summaries[2],
+        timings=timings,
+        min_label_accuracy=args.min_label_accuracy,
+    )
     print(report)
     write_atomic(str(args.out / "report.txt"), (report + "\n").encode())
-    write_atomic(str(args.out / "report.json"), (json.dumps({
-        "stage1_labels": dataclasses.asdict(stage1),
-        "stage2_labels": dataclasses.asdict(stage2_labels) if stage2_labels else None,
-        "captions": dataclasses.asdict(captions) if captions else None,
-        "sft": dataclasses.asdict(chat) if chat else None,
-        "losses": summaries[: len(metrics)], "timings": timings,
-    }, indent=2) + "\n").encode())
-    print(f"\nwritten: {args.out / 'report.txt'}, {args.out / 'report.json'}"
-          + (f", {args.out / 'loss_curves.png'}" if metrics else ""))
+    write_atomic(
+        str(args.out / "report.json"),
+        (
+            json.dumps(
+                {
+                    "stage1_labels": dataclasses.asdict(stage1),
+                    "stage2_labels": dataclasses.asdict(stage2_labels) if stage2_labels else None,
+                    "captions": dataclasses.asdict(captions) if captions else None,
+                    "sft": dataclasses.asdict(chat) if chat else None,
+                    "losses": summaries[: len(metrics)],
+                    "timings": timings,
+                },
+                indent=2,
+            )
+            + "\n"
+        ).encode(),
+    )
+    print(
+        f"\nwritten: {args.out / 'report.txt'}, {args.out / 'report.json'}"
+        + (f", {args.out / 'loss_curves.png'}" if metrics else "")
+    )
     return 0 if stage1.accuracy >= args.min_label_accuracy else 1
 
 

@@ -1,24 +1,28 @@
 #!/usr/bin/env python
 """Print one pack of a preprocessed prefix, and optionally write its images back as PNG.
 
-    python tools/inspect_mm_data.py out/captions --index 0 [--save-images DIR] [--tokenizer-model PATH]
+python tools/inspect_mm_data.py out/captions --index 0 [--save-images DIR] [--tokenizer-model PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import warnings
 import json
 import os
 import sys
+import warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("prefix", help="output prefix given to preprocess_mm_data.py")
     p.add_argument("--index", type=int, default=0, help="pack to show (default 0; negative counts from the end)")
-    p.add_argument("--save-images", metavar="DIR", default=None, help="write the pack's images as DIR/pack<I>_image_<K>.png")
-    p.add_argument("--tokenizer-model", default=None, help="the tokenizer used to preprocess (default: Mistral-7B-v0.1's)")
+    p.add_argument(
+        "--save-images", metavar="DIR", default=None, help="write the pack's images as DIR/pack<I>_image_<K>.png"
+    )
+    p.add_argument(
+        "--tokenizer-model", default=None, help="the tokenizer used to preprocess (default: Mistral-7B-v0.1's)"
+    )
     p.add_argument("--max-chars", type=int, default=2000, help="characters of text shown per document (default 2000)")
     return p
 

@@ -40,10 +40,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        config = DemoDataConfig(per_class=args.per_class, heldout_per_class=args.heldout_per_class,
-                                captions=args.captions, heldout_captions=args.heldout_captions,
-                                text_documents=args.text_documents, sft_chats=args.sft_chats,
-                                sft_heldout=args.sft_heldout, seed=args.seed)
+        config = DemoDataConfig(
+            per_class=args.per_class,
+            heldout_per_class=args.heldout_per_class,
+            captions=args.captions,
+            heldout_captions=args.heldout_captions,
+            text_documents=args.text_documents,
+            sft_chats=args.sft_chats,
+            sft_heldout=args.sft_heldout,
+            seed=args.seed,
+        )
     except ValueError as e:
         print(f"make_demo_data: {e}", file=sys.stderr)
         return 2
@@ -53,8 +59,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"make_demo_data: {e}", file=sys.stderr)
         return 2
-    print(f"{args.out}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
-          + f" in {time.perf_counter() - start:.1f} s")
+    print(
+        f"{args.out}: "
+        + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items())
+        + f" in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 

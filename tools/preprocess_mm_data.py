@@ -13,60 +13,124 @@ OUT.errors.jsonl and OUT.stats.json; see megatron/solo/data/packed_format.py for
 from __future__ import annotations
 
 import argparse
-import warnings
 import sys
+import warnings
 
 # Only light modules at the top: worker processes re-import this file as their __main__.
 from megatron.solo.data import codec, encode, packing, sources
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 2)[2])
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )
     g = p.add_argument_group("input")
-    g.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
-                   help="input files, globs (quote them; ** allowed) or ImageNet root directories")
-    g.add_argument("--input-format", default="auto", choices=("auto",) + sources.FORMATS,
-                   help="input format (default: detected from the first record of each input)")
-    g.add_argument("--image-root", default=None, help="directory relative image paths are resolved against "
-                   "(default: the input file's directory); image paths resolving outside it (../, absolute, "
-                   "file://, symlinks) are skipped as outside_root")
-    g.add_argument("--allow-outside-root", action="store_true",
-                   help="also read image paths (and ImageNet symlinks) that resolve outside the image root")
+    g.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE_OR_GLOB",
+        help="input files, globs (quote them; ** allowed) or ImageNet root directories",
+    )
+    g.add_argument(
+        "--input-format",
+        default="auto",
+        choices=("auto",) + sources.FORMATS,
+        help="input format (default: detected from the first record of each input)",
+    )
+    g.add_argument(
+        "--image-root",
+        default=None,
+        help="directory relative image paths are resolved against "
+        "(default: the input file's directory); image paths resolving outside it (../, absolute, "
+        "file://, symlinks) are skipped as outside_root",
+    )
+    g.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="also read image paths (and ImageNet symlinks) that resolve outside the image root",
+    )
     g.add_argument("--class-names", default=None, help="imagenet: wnid → class name file ('wnid name' lines or JSON)")
-    g.add_argument("--shuffle-seed", type=int, default=0,
-                   help="imagenet: images are read in this seed's random order, so packs mix classes (default 0)")
-    g.add_argument("--no-shuffle", action="store_true",
-                   help="imagenet: read class by class, sorted (every pack then holds one class)")
+    g.add_argument(
+        "--shuffle-seed",
+        type=int,
+        default=0,
+        help="imagenet: images are read in this seed's random order, so packs mix classes (default 0)",
+    )
+    g.add_argument(
+        "--no-shuffle",
+        action="store_true",
+        help="imagenet: read class by class, sorted (every pack then holds one class)",
+    )
     g = p.add_argument_group("output")
-    g.add_argument("--output-prefix", required=True, help="write OUT.bin/.idx, OUT.pack.bin/.idx, OUT.stats.json, "
-                   "OUT.errors.jsonl")
-    g.add_argument("--tokenizer-model", default=None, help="tokenizer.model or a directory holding one "
-                   "(default: Mistral-7B-v0.1's, from mistral-common)")
+    g.add_argument(
+        "--output-prefix", required=True, help="write OUT.bin/.idx, OUT.pack.bin/.idx, OUT.stats.json, OUT.errors.jsonl"
+    )
+    g.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="tokenizer.model or a directory holding one (default: Mistral-7B-v0.1's, from mistral-common)",
+    )
     g.add_argument("--seq-length", type=int, default=packing.DEFAULT_SEQ_LENGTH, help="tokens per pack (default 32768)")
-    g.add_argument("--max-sample-length", type=int, default=None,
-                   help="cut each sample to at most N tokens (SFT: 4096, the recipe's); each cut is counted in "
-                   "OUT.stats.json (truncated_samples) and listed in OUT.errors.jsonl as 'truncated' (default: no limit)")
-    g.add_argument("--pack-buffer-size", type=int, default=packing.DEFAULT_BUFFER_SIZE,
-                   help="open packs the best-fit packer chooses among (default %(default)s; 1 = sequential greedy)")
-    g.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
-                   help="end every document with EOS (default on)")
-    g.add_argument("--chat-template", default="mistral", choices=encode.TEMPLATES,
-                   help="mistral: [INST] user [/INST] assistant</s> (default); plain: the reference's concatenation")
-    g.add_argument("--image-format", default=codec.DEFAULT_FORMAT, choices=tuple(codec.CODECS),
-                   help="how resized images are stored (default jpeg; png/webp-lossless are lossless, raw is uint8)")
-    g.add_argument("--image-quality", type=int, default=codec.DEFAULT_QUALITY, help="quality of jpeg/webp (default %(default)s)")
-    g.add_argument("--max-aspect-distortion", type=float, default=4.0,
-                   help="skip images (as 'sliver') whose aspect ratio the size rule changes by more than this "
-                   "factor (default 4; 0 = never)")
+    g.add_argument(
+        "--max-sample-length",
+        type=int,
+        default=None,
+        help="cut each sample to at most N tokens (SFT: 4096, the recipe's); each cut is counted in "
+        "OUT.stats.json (truncated_samples) and listed in OUT.errors.jsonl as 'truncated' (default: no limit)",
+    )
+    g.add_argument(
+        "--pack-buffer-size",
+        type=int,
+        default=packing.DEFAULT_BUFFER_SIZE,
+        help="open packs the best-fit packer chooses among (default %(default)s; 1 = sequential greedy)",
+    )
+    g.add_argument(
+        "--append-eod",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="end every document with EOS (default on)",
+    )
+    g.add_argument(
+        "--chat-template",
+        default="mistral",
+        choices=encode.TEMPLATES,
+        help="mistral: [INST] user [/INST] assistant</s> (default); plain: the reference's concatenation",
+    )
+    g.add_argument(
+        "--image-format",
+        default=codec.DEFAULT_FORMAT,
+        choices=tuple(codec.CODECS),
+        help="how resized images are stored (default jpeg; png/webp-lossless are lossless, raw is uint8)",
+    )
+    g.add_argument(
+        "--image-quality", type=int, default=codec.DEFAULT_QUALITY, help="quality of jpeg/webp (default %(default)s)"
+    )
+    g.add_argument(
+        "--max-aspect-distortion",
+        type=float,
+        default=4.0,
+        help="skip images (as 'sliver') whose aspect ratio the size rule changes by more than this "
+        "factor (default 4; 0 = never)",
+    )
     g = p.add_argument_group("running")
-    g.add_argument("--workers", type=int, default=None, help="worker processes (default: all CPUs; 0 = in-process); "
-                   "the output is byte-identical for any value")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: all CPUs; 0 = in-process); the output is byte-identical for any value",
+    )
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     g.add_argument("--strict", action="store_true", help="fail on the first bad sample instead of skipping it")
     g.add_argument("--checkpoint-interval", type=float, default=60.0, help="seconds between checkpoints (default 60)")
-    g.add_argument("--log-interval", type=float, default=30.0,
-                   help="seconds between progress lines when stderr is not a terminal (default 30)")
+    g.add_argument(
+        "--log-interval",
+        type=float,
+        default=30.0,
+        help="seconds between progress lines when stderr is not a terminal (default 30)",
+    )
     return p
 
 

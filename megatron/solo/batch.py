@@ -52,8 +52,9 @@ class Batch:
     pack_lengths: torch.Tensor
 
     def _map_tensors(self, fn) -> Batch:
-        return Batch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
-                        for f in fields(self)})
+        return Batch(
+            **{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v for f in fields(self)}
+        )
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
@@ -105,8 +106,9 @@ def _check_example(i: int, ex: PackedExample, seq_length: int, patch_dim: int) -
     offsets = np.asarray(ex.doc_offsets)
     if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) <= 0):
         problems.append(f"doc_offsets {offsets.tolist()} must rise strictly from 0 to {n}")
-    if ex.patches is not None and (ex.patches.ndim != 2 or ex.patches.shape[1] != patch_dim
-                                   or len(ex.patches) != len(ex.patch_positions)):
+    if ex.patches is not None and (
+        ex.patches.ndim != 2 or ex.patches.shape[1] != patch_dim or len(ex.patches) != len(ex.patch_positions)
+    ):
         problems.append(f"patches {ex.patches.shape} / patch_positions {len(ex.patch_positions)} do not match")
     elif ex.patches is not None and ex.patches.dtype not in PATCH_DTYPES:
         problems.append(f"patches are {ex.patches.dtype}: uint8 pixels or float32 normalised values expected")
@@ -118,8 +120,9 @@ def _check_example(i: int, ex: PackedExample, seq_length: int, patch_dim: int) -
         raise ValueError(f"pack {i} of the micro-batch: " + "; ".join(problems))
 
 
-def collate(examples: Sequence[PackedExample], seq_length: int, *, pad_id: int,
-            patch_dim: int = DEFAULT_CONFIG.patch_dim) -> Batch:
+def collate(
+    examples: Sequence[PackedExample], seq_length: int, *, pad_id: int, patch_dim: int = DEFAULT_CONFIG.patch_dim
+) -> Batch:
     """Pad ``examples`` to ``seq_length`` and derive labels, loss mask, positions and ``cu_seqlens``.
 
     The patches keep their dtype (uint8 from the loader); every example carries the same kind.
@@ -141,8 +144,8 @@ def collate(examples: Sequence[PackedExample], seq_length: int, *, pad_id: int,
         tokens[row, :n] = ex.tokens
         offsets = np.asarray(ex.doc_offsets, dtype=np.int64)
         for start, end in zip(offsets[:-1], offsets[1:]):
-            labels[row, start:end - 1] = tokens[row, start + 1:end]
-            loss_mask[row, start:end - 1] = np.asarray(ex.targets[start + 1:end], dtype=np.float32)
+            labels[row, start : end - 1] = tokens[row, start + 1 : end]
+            loss_mask[row, start : end - 1] = np.asarray(ex.targets[start + 1 : end], dtype=np.float32)
             position_ids[row, start:end] = np.arange(end - start)
         spans = offsets[1:] if n == s else np.append(offsets[1:], s)
         position_ids[row, n:] = np.arange(s - n)

@@ -55,8 +55,17 @@ class CheckpointMetadata:
             raise ValueError(f"padded_vocab_size: {self.padded_vocab_size} < vocab_size {self.model.vocab_size}")
 
     def to_json(self) -> str:
-        return json.dumps({"format_version": FORMAT_VERSION, "model": self.model.to_dict(),
-                           "padded_vocab_size": self.padded_vocab_size}, indent=2) + "\n"
+        return (
+            json.dumps(
+                {
+                    "format_version": FORMAT_VERSION,
+                    "model": self.model.to_dict(),
+                    "padded_vocab_size": self.padded_vocab_size,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     @classmethod
     def read(cls, root: str | os.PathLike) -> CheckpointMetadata:
@@ -98,8 +107,13 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
     return int(text)
 
 
-def save_sharded(root: str | os.PathLike, iteration: int | None, sharded_state: dict[str, Any],
-                 metadata: CheckpointMetadata, content_metadata: dict | None = None) -> Path:
+def save_sharded(
+    root: str | os.PathLike,
+    iteration: int | None,
+    sharded_state: dict[str, Any],
+    metadata: CheckpointMetadata,
+    content_metadata: dict | None = None,
+) -> Path:
     """Collectively save ``sharded_state`` as ``root``'s checkpoint for ``iteration`` and mark it latest."""
     root = Path(root)
     final = iteration_dir(root, iteration)
@@ -109,8 +123,9 @@ def save_sharded(root: str | os.PathLike, iteration: int | None, sharded_state: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    dist_checkpointing.save(sharded_state, str(tmp), sharded_strategy=("torch_dist", 1),
-                            content_metadata=content_metadata)
+    dist_checkpointing.save(
+        sharded_state, str(tmp), sharded_strategy=("torch_dist", 1), content_metadata=content_metadata
+    )
     _barrier()
     write_manifest(tmp)  # before the rename: a directory under its final name always has its checksums
     _barrier()
@@ -138,8 +153,9 @@ def verify_checkpoint(root: str | os.PathLike, iteration: int | None) -> None:
         log.warning("%s: no %s (written before checksums existed): loaded unverified", path, MANIFEST)
 
 
-def load_sharded(root: str | os.PathLike, sharded_state: dict[str, Any], iteration: int | None | str = "latest",
-                 verify: bool = True):
+def load_sharded(
+    root: str | os.PathLike, sharded_state: dict[str, Any], iteration: int | None | str = "latest", verify: bool = True
+):
     """Collectively load ``sharded_state``'s tensors from ``root`` (the tracker's iteration by default),
     after checking its files against their checksums unless ``verify`` is false."""
     if iteration == "latest":
@@ -174,8 +190,9 @@ def check_finite_parameters(model) -> None:
     if dist.is_initialized():
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
     if count.item():
-        raise NonFiniteParametersError(f"parameters hold NaN/inf ({', '.join(bad[:5]) or 'on another rank'}): "
-                                       "not saved")
+        raise NonFiniteParametersError(
+            f"parameters hold NaN/inf ({', '.join(bad[:5]) or 'on another rank'}): not saved"
+        )
 
 
 class NonFiniteParametersError(RuntimeError):
@@ -214,8 +231,13 @@ def checkpoint_dtype(root: str | os.PathLike, iteration: int | None | str = "lat
     return metadata["embedding.word_embeddings.weight"].dtype
 
 
-def load_full_model(load_dir: str | os.PathLike, *, iteration: int | None | str = "latest",
-                    dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+def load_full_model(
+    load_dir: str | os.PathLike,
+    *,
+    iteration: int | None | str = "latest",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+):
     """(model, metadata): the whole SOLO model of a Megatron checkpoint in this process (TP=PP=1), in eval
     mode, on ``device`` (default: the CPU). Needs no transformers: generation and the demo use it as well as
     the HF export.
@@ -226,8 +248,9 @@ def load_full_model(load_dir: str | os.PathLike, *, iteration: int | None | str 
     metadata = CheckpointMetadata.read(load_dir)
     cfg = metadata.model
     ensure_model_parallel_of_one()
-    tc = make_transformer_config(cfg, params_dtype=dtype, perform_initialization=False, backend="local",
-                                 cpu_initialization=True)
+    tc = make_transformer_config(
+        cfg, params_dtype=dtype, perform_initialization=False, backend="local", cpu_initialization=True
+    )
     model = build_model(cfg, tc, padded_vocab_size=metadata.padded_vocab_size)
     load_model(load_dir, model, iteration)
     return model.to(device).eval(), metadata

@@ -71,7 +71,7 @@ def read_manifest(directory: Path) -> dict[str, tuple[str, int]]:
     digests, sizes = {}, {}
     for line in (directory / MANIFEST).read_text().splitlines():
         if line.startswith("# size "):
-            size, name = line[len("# size "):].split(" ", 1)
+            size, name = line[len("# size ") :].split(" ", 1)
             sizes[name] = int(size)
         elif line.strip():
             digest, name = line.split("  ", 1)
@@ -102,6 +102,9 @@ def verify_manifest(directory: str | os.PathLike, what: str) -> bool:
             problems.append(f"{name}: sha256 differs from the manifest (corrupted)")
     found = sorted({p for part in _gather(problems) for p in part})
     if found:
-        raise ChecksumError(f"checkpoint {directory} ({what}) is damaged: " + "; ".join(found)
-                            + " (restore it from a copy, or load an earlier iteration)")
+        raise ChecksumError(
+            f"checkpoint {directory} ({what}) is damaged: "
+            + "; ".join(found)
+            + " (restore it from a copy, or load an earlier iteration)"
+        )
     return True

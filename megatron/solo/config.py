@@ -44,21 +44,39 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                     "vocab_size", "max_sequence_length", "patch_size", "make_vocab_size_divisible_by"):
+        for name in (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "vocab_size",
+            "max_sequence_length",
+            "patch_size",
+            "make_vocab_size_divisible_by",
+        ):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, name, f"must be a positive int, got {value!r}")
-        _require(self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
-                 f"{self.num_query_groups} does not divide num_attention_heads={self.num_attention_heads}")
+        _require(
+            self.num_attention_heads % self.num_query_groups == 0,
+            "num_query_groups",
+            f"{self.num_query_groups} does not divide num_attention_heads={self.num_attention_heads}",
+        )
         if self.kv_channels is None:
-            _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
-                     f"{self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
-                     " (or set kv_channels)")
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                "hidden_size",
+                f"{self.hidden_size} is not a multiple of num_attention_heads={self.num_attention_heads}"
+                " (or set kv_channels)",
+            )
         else:
             _require(self.kv_channels > 0, "kv_channels", f"must be positive, got {self.kv_channels}")
         if self.sliding_window is not None:
-            _require(isinstance(self.sliding_window, int) and self.sliding_window > 0, "sliding_window",
-                     f"must be a positive int or None, got {self.sliding_window!r}")
+            _require(
+                isinstance(self.sliding_window, int) and self.sliding_window > 0,
+                "sliding_window",
+                f"must be a positive int or None, got {self.sliding_window!r}",
+            )
         _require(self.rotary_base > 0, "rotary_base", f"must be positive, got {self.rotary_base}")
         _require(self.norm_epsilon > 0, "norm_epsilon", f"must be positive, got {self.norm_epsilon}")
         _require(self.init_method_std > 0, "init_method_std", f"must be positive, got {self.init_method_std}")
@@ -75,23 +93,41 @@ class ModelConfig:
     def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
         return padded_vocab_size(self.vocab_size, tensor_parallel_size, self.make_vocab_size_divisible_by)
 
-    def validate_parallel(self, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                          sequence_parallel: bool = False, seq_length: int | None = None) -> None:
+    def validate_parallel(
+        self,
+        *,
+        tensor_parallel: int = 1,
+        pipeline_parallel: int = 1,
+        sequence_parallel: bool = False,
+        seq_length: int | None = None,
+    ) -> None:
         """Raise ``ValueError`` naming the flag when this architecture cannot be laid out so."""
         tp, pp = tensor_parallel, pipeline_parallel
         _require(tp >= 1, "tensor_model_parallel_size", f"must be ≥ 1, got {tp}")
         _require(pp >= 1, "pipeline_model_parallel_size", f"must be ≥ 1, got {pp}")
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
-            _require(getattr(self, name) % tp == 0, "tensor_model_parallel_size",
-                     f"{tp} does not divide {name}={getattr(self, name)}")
-        _require(self.num_layers % pp == 0, "pipeline_model_parallel_size",
-                 f"{pp} does not divide num_layers={self.num_layers}")
+            _require(
+                getattr(self, name) % tp == 0,
+                "tensor_model_parallel_size",
+                f"{tp} does not divide {name}={getattr(self, name)}",
+            )
+        _require(
+            self.num_layers % pp == 0,
+            "pipeline_model_parallel_size",
+            f"{pp} does not divide num_layers={self.num_layers}",
+        )
         _require(not sequence_parallel or tp > 1, "sequence_parallel", "needs tensor_model_parallel_size > 1")
         if seq_length is not None:
-            _require(seq_length <= self.max_sequence_length, "seq_length",
-                     f"{seq_length} exceeds max_sequence_length={self.max_sequence_length}")
-            _require(not sequence_parallel or seq_length % tp == 0, "seq_length",
-                     f"{seq_length} is not a multiple of tensor_model_parallel_size={tp} (sequence parallel)")
+            _require(
+                seq_length <= self.max_sequence_length,
+                "seq_length",
+                f"{seq_length} exceeds max_sequence_length={self.max_sequence_length}",
+            )
+            _require(
+                not sequence_parallel or seq_length % tp == 0,
+                "seq_length",
+                f"{seq_length} is not a multiple of tensor_model_parallel_size={tp} (sequence parallel)",
+            )
 
     def num_parameters(self, tensor_parallel_size: int = 1) -> int:
         """Parameter count of the full model (embedding and output padded for ``tensor_parallel_size``)."""
@@ -119,13 +155,25 @@ class ModelConfig:
 PRESETS: dict[str, ModelConfig] = {
     # Mistral-7B-v0.1 exactly (config.json of mistralai/Mistral-7B-v0.1), with SOLO's vocabulary.
     "mistral-7b": ModelConfig(
-        num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32, num_query_groups=8,
-        max_sequence_length=32768, rotary_base=10000.0, norm_epsilon=1e-5, sliding_window=4096,
+        num_layers=32,
+        hidden_size=4096,
+        ffn_hidden_size=14336,
+        num_attention_heads=32,
+        num_query_groups=8,
+        max_sequence_length=32768,
+        rotary_base=10000.0,
+        norm_epsilon=1e-5,
+        sliding_window=4096,
     ),
     # Tests and the CPU demo: the same shape of network, small enough for 2 CPU cores.
     "tiny": ModelConfig(
-        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
-        max_sequence_length=4096, sliding_window=None,
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        max_sequence_length=4096,
+        sliding_window=None,
     ),
 }
 

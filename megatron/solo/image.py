@@ -30,7 +30,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -44,7 +44,7 @@ WHITE = (255, 255, 255)
 ORIENTATION_TAG = 0x0112
 _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | Image.Image
 
 
 class ImageError(ValueError):
@@ -445,9 +445,7 @@ def process_image(source: ImageSource, config: ImageConfig = DEFAULT_CONFIG) -> 
     )
 
 
-def unpatchify(
-    patches: np.ndarray, n_rows: int, n_cols: int, config: ImageConfig = DEFAULT_CONFIG
-) -> np.ndarray:
+def unpatchify(patches: np.ndarray, n_rows: int, n_cols: int, config: ImageConfig = DEFAULT_CONFIG) -> np.ndarray:
     """Inverse of patchify, for visualisation: [n, 3·P·P] (float32 normalised or uint8) → [H, W, 3] uint8."""
     p = config.patch_size
     if patches.shape != (n_rows * n_cols, 3 * p * p):

@@ -16,8 +16,8 @@ cheap at demo scale; for serving, export to HF (``tools/convert_checkpoint.py me
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -46,8 +46,13 @@ class Prompt:
     patch_positions: np.ndarray
 
 
-def build_prompt(tokenizer, images: Sequence[ImageSource] = (), text: str = "", template: str = "none",
-                 image_config: ImageConfig = DEFAULT_CONFIG) -> Prompt:
+def build_prompt(
+    tokenizer,
+    images: Sequence[ImageSource] = (),
+    text: str = "",
+    template: str = "none",
+    image_config: ImageConfig = DEFAULT_CONFIG,
+) -> Prompt:
     """BOS, the images (in order), then ``text``; under ``template="mistral"`` inside ``[INST] … [/INST]``.
 
     Preprocessing's encoder builds it, images stored ``raw`` (lossless) and never refused as slivers.
@@ -55,8 +60,13 @@ def build_prompt(tokenizer, images: Sequence[ImageSource] = (), text: str = "", 
     if template not in TEMPLATES:
         raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
     parts = tuple(ImageRef(image) for image in images) + ((text.strip(),) if text.strip() else ())
-    config = EncodeConfig(image=image_config, image_format="raw", chat_template=_ENCODE_TEMPLATE[template],
-                          append_eod=False, max_aspect_distortion=None)
+    config = EncodeConfig(
+        image=image_config,
+        image_format="raw",
+        chat_template=_ENCODE_TEMPLATE[template],
+        append_eod=False,
+        max_aspect_distortion=None,
+    )
     tokens, _, encoded = encode_turns((Turn("user", parts),), tokenizer, config, Origin("<prompt>"))
     positions = np.flatnonzero(tokens == tokenizer.vision_patch_id)  # text never encodes to a vision id
     return Prompt(tokens.astype(np.int64), decode_patches(encoded, image_config.patch_size), positions.astype(np.int64))
@@ -71,8 +81,16 @@ def allowed_ids(tokenizer, padded_vocab_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy_generate(model, prompts: Sequence[Prompt], *, eos_id: int, pad_id: int, allowed: torch.Tensor,
-                    max_new_tokens: int = 32, image_config: ImageConfig = DEFAULT_CONFIG) -> list[list[int]]:
+def greedy_generate(
+    model,
+    prompts: Sequence[Prompt],
+    *,
+    eos_id: int,
+    pad_id: int,
+    allowed: torch.Tensor,
+    max_new_tokens: int = 32,
+    image_config: ImageConfig = DEFAULT_CONFIG,
+) -> list[list[int]]:
     """New token ids per prompt (up to and excluding EOS), argmax over ``allowed`` at every step.
 
     ``model`` is a whole SoloModel (TP=PP=1) in eval mode; returns one list per prompt. uint8 patches are
@@ -90,8 +108,9 @@ def greedy_generate(model, prompts: Sequence[Prompt], *, eos_id: int, pad_id: in
         examples = [_example(prompts[i], out[i]) for i in live]
         lengths = [len(e.tokens) for e in examples]
         batch = collate(examples, max(lengths), pad_id=pad_id, patch_dim=patch_dim).to(device).normalized(image_config)
-        logits = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
-                       batch.patches, batch.patch_index)  # [b, s, V]
+        logits = model(
+            batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches, batch.patch_index
+        )  # [b, s, V]
         last = logits[torch.arange(len(live), device=device), torch.tensor(lengths, device=device) - 1].float()
         next_ids = last.masked_fill(~allowed[: last.shape[-1]], float("-inf")).argmax(-1).tolist()
         for i, t in zip(live, next_ids):
@@ -104,15 +123,21 @@ def greedy_generate(model, prompts: Sequence[Prompt], *, eos_id: int, pad_id: in
 
 def _example(prompt: Prompt, generated: list[int]) -> PackedExample:
     tokens = np.concatenate([prompt.tokens, np.asarray(generated, dtype=np.int64)])
-    return PackedExample(tokens, np.zeros(len(tokens), bool), np.array([0, len(tokens)]), prompt.patches,
-                         prompt.patch_positions)
+    return PackedExample(
+        tokens, np.zeros(len(tokens), bool), np.array([0, len(tokens)]), prompt.patches, prompt.patch_positions
+    )
 
 
 class Generator:
     """A checkpoint loaded for generation: ``Generator(ckpt)([(images, text), …])`` → the decoded answers."""
 
-    def __init__(self, load_dir: str | os.PathLike, iteration: int | None | str = "latest",
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        load_dir: str | os.PathLike,
+        iteration: int | None | str = "latest",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         if device is None:
             device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         self.model, self.metadata = load_full_model(load_dir, iteration=iteration, dtype=dtype, device=device)
@@ -120,15 +145,27 @@ class Generator:
         self.allowed = allowed_ids(self.tokenizer, self.metadata.padded_vocab_size)
 
     def generate_ids(self, prompts: Sequence[Prompt], max_new_tokens: int = 32) -> list[list[int]]:
-        return greedy_generate(self.model, prompts, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                               allowed=self.allowed, max_new_tokens=max_new_tokens)
+        return greedy_generate(
+            self.model,
+            prompts,
+            eos_id=self.tokenizer.eos_id,
+            pad_id=self.tokenizer.pad_id,
+            allowed=self.allowed,
+            max_new_tokens=max_new_tokens,
+        )
 
-    def __call__(self, requests: Sequence[tuple[Sequence[ImageSource], str]], *, template: str = "none",
-                 max_new_tokens: int = 32, batch_size: int = 32) -> list[str]:
+    def __call__(
+        self,
+        requests: Sequence[tuple[Sequence[ImageSource], str]],
+        *,
+        template: str = "none",
+        max_new_tokens: int = 32,
+        batch_size: int = 32,
+    ) -> list[str]:
         """Answers to (images, text) requests, in order, ``batch_size`` at a time."""
         answers: list[str] = []
         for start in range(0, len(requests), batch_size):
-            chunk = requests[start:start + batch_size]
+            chunk = requests[start : start + batch_size]
             prompts = [build_prompt(self.tokenizer, images, text, template) for images, text in chunk]
             answers += [self.tokenizer.decode(ids).strip() for ids in self.generate_ids(prompts, max_new_tokens)]
         return answers

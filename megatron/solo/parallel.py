@@ -27,8 +27,10 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     ``torch.cuda`` behind the caller's back. Idempotent.
     """
     if not torch.cuda.is_available() and not cpu_backend_installed():
-        raise RuntimeError("no CUDA here: call megatron.solo.backend.install_cpu_backend_if_needed() first "
-                           "(pretrain_solo.py and the tools do it at start)")
+        raise RuntimeError(
+            "no CUDA here: call megatron.solo.backend.install_cpu_backend_if_needed() first "
+            "(pretrain_solo.py and the tools do it at start)"
+        )
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -38,8 +40,9 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     if "RANK" in os.environ:
         dist.init_process_group(backend, timeout=timeout)
     else:  # a plain `python` run (a tool, a test): a world of one, leaving the environment untouched
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                                timeout=timeout)
+        dist.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, timeout=timeout
+        )
 
 
 def initialize_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 1234) -> None:
@@ -47,11 +50,14 @@ def initialize_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int =
     init_distributed()
     world = dist.get_world_size()
     if world % (tensor_parallel * pipeline_parallel):
-        raise ValueError(f"tensor_model_parallel_size × pipeline_model_parallel_size = "
-                         f"{tensor_parallel}×{pipeline_parallel} does not divide the world size {world}")
+        raise ValueError(
+            f"tensor_model_parallel_size × pipeline_model_parallel_size = "
+            f"{tensor_parallel}×{pipeline_parallel} does not divide the world size {world}"
+        )
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                             pipeline_model_parallel_size=pipeline_parallel)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
+    )
     tensor_parallel_seed(seed)
 
 

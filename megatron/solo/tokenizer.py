@@ -28,8 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import sentencepiece as spm
 
@@ -67,7 +67,9 @@ def default_tokenizer_model() -> Path:
     return path
 
 
-def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128) -> int:
+def padded_vocab_size(
+    vocab_size: int, tensor_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128
+) -> int:
     """Megatron's padding: the next multiple of ``make_vocab_size_divisible_by · TP``."""
     if tensor_model_parallel_size < 1 or make_vocab_size_divisible_by < 1:
         raise ValueError("tensor_model_parallel_size and make_vocab_size_divisible_by must be >= 1")
@@ -108,9 +110,13 @@ class SoloTokenizer:
         self.eos_id = self._sp.eos_id()
         # Mistral has no pad piece; like the reference, pad with EOS (padding is never a target).
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
-        self.vision_start_id, self.vision_patch_id, self.vision_row_sep_id, self.vision_frame_sep_id, self.vision_end_id = (
-            self._special_to_id[t] for t in VISION_TOKENS
-        )
+        (
+            self.vision_start_id,
+            self.vision_patch_id,
+            self.vision_row_sep_id,
+            self.vision_frame_sep_id,
+            self.vision_end_id,
+        ) = (self._special_to_id[t] for t in VISION_TOKENS)
 
     # -- ids ------------------------------------------------------------------------------------
 
@@ -211,7 +217,7 @@ class SoloTokenizer:
     # -- persistence ----------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "SoloTokenizer":
+    def from_pretrained(cls, directory: str | os.PathLike) -> SoloTokenizer:
         """Load from a directory written by :meth:`save_pretrained` (or any holding a tokenizer.model)."""
         directory = Path(directory)
         tok = cls(directory / MODEL_FILE)
@@ -262,7 +268,9 @@ class SoloTokenizer:
             "vision_frame_sep_id": self.vision_frame_sep_id,
             "vision_end_id": self.vision_end_id,
             "loc_token_ids": [self.loc_token_id(1), self.loc_token_id(NUM_LOC_TOKENS)],
-            "extra_special_tokens": [self._id_to_special[i] for i in range(self.base_vocab_size + len(SPECIAL_TOKENS), self.vocab_size)],
+            "extra_special_tokens": [
+                self._id_to_special[i] for i in range(self.base_vocab_size + len(SPECIAL_TOKENS), self.vocab_size)
+            ],
         }
 
     def __len__(self) -> int:

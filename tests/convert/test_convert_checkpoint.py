@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY, random_mistral
 
 from megatron.solo.tokenizer import default_tokenizer_model
-from tiny_models import TINY, random_mistral
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import convert_checkpoint  # noqa: E402
@@ -30,8 +30,12 @@ def hf_mistral(tmp_path_factory):
 @pytest.fixture(scope="module")
 def megatron_dir(hf_mistral, megatron_world, tmp_path_factory):
     out = tmp_path_factory.mktemp("mg") / "ckpt"
-    assert convert_checkpoint.main(["hf-to-megatron", "--hf-model", str(hf_mistral[1]), "--out", str(out),
-                                    "--tensor-model-parallel-size", "2"]) == 0
+    assert (
+        convert_checkpoint.main(
+            ["hf-to-megatron", "--hf-model", str(hf_mistral[1]), "--out", str(out), "--tensor-model-parallel-size", "2"]
+        )
+        == 0
+    )
     return out
 
 
@@ -47,8 +51,13 @@ def test_megatron_checkpoint_layout_and_metadata(megatron_dir):
     assert latest_iteration(megatron_dir) is None  # a release checkpoint
     assert meta.model.vocab_size == SOLO_VOCAB and meta.padded_vocab_size == 33280  # 128·TP=2 padding
     assert (meta.model.num_layers, meta.model.hidden_size) == (TINY["num_hidden_layers"], TINY["hidden_size"])
-    assert {p.name for p in megatron_dir.iterdir()} >= {"release", "solo_config.json", "tokenizer.model",
-                                                        "solo_tokenizer.json", "latest_checkpointed_iteration.txt"}
+    assert {p.name for p in megatron_dir.iterdir()} >= {
+        "release",
+        "solo_config.json",
+        "tokenizer.model",
+        "solo_tokenizer.json",
+        "latest_checkpointed_iteration.txt",
+    }
 
 
 def test_converted_megatron_model_equals_hf_mistral_on_text(hf_mistral, megatron_dir):
@@ -66,8 +75,9 @@ def test_converted_megatron_model_equals_hf_mistral_on_text(hf_mistral, megatron
     assert torch.count_nonzero(emb[SOLO_VOCAB:]) == 0
 
 
-def test_round_trip_to_hf_solo_is_exact_and_matches_megatron_with_an_image(hf_mistral, megatron_dir, tmp_path,
-                                                                            tokenizer):
+def test_round_trip_to_hf_solo_is_exact_and_matches_megatron_with_an_image(
+    hf_mistral, megatron_dir, tmp_path, tokenizer
+):
     from megatron.solo.convert.checkpoint import load_full_model
     from megatron.solo.convert.hf_solo import SoloForCausalLM
 
@@ -92,13 +102,28 @@ def test_round_trip_to_hf_solo_is_exact_and_matches_megatron_with_an_image(hf_mi
     s = ids.shape[1]
     with torch.no_grad():
         want = solo(ids, vision_patch_indices=indices, vision_patches=patches).logits
-        got = model(ids, torch.arange(s)[None], torch.tensor([0, s], dtype=torch.int32), s, patches,
-                    torch.nonzero(is_patch.reshape(-1)).squeeze(1))
+        got = model(
+            ids,
+            torch.arange(s)[None],
+            torch.tensor([0, s], dtype=torch.int32),
+            s,
+            patches,
+            torch.nonzero(is_patch.reshape(-1)).squeeze(1),
+        )
     assert (got[..., :SOLO_VOCAB] - want).abs().max() <= 1e-5
 
 
 def test_layout_errors_name_the_flag(hf_mistral, megatron_world, tmp_path):
     with pytest.raises(ValueError, match="^tensor_model_parallel_size:"):
-        convert_checkpoint.main(["hf-to-megatron", "--hf-model", str(hf_mistral[1]), "--out", str(tmp_path / "x"),
-                                 "--tensor-model-parallel-size", "3"])
+        convert_checkpoint.main(
+            [
+                "hf-to-megatron",
+                "--hf-model",
+                str(hf_mistral[1]),
+                "--out",
+                str(tmp_path / "x"),
+                "--tensor-model-parallel-size",
+                "3",
+            ]
+        )
     assert not (tmp_path / "x").exists()

@@ -8,12 +8,18 @@ import textwrap
 
 import pytest
 import torch
+from tiny_models import TINY, random_mistral
 from transformers import MistralConfig
 
 from megatron.solo.convert.hf_export import read_hf_checkpoint, write_hf_export
 from megatron.solo.convert.hf_solo import MODELING_FILES, SoloConfig, SoloForCausalLM
-from megatron.solo.convert.name_table import HF_PATCH, MEGATRON_PATCH, model_config_from_hf, ConversionError, hf_to_megatron
-from tiny_models import TINY, random_mistral
+from megatron.solo.convert.name_table import (
+    HF_PATCH,
+    MEGATRON_PATCH,
+    ConversionError,
+    hf_to_megatron,
+    model_config_from_hf,
+)
 
 SOLO_VOCAB = 33029
 
@@ -26,8 +32,9 @@ def solo():
 
 @pytest.fixture(scope="module")
 def export_dir(solo, tokenizer, tmp_path_factory):
-    return write_hf_export(tmp_path_factory.mktemp("export") / "solo-tiny", solo.state_dict(), solo.config, tokenizer,
-                           torch.float32)
+    return write_hf_export(
+        tmp_path_factory.mktemp("export") / "solo-tiny", solo.state_dict(), solo.config, tokenizer, torch.float32
+    )
 
 
 def image_inputs(tokenizer):
@@ -86,9 +93,19 @@ def test_export_loads_as_remote_code_where_the_package_is_not_importable(export_
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     run = subprocess.run(
-        [sys.executable, str(tmp_path / "remote_load.py"), str(export_dir), str(tmp_path / "inputs.pt"),
-         str(tmp_path / "logits.pt")],
-        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            str(tmp_path / "remote_load.py"),
+            str(export_dir),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "logits.pt"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
@@ -105,16 +122,27 @@ def test_export_loads_as_remote_code_where_the_package_is_not_importable(export_
 
 def test_export_layout(export_dir):
     names = sorted(p.name for p in export_dir.iterdir())
-    assert names == sorted([
-        "config.json", "configuration_solo.py", "modeling_solo.py", "generation_config.json", "model.safetensors",
-        "tokenizer.model", "solo_tokenizer.json", "tokenizer.json", "tokenizer_config.json",
-    ])
+    assert names == sorted(
+        [
+            "config.json",
+            "configuration_solo.py",
+            "modeling_solo.py",
+            "generation_config.json",
+            "model.safetensors",
+            "tokenizer.model",
+            "solo_tokenizer.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+    )
     for source in MODELING_FILES:
         assert (export_dir / source.name).read_bytes() == source.read_bytes()
     config = json.loads((export_dir / "config.json").read_text())
     assert config["model_type"] == "solo" and config["architectures"] == ["SoloForCausalLM"]
-    assert config["auto_map"] == {"AutoConfig": "configuration_solo.SoloConfig",
-                                  "AutoModelForCausalLM": "modeling_solo.SoloForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_solo.SoloConfig",
+        "AutoModelForCausalLM": "modeling_solo.SoloForCausalLM",
+    }
     assert config["vocab_size"] == SOLO_VOCAB and config["vision_patch_size"] == 4
     generation = json.loads((export_dir / "generation_config.json").read_text())
     assert generation["suppress_tokens"] == [32000, 32001, 32002, 32003, 32004]
@@ -130,8 +158,15 @@ def test_auto_tokenizer_has_solo_ids_and_sentencepiece_text_ids(export_dir, toke
     assert hf.convert_tokens_to_ids(names) == [tokenizer.token_to_id(n) for n in names]
     assert hf.convert_tokens_to_ids(names) == [32000, 32001, 32002, 32003, 32004, 32005, 33028]
     # Runs of spaces are where a naive conversion of Mistral's tokenizer.model parts from SentencePiece.
-    for text in ["Hello world", " leading space", "two  spaces and   three", "code:\n        indented\n\ttab",
-                 "ünïcödé 漢字 😀", "[INST] What is it? [/INST]", "trailing  "]:
+    for text in [
+        "Hello world",
+        " leading space",
+        "two  spaces and   three",
+        "code:\n        indented\n\ttab",
+        "ünïcödé 漢字 😀",
+        "[INST] What is it? [/INST]",
+        "trailing  ",
+    ]:
         assert hf(text).input_ids == tokenizer.encode(text, bos=True), text
     image_and_text = tokenizer.image_layout_ids(1, 2) + tokenizer.encode("a cat <loc_5>")
     image_and_text.append(tokenizer.loc_token_id(5))
@@ -162,8 +197,9 @@ def test_auto_model_resolves_solo_locally_once_the_package_is_imported(export_di
 
 
 def test_sharded_export_reads_back_bit_exact(solo, tokenizer, tmp_path):
-    out = write_hf_export(tmp_path / "sharded", solo.state_dict(), solo.config, tokenizer, torch.bfloat16,
-                          max_shard_bytes=2 * 2**20)
+    out = write_hf_export(
+        tmp_path / "sharded", solo.state_dict(), solo.config, tokenizer, torch.bfloat16, max_shard_bytes=2 * 2**20
+    )
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     sd, config = read_hf_checkpoint(out)

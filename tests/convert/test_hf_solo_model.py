@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import TINY, random_mistral
 
 from megatron.solo.convert.hf_solo import SoloConfig, SoloForCausalLM
 from megatron.solo.convert.name_table import HF_PATCH
-from tiny_models import TINY, random_mistral
 
 PATCH_DIM = 48  # vision_patch_size 4 keeps the tiny model tiny
 
@@ -34,7 +34,7 @@ def image_prompt(batch=1, seq=10, generator_seed=0):
     ids = torch.randint(3, TINY["vocab_size"], (batch, seq), generator=gen)
     indices = torch.full((batch, seq), -1)
     for b in range(batch):
-        indices[b, 2 * b: 2 * b + 4] = torch.arange(4 * b, 4 * b + 4)
+        indices[b, 2 * b : 2 * b + 4] = torch.arange(4 * b, 4 * b + 4)
     return ids, indices, torch.randn(4 * batch, PATCH_DIM, generator=gen)
 
 
@@ -127,8 +127,9 @@ def test_generate_with_an_image_equals_greedy_full_forwards(models, monkeypatch,
         return inputs
 
     monkeypatch.setattr(solo, "prepare_inputs_for_generation", spy)
-    got = solo.generate(ids, vision_patch_indices=indices, vision_patches=patches, max_new_tokens=6, do_sample=False,
-                        **extra)
+    got = solo.generate(
+        ids, vision_patch_indices=indices, vision_patches=patches, max_new_tokens=6, do_sample=False, **extra
+    )
     assert torch.equal(got, greedy_by_full_forwards(solo, ids, indices, patches, 6))
     assert passed == patches_passed
 
@@ -178,8 +179,9 @@ def test_beam_search_keeps_the_batch_wide_patch_tensor(models, monkeypatch):
 
     monkeypatch.setattr(type(solo.model), "embed_inputs", spy)
     with torch.no_grad():
-        solo.generate(ids, vision_patch_indices=indices, vision_patches=patches, max_new_tokens=2, num_beams=2,
-                      do_sample=False)
+        solo.generate(
+            ids, vision_patch_indices=indices, vision_patches=patches, max_new_tokens=2, num_beams=2, do_sample=False
+        )
     step_indices, step_patches = seen[0]
     assert torch.equal(step_patches, patches)
     assert torch.equal(step_indices, indices.repeat_interleave(2, dim=0))  # each beam points at its sample's

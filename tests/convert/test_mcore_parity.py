@@ -1,9 +1,10 @@
-"""HF Mistral / SoloForCausalLM ↔ our megatron-core SoloModel: the converted weights give the same logits (CPU, fp32, one process)."""
+"""HF Mistral / SoloForCausalLM ↔ our megatron-core SoloModel: the converted weights give the same logits
+(CPU, fp32, one process)."""
 
 import pytest
 import torch
-
 from tiny_models import TINY, random_mistral
+
 from megatron.solo.convert.name_table import hf_to_megatron, megatron_to_hf, model_config_from_hf
 
 PADDED = 384  # 300 real rows + 84 padding rows, like Megatron's multiple-of-128 padding
@@ -55,7 +56,7 @@ def test_hf_mistral_and_megatron_give_the_same_logits(megatron_world, rope_theta
     delta = (got[..., : TINY["vocab_size"]] - want).abs().max().item()
     print(f"rope_theta={rope_theta:g}: max|Δlogits| HF vs megatron-core = {delta:.3g}")
     assert delta <= 1e-5
-    assert torch.count_nonzero(got[..., TINY["vocab_size"]:]) == 0  # padding rows of the output layer are zero
+    assert torch.count_nonzero(got[..., TINY["vocab_size"] :]) == 0  # padding rows of the output layer are zero
 
 
 def test_a_rope_permutation_of_q_and_k_would_break_parity(megatron_world):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import TINY, random_mistral
 
 from megatron.solo.config import ModelConfig
 from megatron.solo.convert.name_table import (
@@ -16,7 +17,6 @@ from megatron.solo.convert.name_table import (
     megatron_to_hf,
     model_config_from_hf,
 )
-from tiny_models import TINY, random_mistral
 
 PADDED = 384
 
@@ -32,9 +32,19 @@ def arch(mistral):
 
 
 def test_model_config_from_mistral_config(arch):
-    assert arch == ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                               num_query_groups=2, kv_channels=16, vocab_size=300, max_sequence_length=128,
-                               rotary_base=1e4, norm_epsilon=1e-5, sliding_window=arch.sliding_window)
+    assert arch == ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        num_query_groups=2,
+        kv_channels=16,
+        vocab_size=300,
+        max_sequence_length=128,
+        rotary_base=1e4,
+        norm_epsilon=1e-5,
+        sliding_window=arch.sliding_window,
+    )
     assert arch.patch_dim == 3072 and arch.head_dim == 16
 
 
@@ -70,7 +80,7 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(mistral, arch):
 
 def test_megatron_hf_megatron_round_trip_is_bit_exact(mistral, arch):
     m_sd = hf_to_megatron(mistral.state_dict(), arch, padded_vocab_size=PADDED)
-    m_sd["output_layer.weight"][arch.vocab_size:] = 7.0  # trained padding rows are dropped, then zero again
+    m_sd["output_layer.weight"][arch.vocab_size :] = 7.0  # trained padding rows are dropped, then zero again
     again = hf_to_megatron(megatron_to_hf(m_sd, arch, vocab_size=arch.vocab_size), arch, padded_vocab_size=PADDED)
     for name, tensor in m_sd.items():
         if name == "output_layer.weight":
@@ -100,7 +110,7 @@ def test_fc1_is_gate_then_up(mistral, arch):
     hf_sd = mistral.state_dict()
     fc1 = hf_to_megatron(hf_sd, arch, padded_vocab_size=PADDED)["decoder.layers.0.mlp.linear_fc1.weight"]
     assert torch.equal(fc1[: arch.ffn_hidden_size], hf_sd["model.layers.0.mlp.gate_proj.weight"])
-    assert torch.equal(fc1[arch.ffn_hidden_size:], hf_sd["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(fc1[arch.ffn_hidden_size :], hf_sd["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_new_tokens_get_the_mean_row_and_padding_is_zero(mistral):
@@ -108,8 +118,10 @@ def test_new_tokens_get_the_mean_row_and_padding_is_zero(mistral):
     hf_sd = mistral.state_dict()
     arch = model_config_from_hf(mistral.config, vocab_size=340)
     m_sd = hf_to_megatron(hf_sd, arch, padded_vocab_size=PADDED)
-    for m_name, hf_name in (("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
-                            ("output_layer.weight", "lm_head.weight")):
+    for m_name, hf_name in (
+        ("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+        ("output_layer.weight", "lm_head.weight"),
+    ):
         old, new = hf_sd[hf_name], m_sd[m_name]
         assert torch.equal(new[:300], old)
         mean = old.double().mean(0).float()

@@ -24,9 +24,16 @@ def load_tool():
 
 
 def test_describe_pack_shows_documents_spans_and_loss(tmp_path, small_photos, run_preprocess, tokenizer):
-    chat = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(small_photos[0])}},
-                                         {"type": "text", "text": "What is shown?"}]},
-            {"role": "assistant", "content": "A photo."}]
+    chat = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": str(small_photos[0])}},
+                {"type": "text", "text": "What is shown?"},
+            ],
+        },
+        {"role": "assistant", "content": "A photo."},
+    ]
     path = write_jsonl(tmp_path / "c.jsonl", [chat, {"role": "assistant", "content": "Plain text only."}])
     prefix, _ = run_preprocess([path], seq_length=512, image_root=str(small_photos[0].parent))
     view = PackedDataset(prefix)[0]
@@ -34,14 +41,17 @@ def test_describe_pack_shows_documents_spans_and_loss(tmp_path, small_photos, ru
     rows, cols = im.grid_size(96, 64)
     assert f"<s>⟦[INST]⟧<image {rows}x{cols}>⟦What is shown? [/INST]⟧A photo.</s>" in text.replace("  ", "")
     assert "<s>Plain text only.</s>" in text
-    assert f"pack 0: {len(view.tokens)} tokens (+{512 - len(view.tokens)} padding to 512), 2 documents, 1 images" in text
+    assert (
+        f"pack 0: {len(view.tokens)} tokens (+{512 - len(view.tokens)} padding to 512), 2 documents, 1 images" in text
+    )
     loss = len(tokenizer.encode("A photo.")) + 1 + len(tokenizer.encode("Plain text only.")) + 1  # + the EOS
     assert f"{loss} loss tokens" in text
 
 
 def test_inspect_tool_prints_and_saves_images(tmp_path, small_photos, run_preprocess, capsys):
-    path = write_jsonl(tmp_path / "caps.jsonl", [{"image": str(p), "caption": f"Photo {i}."}
-                                                  for i, p in enumerate(small_photos[:3])])
+    path = write_jsonl(
+        tmp_path / "caps.jsonl", [{"image": str(p), "caption": f"Photo {i}."} for i, p in enumerate(small_photos[:3])]
+    )
     prefix, _ = run_preprocess([path], seq_length=512, image_root=str(small_photos[0].parent))
     tool = load_tool()
     assert tool.main([prefix, "--index", "-1", "--save-images", str(tmp_path / "imgs")]) == 0

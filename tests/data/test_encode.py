@@ -33,7 +33,9 @@ def test_caption_document_matches_front_end(tokenizer, small_photos, front_end):
     photo = small_photos[0]
     doc = doc_of([("assistant", [ImageRef(str(photo)), "A small photo."])], tokenizer)
     image_ids, patches = front_end(photo)
-    tokens, targets = assemble([([1], False), (image_ids, False), (tokenizer.encode("A small photo."), True), ([2], True)])
+    tokens, targets = assemble(
+        [([1], False), (image_ids, False), (tokenizer.encode("A small photo."), True), ([2], True)]
+    )
     assert doc.tokens.tolist() == tokens and doc.targets.tolist() == targets
     (image,) = doc.images
     assert (image.position, image.num_tokens) == (1, len(image_ids))
@@ -44,14 +46,34 @@ def test_caption_document_matches_front_end(tokenizer, small_photos, front_end):
 
 def test_mistral_template_multi_turn(tokenizer, small_photos, front_end):
     photo = ImageRef(str(small_photos[1]))
-    doc = doc_of([("system", ["Be brief."]), ("user", [photo, "What is it?"]), ("assistant", ["A rocket."]),
-                  ("user", ["Colour?"]), ("assistant", ["White."])], tokenizer)
+    doc = doc_of(
+        [
+            ("system", ["Be brief."]),
+            ("user", [photo, "What is it?"]),
+            ("assistant", ["A rocket."]),
+            ("user", ["Colour?"]),
+            ("assistant", ["White."]),
+        ],
+        tokenizer,
+    )
     enc = tokenizer.encode
-    tokens, targets = assemble([
-        ([1], False), (enc("[INST]"), False), (enc("Be brief."), False), (front_end(photo.source)[0], False),
-        (enc("What is it?"), False), (enc("[/INST]"), False), (enc("A rocket."), True), ([2], True),
-        (enc("[INST]"), False), (enc("Colour?"), False), (enc("[/INST]"), False), (enc("White."), True), ([2], True),
-    ])
+    tokens, targets = assemble(
+        [
+            ([1], False),
+            (enc("[INST]"), False),
+            (enc("Be brief."), False),
+            (front_end(photo.source)[0], False),
+            (enc("What is it?"), False),
+            (enc("[/INST]"), False),
+            (enc("A rocket."), True),
+            ([2], True),
+            (enc("[INST]"), False),
+            (enc("Colour?"), False),
+            (enc("[/INST]"), False),
+            (enc("White."), True),
+            ([2], True),
+        ]
+    )
     assert doc.tokens.tolist() == tokens and doc.targets.tolist() == targets
     # the markers tokenize exactly as the joined Mistral-instruct string does
     joined = enc("[INST] Colour? [/INST]")
@@ -62,8 +84,9 @@ def test_plain_template_is_the_references_concatenation(tokenizer):
     config = EncodeConfig(chat_template="plain")
     doc = doc_of([("user", ["Question?"]), ("assistant", ["Answer."]), ("user", ["More?"])], tokenizer, config)
     enc = tokenizer.encode
-    tokens, targets = assemble([([1], False), (enc("Question?"), False), (enc("Answer."), True), (enc("More?"), False),
-                                ([2], False)])  # EOS after a non-target token is not a target
+    tokens, targets = assemble(
+        [([1], False), (enc("Question?"), False), (enc("Answer."), True), (enc("More?"), False), ([2], False)]
+    )  # EOS after a non-target token is not a target
     assert doc.tokens.tolist() == tokens and doc.targets.tolist() == targets
 
 
@@ -175,8 +198,12 @@ def test_decode_rejects_wrong_sizes():
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"image_format": "gif"}, "image_format"), ({"image_quality": 0}, "image_quality"),
-     ({"chat_template": "chatml"}, "chat_template"), ({"max_aspect_distortion": 0.5}, "max_aspect_distortion")],
+    [
+        ({"image_format": "gif"}, "image_format"),
+        ({"image_quality": 0}, "image_quality"),
+        ({"chat_template": "chatml"}, "chat_template"),
+        ({"max_aspect_distortion": 0.5}, "max_aspect_distortion"),
+    ],
 )
 def test_encode_config_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"EncodeConfig.{field}"):

@@ -9,7 +9,6 @@ import os
 import pathlib
 import shutil
 import struct
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,7 @@ from megatron.solo.data.packed_format import PackedDataset
 from megatron.solo.data.sources import RawRecord
 
 
-def parse(fmt, payload, image_root, origin=Origin("in.jsonl", line=1), **kw):
+def parse(fmt, payload, image_root, origin=Origin("in.jsonl", line=1), **kw):  # noqa: B008 (frozen)
     if isinstance(payload, (dict, list)):
         payload = json.dumps(payload).encode()
     return samples.parse_record(RawRecord(origin, payload), fmt, image_root, **kw)
@@ -44,8 +43,12 @@ def records_with(ref, fmt):
         return {"image": ref, "caption": "c"}
     if fmt == "llava":
         return {"image": ref, "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "c"}]}
-    return [{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": ref}},
-                                              {"type": "text", "text": "c"}]}]
+    return [
+        {
+            "role": "assistant",
+            "content": [{"type": "image_url", "image_url": {"url": ref}}, {"type": "text", "text": "c"}],
+        }
+    ]
 
 
 def errors_of(prefix) -> list[dict]:
@@ -69,8 +72,16 @@ def tree(tmp_path, small_photos):
 # --- 1. nothing outside the image root is read ---------------------------------------------------------
 
 
-OUTSIDE = ["../outside.jpg", "{tmp}/outside.jpg", "file://{tmp}/outside.jpg", "link.jpg", "up/outside.jpg",
-           "up/root/../outside.jpg", "/etc/passwd", "file:///etc/passwd"]
+OUTSIDE = [
+    "../outside.jpg",
+    "{tmp}/outside.jpg",
+    "file://{tmp}/outside.jpg",
+    "link.jpg",
+    "up/outside.jpg",
+    "up/root/../outside.jpg",
+    "/etc/passwd",
+    "file:///etc/passwd",
+]
 
 
 @pytest.mark.parametrize("fmt", ["caption", "llava", "chat"])
@@ -114,13 +125,25 @@ def test_imagenet_links_that_leave_the_root_and_loops_are_skipped_never_followed
     names = {f"n0{i}": f"class {i}" for i in range(1, 5)}
     got = [r for _, r in sources.iter_records([str(root)], "imagenet", class_names=names, shuffle_seed=None)]
     errors = {r.origin.key: r.reason for r in got if isinstance(r, SampleError)}
-    assert errors == {"n01/out.JPEG": "outside_root", "n01/loop.JPEG": "symlink_loop", "n01/gone.JPEG": "missing_file",
-                      "n02": "outside_root", "n03": "symlink_loop",
-                      "n04/out.JPEG": "outside_root", "n04/loop.JPEG": "symlink_loop", "n04/gone.JPEG": "missing_file"}
+    assert errors == {
+        "n01/out.JPEG": "outside_root",
+        "n01/loop.JPEG": "symlink_loop",
+        "n01/gone.JPEG": "missing_file",
+        "n02": "outside_root",
+        "n03": "symlink_loop",
+        "n04/out.JPEG": "outside_root",
+        "n04/loop.JPEG": "symlink_loop",
+        "n04/gone.JPEG": "missing_file",
+    }
     assert sorted(r.origin.key for r in got if isinstance(r, RawRecord)) == [
-        "n01/a.JPEG", "n01/in.JPEG", "n04/a.JPEG", "n04/in.JPEG"]
-    allowed = sources.iter_records([str(root)], "imagenet", class_names=names, shuffle_seed=None,
-                                   allow_outside_root=True)
+        "n01/a.JPEG",
+        "n01/in.JPEG",
+        "n04/a.JPEG",
+        "n04/in.JPEG",
+    ]
+    allowed = sources.iter_records(
+        [str(root)], "imagenet", class_names=names, shuffle_seed=None, allow_outside_root=True
+    )
     assert {r.origin.key for _, r in allowed if isinstance(r, RawRecord)} >= {"n01/out.JPEG", "n02/b.JPEG"}
 
 
@@ -131,25 +154,35 @@ def bad_records(fmt):
     """(line, reason) of records that used to stop a whole run."""
     sur = "\ud800"
     if fmt == "caption":
-        return [({"image": "in.jpg", "caption": f"a {sur} cat"}, "non_utf8"),
-                ({"image": f"gone{sur}.jpg", "caption": "c"}, "non_utf8"),
-                ({"image": "in.jpg", "caption": {"nested": ["x"]}}, "bad_field"),
-                ({"image": "in.jpg", "caption": "c", "meta": {sur: 1}}, "non_utf8")]
+        return [
+            ({"image": "in.jpg", "caption": f"a {sur} cat"}, "non_utf8"),
+            ({"image": f"gone{sur}.jpg", "caption": "c"}, "non_utf8"),
+            ({"image": "in.jpg", "caption": {"nested": ["x"]}}, "bad_field"),
+            ({"image": "in.jpg", "caption": "c", "meta": {sur: 1}}, "non_utf8"),
+        ]
     if fmt == "chat":
-        return [([{"role": "user", "content": "q"}, {"role": "assistant", "content": f"x{sur}"}], "non_utf8"),
-                ([{"role": ["assistant"], "content": "x"}], "bad_field"),
-                ([{"role": "assistant", "content": [{"type": {"t": 1}}]}], "bad_field")]
+        return [
+            ([{"role": "user", "content": "q"}, {"role": "assistant", "content": f"x{sur}"}], "non_utf8"),
+            ([{"role": ["assistant"], "content": "x"}], "bad_field"),
+            ([{"role": "assistant", "content": [{"type": {"t": 1}}]}], "bad_field"),
+        ]
     if fmt == "llava":
-        return [({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": sur}]}, "non_utf8"),
-                ({"conversations": [{"from": ["human"], "value": "q"}]}, "bad_field"),
-                ({"conversations": [{"from": {"who": "gpt"}, "value": "q"}]}, "bad_field"),
-                ({"image": [["in.jpg"]], "conversations": [{"from": "gpt", "value": "q"}]}, "bad_field")]
+        return [
+            ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": sur}]}, "non_utf8"),
+            ({"conversations": [{"from": ["human"], "value": "q"}]}, "bad_field"),
+            ({"conversations": [{"from": {"who": "gpt"}, "value": "q"}]}, "bad_field"),
+            ({"image": [["in.jpg"]], "conversations": [{"from": "gpt", "value": "q"}]}, "bad_field"),
+        ]
     return [({"text": f"doc {sur} doc"}, "non_utf8"), ({"text": ["a", "b"]}, "bad_field")]
 
 
 def good_record(fmt):
-    return {"caption": {"image": "in.jpg", "caption": "good"}, "chat": {"role": "assistant", "content": "good"},
-            "llava": {"conversations": [{"from": "gpt", "value": "good"}]}, "text": {"text": "good"}}[fmt]
+    return {
+        "caption": {"image": "in.jpg", "caption": "good"},
+        "chat": {"role": "assistant", "content": "good"},
+        "llava": {"conversations": [{"from": "gpt", "value": "good"}]},
+        "text": {"text": "good"},
+    }[fmt]
 
 
 @pytest.mark.parametrize("fmt", ["caption", "chat", "llava", "text"])
@@ -205,31 +238,45 @@ def test_a_disk_error_stops_the_run_naming_the_input(tree, run_preprocess, monke
 
 def test_a_broken_json_array_resynchronises_at_the_next_item(tmp_path):
     path = tmp_path / "a.json"
-    path.write_text('[{"text": "a"}, {"text": oops}, {"text": "c"}, {"text": "d" "e"}, {"text": "f"}}, '
-                    '{"text": "g}, {"text": "h"}, {"text": "i"}, {"text": "j"')
-    got = [(r.origin.key, r.payload if isinstance(r, RawRecord) else r.reason)
-           for _, r in sources.iter_records([str(path)], "text")]
-    assert got == [("item 0", {"text": "a"}), ("item 1", "malformed_json"), ("item 2", {"text": "c"}),
-                   ("item 3", "malformed_json"), ("item 4", "malformed_json"), ("item 5", "malformed_json"),
-                   ("item 6", {"text": "h"}), ("item 7", {"text": "i"}), ("item 8", "malformed_json")]
+    path.write_text(
+        '[{"text": "a"}, {"text": oops}, {"text": "c"}, {"text": "d" "e"}, {"text": "f"}}, '
+        '{"text": "g}, {"text": "h"}, {"text": "i"}, {"text": "j"'
+    )
+    got = [
+        (r.origin.key, r.payload if isinstance(r, RawRecord) else r.reason)
+        for _, r in sources.iter_records([str(path)], "text")
+    ]
+    assert got == [
+        ("item 0", {"text": "a"}),
+        ("item 1", "malformed_json"),
+        ("item 2", {"text": "c"}),
+        ("item 3", "malformed_json"),
+        ("item 4", "malformed_json"),
+        ("item 5", "malformed_json"),
+        ("item 6", {"text": "h"}),
+        ("item 7", {"text": "i"}),
+        ("item 8", "malformed_json"),
+    ]
     full = list(sources.iter_records([str(path)], "text"))
     for n, ((i, k), _) in enumerate(full):  # resumable from every item
         assert [p for p, _ in sources.iter_records([str(path)], "text", start=(i, k))] == [p for p, _ in full[n:]]
 
 
 def shard(tmp_path, n=3) -> Path:
-    return write_tar(tmp_path / "s.tar", [m for i in range(n) for m in
-                                          ((f"{i:03d}.jpg", bytes([i]) * 3000), (f"{i:03d}.txt", b"caption"))])
+    return write_tar(
+        tmp_path / "s.tar",
+        [m for i in range(n) for m in ((f"{i:03d}.jpg", bytes([i]) * 3000), (f"{i:03d}.txt", b"caption"))],
+    )
 
 
 def test_a_truncated_tar_names_the_members_lost(tmp_path):
     path = shard(tmp_path)
     data = path.read_bytes()
-    path.write_bytes(data[:2 * 4608])  # keys 000 and 001 whole, 002 missing, no end block
+    path.write_bytes(data[: 2 * 4608])  # keys 000 and 001 whole, 002 missing, no end block
     got = [r for _, r in sources.iter_records([str(path)], "webdataset")]
     assert [r.origin.key for r in got[:2] if isinstance(r, RawRecord)] == ["000", "001"]
     assert got[-1].reason == "unreadable_input" and "001.txt" in got[-1].detail
-    path.write_bytes(data[:4608 + 512 + 1000])  # cut inside 001.jpg
+    path.write_bytes(data[: 4608 + 512 + 1000])  # cut inside 001.jpg
     got = [r for _, r in sources.iter_records([str(path)], "webdataset")]
     assert isinstance(got[0], RawRecord) and got[0].origin.key == "000"
     assert got[-1].origin.key == "001" and "001.jpg" in got[-1].detail and "cut" in got[-1].detail
@@ -275,7 +322,7 @@ def png_with_bad_idat_crc() -> bytes:
     Image.new("RGB", (40, 40), "red").save(buf, "PNG")
     data = bytearray(buf.getvalue())
     at = data.find(b"IDAT")
-    end = at + 4 + struct.unpack(">I", data[at - 4:at])[0]
+    end = at + 4 + struct.unpack(">I", data[at - 4 : at])[0]
     data[end] ^= 0xFF  # the CRC's first byte
     return bytes(data)
 
@@ -290,9 +337,14 @@ def test_a_png_whose_idat_fails_its_crc_is_rejected():
 
 
 def test_errors_jsonl_is_byte_identical_across_runs_and_worker_counts(tmp_path, small_photos, run_preprocess):
-    members = [("000.jpg", b"not an image at all" * 3), ("000.txt", b"a"),
-               ("001.png", png_with_bad_idat_crc()), ("001.txt", b"b"),
-               ("002.jpg", small_photos[0].read_bytes()), ("002.txt", b"c")]
+    members = [
+        ("000.jpg", b"not an image at all" * 3),
+        ("000.txt", b"a"),
+        ("001.png", png_with_bad_idat_crc()),
+        ("001.txt", b"b"),
+        ("002.jpg", small_photos[0].read_bytes()),
+        ("002.txt", b"c"),
+    ]
     path = write_tar(tmp_path / "s.tar", members)
     errors = [Path(run_preprocess([path], f"w{w}", workers=w)[0] + ".errors.jsonl").read_bytes() for w in (0, 1)]
     assert errors[0] == errors[1] and b"0x" not in errors[0]
@@ -305,12 +357,30 @@ def test_errors_jsonl_is_byte_identical_across_runs_and_worker_counts(tmp_path, 
 
 def llava_lines(root: Path) -> list[bytes]:
     records = [
-        {"id": "a", "image": "in.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                                         {"from": "gpt", "value": "A red square."}]},
-        {"id": "b", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
-                                      {"from": "gpt", "value": "Hello."}]},
-        {"id": "c", "image": ["in.png", "in.png"], "conversations": [
-            {"from": "human", "value": "Left <image> right <image>"}, {"from": "gpt", "value": "Two squares é€😀."}]},
+        {
+            "id": "a",
+            "image": "in.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": "A red square."},
+            ],
+        },
+        {
+            "id": "b",
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello."},
+            ],
+        },
+        {
+            "id": "c",
+            "image": ["in.png", "in.png"],
+            "conversations": [
+                {"from": "human", "value": "Left <image> right <image>"},
+                {"from": "gpt", "value": "Two squares é€😀."},
+            ],
+        },
         {"id": "d", "image": "in.png", "conversations": [{"from": "gpt", "value": "Untagged."}]},
     ]
     return [json.dumps(r).encode() for r in records]
@@ -328,9 +398,9 @@ def mutate(line: bytes, mutation) -> bytes:
     kind, at, arg = mutation
     if kind == "flip":  # any byte but a newline (a newline would make two records of one)
         i = at % len(line)
-        return line[:i] + bytes([(line[i] ^ arg) if (line[i] ^ arg) != 10 else 11]) + line[i + 1:]
+        return line[:i] + bytes([(line[i] ^ arg) if (line[i] ^ arg) != 10 else 11]) + line[i + 1 :]
     if kind == "truncate":
-        return line[:at % len(line)]
+        return line[: at % len(line)]
     obj = json.loads(line)
     path, value = list(nodes(obj))[at % len(list(nodes(obj)))]
     if not path:
@@ -343,7 +413,7 @@ def mutate(line: bytes, mutation) -> bytes:
     elif kind == "retype":
         parent[path[-1]] = arg
     else:  # unicode junk, lone surrogates included, into a string (or in place of anything else)
-        parent[path[-1]] = value[:len(value) // 2] + arg + value[len(value) // 2:] if isinstance(value, str) else arg
+        parent[path[-1]] = value[: len(value) // 2] + arg + value[len(value) // 2 :] if isinstance(value, str) else arg
     return json.dumps(obj).encode()  # ensure_ascii: surrogates travel as \ud800 escapes, as on the web
 
 
@@ -352,8 +422,11 @@ MUTATIONS = st.one_of(
     st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(1, 255)),
     st.tuples(st.just("truncate"), st.integers(0, 10**6), st.none()),
     st.tuples(st.just("delete"), st.integers(0, 10**6), st.none()),
-    st.tuples(st.just("retype"), st.integers(0, 10**6),
-              st.sampled_from([None, 0, -1, 2.5, True, "", "\ud800", [], {}, [["x"]], {"from": ["human"]}, 10**30])),
+    st.tuples(
+        st.just("retype"),
+        st.integers(0, 10**6),
+        st.sampled_from([None, 0, -1, 2.5, True, "", "\ud800", [], {}, [["x"]], {"from": ["human"]}, 10**30]),
+    ),
     st.tuples(st.just("junk"), st.integers(0, 10**6), JUNK),
 )
 
@@ -382,8 +455,12 @@ def mutation_env(tmp_path_factory):
 def same(a, b) -> bool:
     if isinstance(a, SampleError) or isinstance(b, SampleError):
         return isinstance(a, SampleError) and isinstance(b, SampleError) and a.to_json() == b.to_json()
-    return (a.tokens.tolist(), a.targets.tolist(), a.images, a.origin) == (b.tokens.tolist(), b.targets.tolist(),
-                                                                           b.images, b.origin)
+    return (a.tokens.tolist(), a.targets.tolist(), a.images, a.origin) == (
+        b.tokens.tolist(),
+        b.targets.tolist(),
+        b.images,
+        b.origin,
+    )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,15 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 from PIL import Image
 
-from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.solo import image as im
 from megatron.solo.data import codec
 from megatron.solo.data.encode import Document, EncodedImage
 from megatron.solo.data.errors import Origin
-from megatron.solo.data.packed_format import (PackedDataset, PackWriter, encode_pack, make_header, output_files,
-                                               view_pack_record)
+from megatron.solo.data.packed_format import (
+    PackedDataset,
+    PackWriter,
+    encode_pack,
+    make_header,
+    output_files,
+    view_pack_record,
+)
 from megatron.solo.data.packing import Pack
 
 
@@ -36,8 +42,11 @@ def image_doc(tokenizer, photos, text_ids=(400, 401, 402), fmt="png", index=0) -
 
 
 def test_record_round_trip_and_patch_positions(tokenizer, small_photos):
-    docs = (image_doc(tokenizer, small_photos[:2]), image_doc(tokenizer, [], index=1),
-            image_doc(tokenizer, small_photos[2:3], index=2))
+    docs = (
+        image_doc(tokenizer, small_photos[:2]),
+        image_doc(tokenizer, [], index=1),
+        image_doc(tokenizer, small_photos[2:3], index=2),
+    )
     tokens, record = encode_pack(Pack(docs), np.uint16)
     view = view_pack_record(tokens, record)
     assert view.tokens.tolist() == np.concatenate([d.tokens for d in docs]).tolist()
@@ -46,7 +55,8 @@ def test_record_round_trip_and_patch_positions(tokenizer, small_photos):
     assert [(i.position, i.n_rows, i.n_cols) for i in view.images] == [
         (docs[0].images[0].position, docs[0].images[0].n_rows, docs[0].images[0].n_cols),
         (docs[0].images[1].position, docs[0].images[1].n_rows, docs[0].images[1].n_cols),
-        (view.doc_offsets[2] + 1, docs[2].images[0].n_rows, docs[2].images[0].n_cols)]
+        (view.doc_offsets[2] + 1, docs[2].images[0].n_rows, docs[2].images[0].n_cols),
+    ]
     positions = view.patch_positions
     assert positions.dtype == np.int64 and len(positions) == view.n_patches
     assert (view.tokens[positions] == tokenizer.vision_patch_id).all()
@@ -68,7 +78,7 @@ def write(prefix: Path, packs, resume=None) -> PackWriter:
 
 
 def test_writer_reader_and_megatron_core_compatibility(tmp_path, tokenizer, small_photos):
-    packs = [Pack((image_doc(tokenizer, small_photos[i:i + 1], index=i),)) for i in range(3)]
+    packs = [Pack((image_doc(tokenizer, small_photos[i : i + 1], index=i),)) for i in range(3)]
     write(tmp_path / "d", packs).finalize()
     ds = PackedDataset(str(tmp_path / "d"))
     assert len(ds) == 3 and ds.sequence_lengths.tolist() == [p.length for p in packs]
@@ -97,7 +107,7 @@ def test_views_outlive_their_dataset(tmp_path, tokenizer, small_photos):
 
 
 def test_resumed_writer_truncates_and_matches_an_uninterrupted_one(tmp_path, tokenizer, small_photos):
-    packs = [Pack((image_doc(tokenizer, small_photos[i % 3:i % 3 + 1], index=i),)) for i in range(5)]
+    packs = [Pack((image_doc(tokenizer, small_photos[i % 3 : i % 3 + 1], index=i),)) for i in range(5)]
     write(tmp_path / "straight", packs).finalize()
     first = write(tmp_path / "resumed", packs[:2])
     state = first.checkpoint()
@@ -164,11 +174,14 @@ def test_golden_bytes_of_one_record():
     image = EncodedImage(1, 1, 2, codec.CODECS["raw"], b"\x0a\x0b\x0c")
     ids, record = encode_pack(Pack((Document(tokens, targets, (image,), Origin("f", line=1)),)), np.uint16)
     u32 = lambda *v: b"".join(x.to_bytes(4, "little") for x in v)  # noqa: E731
-    expected = (b"SPK1" + u32(7, 1, 1)       # magic, n_tokens, n_docs, n_images
-                + u32(0, 7)                  # doc_offsets
-                + u32(1, 1, 2, 0, 3)         # image: position, n_rows, n_cols, codec raw, nbytes
-                + bytes([0b01100000])        # targets: tokens 5 and 6, little bit order
-                + b"\x0a\x0b\x0c")           # the image's stored bytes
+    expected = (
+        b"SPK1"
+        + u32(7, 1, 1)  # magic, n_tokens, n_docs, n_images
+        + u32(0, 7)  # doc_offsets
+        + u32(1, 1, 2, 0, 3)  # image: position, n_rows, n_cols, codec raw, nbytes
+        + bytes([0b01100000])  # targets: tokens 5 and 6, little bit order
+        + b"\x0a\x0b\x0c"
+    )  # the image's stored bytes
     assert record.tobytes() == expected
     assert ids.dtype == np.uint16 and ids.tobytes() == tokens.astype("<u2").tobytes()
 
@@ -178,9 +191,18 @@ def test_header_is_written_and_describes_the_prefix(run_preprocess, small_photos
     source.write_text(json.dumps({"image": str(small_photos[0]), "caption": "a cat"}) + "\n")
     prefix, _ = run_preprocess([source], image_format="jpeg", allow_outside_root=True)
     header = json.loads(Path(prefix + ".pack.json").read_text())
-    assert header == {"format": "solo-packed", "format_version": 1, "token_dtype": "uint16", "patch_size": 32,
-                      "max_size": 1024, "mean": list(im.IMAGENET_MEAN), "std": list(im.IMAGENET_STD),
-                      "image_codec": "jpeg", "image_quality": 92, "tokenizer": tokenizer.fingerprint()}
+    assert header == {
+        "format": "solo-packed",
+        "format_version": 1,
+        "token_dtype": "uint16",
+        "patch_size": 32,
+        "max_size": 1024,
+        "mean": list(im.IMAGENET_MEAN),
+        "std": list(im.IMAGENET_STD),
+        "image_codec": "jpeg",
+        "image_quality": 92,
+        "tokenizer": tokenizer.fingerprint(),
+    }
     assert PackedDataset(prefix).image_config == im.DEFAULT_CONFIG
 
 
@@ -217,12 +239,15 @@ def test_a_prefix_without_header_reads_with_the_defaults_and_a_warning(tmp_path)
     assert ds[0].patches_uint8().shape == (6, 3072)
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"format_version": 2}, r"p\.pack\.json: format_version is 2, this reader reads 1: preprocess"),
-    ({"format": "other"}, r"p\.pack\.json: format is 'other', expected 'solo-packed'"),
-    ({"token_dtype": "int32"}, r"p\.pack\.json: token_dtype is 'int32', but .*p\.idx holds uint16"),
-    ({"patch_size": 0}, r"p\.pack\.json: ImageConfig\.patch_size must be a positive int"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"format_version": 2}, r"p\.pack\.json: format_version is 2, this reader reads 1: preprocess"),
+        ({"format": "other"}, r"p\.pack\.json: format is 'other', expected 'solo-packed'"),
+        ({"token_dtype": "int32"}, r"p\.pack\.json: token_dtype is 'int32', but .*p\.idx holds uint16"),
+        ({"patch_size": 0}, r"p\.pack\.json: ImageConfig\.patch_size must be a positive int"),
+    ],
+)
 def test_a_bad_header_is_refused_naming_file_and_field(tmp_path, change, match):
     prefix = write_prefix(tmp_path / "p")
     header = json.loads(Path(prefix + ".pack.json").read_text())

@@ -28,7 +28,7 @@ def make_doc(index: int, segments, targets_seed: int = 0) -> Document:
     targets = rng.random(len(tokens)) < 0.7
     targets[0] = False
     for img in images:
-        targets[img.position:img.position + img.num_tokens] = False
+        targets[img.position : img.position + img.num_tokens] = False
     return Document(np.array(tokens, np.int32), targets, tuple(images), Origin("f", line=index + 1))
 
 
@@ -64,7 +64,10 @@ def test_packing_invariants(specs, seq_length, buffer_size, seed):
             pieces.setdefault(piece.origin.line - 1, []).append(piece)
             for img in piece.images:  # every image whole, where its tokens are
                 assert img.position + img.num_tokens <= len(piece)
-                assert piece.tokens[img.position] == VISION_START and not piece.targets[img.position:img.position + img.num_tokens].any()
+                assert (
+                    piece.tokens[img.position] == VISION_START
+                    and not piece.targets[img.position : img.position + img.num_tokens].any()
+                )
     truncated = 0
     for i, doc in enumerate(docs):
         if i in refused:
@@ -83,14 +86,15 @@ def test_packing_invariants(specs, seq_length, buffer_size, seed):
             truncated += len(doc) - len(tokens)
         else:
             assert all(len(p) == seq_length for p in got[:-1])  # chunks are whole packs, then the remainder
-        np.testing.assert_array_equal(tokens, doc.tokens[:len(tokens)])
-        np.testing.assert_array_equal(targets, doc.targets[:len(tokens)])
+        np.testing.assert_array_equal(tokens, doc.tokens[: len(tokens)])
+        np.testing.assert_array_equal(targets, doc.targets[: len(tokens)])
     assert packer.truncated_tokens == truncated
     assert packer.continuation_chunks == sum(len(v) - 1 for v in pieces.values())
     # deterministic: the same input gives the same packs
     again, _ = run(Packer(packer.config), docs)
-    assert [[(p.origin, len(p)) for p in pack.documents] for pack in again] == \
-        [[(p.origin, len(p)) for p in pack.documents] for pack in packs]
+    assert [[(p.origin, len(p)) for p in pack.documents] for pack in again] == [
+        [(p.origin, len(p)) for p in pack.documents] for pack in packs
+    ]
 
 
 @given(st.lists(st.integers(1, 150), max_size=80), st.integers(1, 16))
@@ -125,8 +129,12 @@ def test_buffer_of_one_is_the_reference_greedy_packer(lengths, seq_length):
 def test_best_fit_wastes_much_less_than_greedy():
     rng = random.Random(0)
     # image-caption-like documents (an image of 50-1057 tokens + a caption) and some text, 4096-token packs
-    specs = [[("image", rng.randint(4, 32), rng.randint(4, 32)), ("text", rng.randint(5, 80))] if rng.random() < 0.7
-             else [("text", int(rng.lognormvariate(6, 1)))] for _ in range(3000)]
+    specs = [
+        [("image", rng.randint(4, 32), rng.randint(4, 32)), ("text", rng.randint(5, 80))]
+        if rng.random() < 0.7
+        else [("text", int(rng.lognormvariate(6, 1)))]
+        for _ in range(3000)
+    ]
     docs = [make_doc(i, s) for i, s in enumerate(specs)]
     padding = {}
     for buffer_size in (1, 16):

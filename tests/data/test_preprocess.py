@@ -85,19 +85,35 @@ def make_dataset(fmt, tmp_path, photos, tokenizer):
     T = lambda: Expect(tokenizer)  # noqa: E731
     root = str(photos[0].parent)
     if fmt == "caption":
-        path = write_jsonl(tmp_path / "caps.jsonl", [{"image": p.name, "caption": f"Caption {i}."}
-                                                       for i, p in enumerate(photos[:3])])
+        path = write_jsonl(
+            tmp_path / "caps.jsonl", [{"image": p.name, "caption": f"Caption {i}."} for i, p in enumerate(photos[:3])]
+        )
         expected = [T().image(p).text(f"Caption {i}.", True).eos() for i, p in enumerate(photos[:3])]
         return [path], {"image_root": root}, expected
     if fmt == "chat":
         url = "data:image/jpeg;base64," + base64.b64encode(photos[4].read_bytes()).decode()
-        path = write_jsonl(tmp_path / "chat.jsonl", [
-            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(photos[3])}},
-                                          {"type": "text", "text": "What is this?"}]},
-             {"role": "assistant", "content": "A photo."}],
-            {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                              {"type": "text", "text": "Described."}]},
-        ])
+        path = write_jsonl(
+            tmp_path / "chat.jsonl",
+            [
+                [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": str(photos[3])}},
+                            {"type": "text", "text": "What is this?"},
+                        ],
+                    },
+                    {"role": "assistant", "content": "A photo."},
+                ],
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": "Described."},
+                    ],
+                },
+            ],
+        )
         expected = [
             T().text("[INST]").image(photos[3]).text("What is this?").text("[/INST]").text("A photo.", True).eos(),
             T().image(photos[4].read_bytes()).text("Described.", True).eos(),
@@ -105,25 +121,56 @@ def make_dataset(fmt, tmp_path, photos, tokenizer):
         return [path], {"image_root": root}, expected
     if fmt == "llava":
         path = tmp_path / "llava.json"
-        path.write_text(json.dumps([
-            {"id": "a", "image": photos[1].name, "conversations": [
-                {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "Tall photo."},
-                {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]},
-            {"id": "b", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
-        ]))
+        path.write_text(
+            json.dumps(
+                [
+                    {
+                        "id": "a",
+                        "image": photos[1].name,
+                        "conversations": [
+                            {"from": "human", "value": "<image>\nDescribe."},
+                            {"from": "gpt", "value": "Tall photo."},
+                            {"from": "human", "value": "Sure?"},
+                            {"from": "gpt", "value": "Yes."},
+                        ],
+                    },
+                    {
+                        "id": "b",
+                        "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}],
+                    },
+                ]
+            )
+        )
         expected = [
-            T().text("[INST]").image(photos[1]).text("Describe.").text("[/INST]").text("Tall photo.", True).eos()
-            .text("[INST]").text("Sure?").text("[/INST]").text("Yes.", True).eos(),
+            T()
+            .text("[INST]")
+            .image(photos[1])
+            .text("Describe.")
+            .text("[/INST]")
+            .text("Tall photo.", True)
+            .eos()
+            .text("[INST]")
+            .text("Sure?")
+            .text("[/INST]")
+            .text("Yes.", True)
+            .eos(),
             T().text("[INST]").text("Hi").text("[/INST]").text("Hello.", True).eos(),
         ]
         return [path], {"image_root": root}, expected
     if fmt == "webdataset":
-        path = write_tar(tmp_path / "shard-000.tar", [
-            ("000.jpg", photos[0].read_bytes()), ("000.txt", b"Web caption."),
-            ("001.png", png_bytes(photos[2])), ("001.json", json.dumps({"caption": "From json.", "url": "u"}).encode()),
-        ])
-        expected = [T().image(photos[0]).text("Web caption.", True).eos(),
-                    T().image(png_bytes(photos[2])).text("From json.", True).eos()]
+        path = write_tar(
+            tmp_path / "shard-000.tar",
+            [
+                ("000.jpg", photos[0].read_bytes()),
+                ("000.txt", b"Web caption."),
+                ("001.png", png_bytes(photos[2])),
+                ("001.json", json.dumps({"caption": "From json.", "url": "u"}).encode()),
+            ],
+        )
+        expected = [
+            T().image(photos[0]).text("Web caption.", True).eos(),
+            T().image(png_bytes(photos[2])).text("From json.", True).eos(),
+        ]
         return [path], {}, expected
     if fmt == "imagenet":
         train = tmp_path / "train"
@@ -132,14 +179,19 @@ def make_dataset(fmt, tmp_path, photos, tokenizer):
             (train / wnid / f"{wnid}_1.JPEG").write_bytes(photo.read_bytes())
         names = tmp_path / "LOC_synset_mapping.txt"
         names.write_text("n01 tench_fish\nn02 great-white shark\n")
-        expected = [T().image(photos[5]).text("tench fish", True).eos(),
-                    T().image(photos[0]).text("great white shark", True).eos()]
+        expected = [
+            T().image(photos[5]).text("tench fish", True).eos(),
+            T().image(photos[0]).text("great white shark", True).eos(),
+        ]
         return [train], {"class_names": str(names), "shuffle_seed": None}, expected  # sorted: n01, n02
     if fmt == "text":
         texts = ["First document.", "Second one,\nwith two lines and   spaces.\n"]
         path = tmp_path / "slim.jsonl.zst"
-        path.write_bytes(zstandard.ZstdCompressor().compress(
-            b"".join(json.dumps({"text": t, "meta": {}}).encode() + b"\n" for t in texts)))
+        path.write_bytes(
+            zstandard.ZstdCompressor().compress(
+                b"".join(json.dumps({"text": t, "meta": {}}).encode() + b"\n" for t in texts)
+            )
+        )
         expected = []
         for t in texts:
             e = T()
@@ -176,8 +228,9 @@ def test_imagenet_packs_mix_classes_unless_read_sorted(tmp_path, small_photos, t
         prefix, stats = run_preprocess([train], name, class_names=str(names), seq_length=56, **kw)
         packs = []
         for view in PackedDataset(prefix):
-            first_targets = [view.tokens[i] for i in range(1, len(view.tokens))
-                             if view.targets[i] and not view.targets[i - 1]]
+            first_targets = [
+                view.tokens[i] for i in range(1, len(view.tokens)) if view.targets[i] and not view.targets[i - 1]
+            ]
             packs.append({class_ids[t] for t in first_targets})
         return packs, stats
 
@@ -204,6 +257,7 @@ def test_default_jpeg_storage_exact_tokens_close_patches(tmp_path, small_photos,
 
 def png_claiming(width, height) -> bytes:
     """A PNG header claiming a huge image (a decompression bomb), without pixel data."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -222,8 +276,12 @@ def bad_inputs(tmp_path, photos):
     Image.new("RGB", (600, 4), "red").save(d / "sliver.png")
 
     def chat(url, text="Caption."):
-        return json.dumps({"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                            {"type": "text", "text": text}]}).encode()
+        return json.dumps(
+            {
+                "role": "assistant",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}],
+            }
+        ).encode()
 
     good = chat(str(shutil.copy(photos[0], d / "good.jpg")))  # inside the image root (the input's directory)
     lines = [
@@ -277,12 +335,18 @@ def mixed_corpus(tmp_path, photos, n_captions=30, n_texts=12, seed=0):
     (tmp_path / "photos").mkdir(exist_ok=True)  # inside the image root (the inputs' directory)
     photos = [shutil.copy(p, tmp_path / "photos" / p.name) for p in photos]
     words = "the a photo of cat dog sky red blue small large street near house tree over under".split()
-    caps = [{"image": str(photos[i % len(photos)]),
-             "caption": " ".join(rng.choice(words, 2000 if i == 7 else rng.integers(2, 30)))}
-            for i in range(n_captions)]
+    caps = [
+        {
+            "image": str(photos[i % len(photos)]),
+            "caption": " ".join(rng.choice(words, 2000 if i == 7 else rng.integers(2, 30))),
+        }
+        for i in range(n_captions)
+    ]
     texts = [{"text": " ".join(rng.choice(words, int(rng.integers(5, 900))))} for _ in range(n_texts)]
-    return [write_jsonl(tmp_path / "caps.jsonl", caps, raw_lines=[b"not json"]),
-            write_jsonl(tmp_path / "texts.jsonl", texts)], "caption"
+    return [
+        write_jsonl(tmp_path / "caps.jsonl", caps, raw_lines=[b"not json"]),
+        write_jsonl(tmp_path / "texts.jsonl", texts),
+    ], "caption"
 
 
 def test_stats_add_up(tmp_path, small_photos, run_preprocess):
@@ -308,7 +372,7 @@ def test_stats_add_up(tmp_path, small_photos, run_preprocess):
         image_bytes = sum(len(i.data) for v in views for i in v.images)
         assert image_bytes == stats["image_bytes"]
         assert stats["bytes_per_vision_token"] == pytest.approx(image_bytes / max(stats["vision_tokens"], 1))
-        loss = sum(int(v.targets[a + 1:b].sum()) for v in views for a, b in zip(v.doc_offsets, v.doc_offsets[1:]))
+        loss = sum(int(v.targets[a + 1 : b].sum()) for v in views for a, b in zip(v.doc_offsets, v.doc_offsets[1:]))
         assert loss == stats["loss_tokens"]
         assert sum(1 for _ in open(prefix + ".errors.jsonl")) == sum(stats["skipped"].values())
 
@@ -320,8 +384,13 @@ def test_output_is_byte_identical_for_any_worker_count(tmp_path, small_photos, r
     (tmp_path / "caps-2.jsonl").write_bytes(b"".join(lines[25:]))
     outputs = {}
     for workers in (0, 1, 2):
-        prefix, stats = run_preprocess([tmp_path / "caps-*.jsonl"], f"w{workers}", seq_length=256, workers=workers,
-                                       pack=PackConfig(seq_length=256, buffer_size=4))
+        prefix, stats = run_preprocess(
+            [tmp_path / "caps-*.jsonl"],
+            f"w{workers}",
+            seq_length=256,
+            workers=workers,
+            pack=PackConfig(seq_length=256, buffer_size=4),
+        )
         outputs[workers] = output_bytes(prefix)
         assert stats["input_files"] == 2 and stats["samples"] == 41
     assert outputs[0][".errors.jsonl"] and len(PackedDataset(str(tmp_path / "w0"))) > 3
@@ -331,8 +400,9 @@ def test_output_is_byte_identical_for_any_worker_count(tmp_path, small_photos, r
 # --- work directory, resume, kill ---------------------------------------------------------------
 
 
-def test_leftover_run_needs_resume_settings_must_match_and_complete_runs_are_kept(tmp_path, small_photos,
-                                                                                   run_preprocess):
+def test_leftover_run_needs_resume_settings_must_match_and_complete_runs_are_kept(
+    tmp_path, small_photos, run_preprocess
+):
     inputs, _ = mixed_corpus(tmp_path, small_photos, n_captions=5, n_texts=0)
     prefix, stats = run_preprocess([inputs[0]])
     again, stats_again = run_preprocess([inputs[0]], resume=True)  # complete: nothing to do
@@ -350,13 +420,31 @@ def run_tool(args, env_extra=None, timeout=240):
 
 
 def tool_args(inputs, prefix, *extra):
-    return ["--input", *map(str, inputs), "--output-prefix", prefix, "--seq-length", "256", "--pack-buffer-size", "4",
-            "--image-format", "png", *extra]
+    return [
+        "--input",
+        *map(str, inputs),
+        "--output-prefix",
+        prefix,
+        "--seq-length",
+        "256",
+        "--pack-buffer-size",
+        "4",
+        "--image-format",
+        "png",
+        *extra,
+    ]
 
 
 def resumed_config(inputs, prefix, workers=0):
-    return PreprocessConfig(inputs=tuple(map(str, inputs)), output_prefix=prefix, encode=EncodeConfig(image_format="png"),
-                            pack=PackConfig(seq_length=256, buffer_size=4), workers=workers, resume=True, progress=False)
+    return PreprocessConfig(
+        inputs=tuple(map(str, inputs)),
+        output_prefix=prefix,
+        encode=EncodeConfig(image_format="png"),
+        pack=PackConfig(seq_length=256, buffer_size=4),
+        workers=workers,
+        resume=True,
+        progress=False,
+    )
 
 
 @pytest.mark.slow
@@ -366,8 +454,10 @@ def test_kill_then_resume_equals_an_uninterrupted_run(tmp_path, small_photos):
     straight = str(tmp_path / "straight")
     preprocess(dataclasses.replace(resumed_config(inputs[:1], straight), resume=False), stream=io.StringIO())
     killed = str(tmp_path / "killed")
-    proc = run_tool(tool_args(inputs[:1], killed, "--workers", "0", "--checkpoint-interval", "0"),
-                    faults.env("preprocess.kill_after_packs", 5))
+    proc = run_tool(
+        tool_args(inputs[:1], killed, "--workers", "0", "--checkpoint-interval", "0"),
+        faults.env("preprocess.kill_after_packs", 5),
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not os.path.exists(killed + ".stats.json")
     with open(killed + ".partial/checkpoint.pkl", "rb") as f:  # killed after pack 5, before its checkpoint:
@@ -390,14 +480,35 @@ def test_kill_then_resume_equals_an_uninterrupted_run(tmp_path, small_photos):
 def test_external_sigkill_mid_run_then_resume(tmp_path):
     rng = np.random.default_rng(1)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
-    path = write_jsonl(tmp_path / "t.jsonl", [{"text": " ".join(rng.choice(words, int(rng.integers(3, 200))))}
-                                              for _ in range(2000)])
+    path = write_jsonl(
+        tmp_path / "t.jsonl", [{"text": " ".join(rng.choice(words, int(rng.integers(3, 200))))} for _ in range(2000)]
+    )
     straight = str(tmp_path / "straight")
-    preprocess(PreprocessConfig(inputs=(str(path),), output_prefix=straight, pack=PackConfig(seq_length=256, buffer_size=4),
-                                workers=0, progress=False), stream=io.StringIO())
+    preprocess(
+        PreprocessConfig(
+            inputs=(str(path),),
+            output_prefix=straight,
+            pack=PackConfig(seq_length=256, buffer_size=4),
+            workers=0,
+            progress=False,
+        ),
+        stream=io.StringIO(),
+    )
     killed = str(tmp_path / "killed")
-    args = ["--input", str(path), "--output-prefix", killed, "--seq-length", "256", "--pack-buffer-size", "4",
-            "--workers", "2", "--checkpoint-interval", "0"]
+    args = [
+        "--input",
+        str(path),
+        "--output-prefix",
+        killed,
+        "--seq-length",
+        "256",
+        "--pack-buffer-size",
+        "4",
+        "--workers",
+        "2",
+        "--checkpoint-interval",
+        "0",
+    ]
     proc = subprocess.Popen([sys.executable, str(TOOL), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     checkpoint = Path(killed + ".partial") / "checkpoint.pkl"
     deadline = time.monotonic() + 200
@@ -414,9 +525,17 @@ def test_external_sigkill_mid_run_then_resume(tmp_path):
         time.sleep(0.2)
     assert workers and not any(_alive(pid) for pid in workers)
     assert not os.path.exists(killed + ".stats.json")
-    stats = preprocess(PreprocessConfig(inputs=(str(path),), output_prefix=killed, workers=0, progress=False,
-                                        pack=PackConfig(seq_length=256, buffer_size=4), resume=True),
-                       stream=io.StringIO())
+    stats = preprocess(
+        PreprocessConfig(
+            inputs=(str(path),),
+            output_prefix=killed,
+            workers=0,
+            progress=False,
+            pack=PackConfig(seq_length=256, buffer_size=4),
+            resume=True,
+        ),
+        stream=io.StringIO(),
+    )
     assert stats["samples"] == 2000
     assert output_bytes(killed) == output_bytes(straight)
 

@@ -10,10 +10,10 @@ from data_helpers import output_bytes, write_jsonl
 from megatron.solo import image as im
 from megatron.solo.data import sources
 from megatron.solo.data.encode import EncodeConfig
+from megatron.solo.data.errors import Origin, SampleError
 from megatron.solo.data.packed_format import PackedDataset
 from megatron.solo.data.samples import parse_record
 from megatron.solo.data.sources import RawRecord
-from megatron.solo.data.errors import Origin, SampleError
 
 
 class Doc:
@@ -52,15 +52,32 @@ def released_rows(photos):
     """Rows exactly in the released layout, odd ones included (the first has string turns: auto-detected)."""
     return [
         {"conversations": ["Say hi.", "Hi!"]},  # plain-string turns, no image: text-only
-        {"id": "x1", "image": photos[1].name, "conversations": [
-            {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A tall photo."},
-            {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Mostly grey."}]},
-        {"image": photos[2].name, "conversations": [  # tag after the text; odd number of turns
-            {"from": "human", "value": "Describe.\n<image>"}, {"from": "gpt", "value": "Wide."},
-            {"from": "human", "value": "Anything else?"}]},
-        {"conversations": [  # an empty answer; role names are not read (parity decides)
-            {"from": "gpt", "value": "Nothing to say?"}, {"from": "human", "value": ""},
-            "And now?", {"from": "gpt", "value": "Now yes."}]},
+        {
+            "id": "x1",
+            "image": photos[1].name,
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is shown?"},
+                {"from": "gpt", "value": "A tall photo."},
+                {"from": "human", "value": "Colour?"},
+                {"from": "gpt", "value": "Mostly grey."},
+            ],
+        },
+        {
+            "image": photos[2].name,
+            "conversations": [  # tag after the text; odd number of turns
+                {"from": "human", "value": "Describe.\n<image>"},
+                {"from": "gpt", "value": "Wide."},
+                {"from": "human", "value": "Anything else?"},
+            ],
+        },
+        {
+            "conversations": [  # an empty answer; role names are not read (parity decides)
+                {"from": "gpt", "value": "Nothing to say?"},
+                {"from": "human", "value": ""},
+                "And now?",
+                {"from": "gpt", "value": "Now yes."},
+            ]
+        },
         {"conversations": ["Last one empty?", ""]},  # the final answer is empty: only its </s> is learnt
         {"image": photos[0].name, "conversations": ["<image> Just a question."]},  # nothing to learn
     ]
@@ -95,16 +112,19 @@ def test_detection_tells_sft_from_llava_and_chat():
     assert sources.classify({"conversations": [{"role": "user", "content": "q"}]}) == "chat"
 
 
-@pytest.mark.parametrize("row, reason", [
-    ({"conversations": "q"}, "bad_field"),
-    ({"conversations": []}, "bad_field"),
-    ({"conversations": ["q", 3]}, "bad_field"),
-    ({"conversations": ["q", {"from": "gpt"}]}, "missing_field"),
-    ({"conversations": ["q", {"from": "gpt", "value": ["a"]}]}, "bad_field"),
-    ({"image": 5, "conversations": ["q", "a"]}, "bad_field"),
-    ({"image": "../x.jpg", "conversations": ["q", "a"]}, "outside_root"),
-    ({"messages": ["q", "a"]}, "missing_field"),
-])
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"conversations": "q"}, "bad_field"),
+        ({"conversations": []}, "bad_field"),
+        ({"conversations": ["q", 3]}, "bad_field"),
+        ({"conversations": ["q", {"from": "gpt"}]}, "missing_field"),
+        ({"conversations": ["q", {"from": "gpt", "value": ["a"]}]}, "bad_field"),
+        ({"image": 5, "conversations": ["q", "a"]}, "bad_field"),
+        ({"image": "../x.jpg", "conversations": ["q", "a"]}, "outside_root"),
+        ({"messages": ["q", "a"]}, "missing_field"),
+    ],
+)
 def test_bad_sft_rows_have_named_reasons(row, reason, tmp_path):
     record = RawRecord(Origin("sft.jsonl", line=3), json.dumps(row).encode())
     with pytest.raises(SampleError) as err:
@@ -121,8 +141,12 @@ def test_truncation_is_counted_named_and_keeps_images_whole(tmp_path, small_phot
     ]
     path = write_jsonl(tmp_path / "sft.jsonl", rows)
     limit = 40
-    prefix, stats = run_preprocess([path], input_format="sft", image_root=str(small_photos[0].parent),
-                                   encode=EncodeConfig(image_format="png", max_sample_length=limit))
+    prefix, stats = run_preprocess(
+        [path],
+        input_format="sft",
+        image_root=str(small_photos[0].parent),
+        encode=EncodeConfig(image_format="png", max_sample_length=limit),
+    )
     full = Doc(tokenizer).ask("Count.").answer(long_answer)
     assert stats["truncated_samples"] == 1 and stats["truncated_sample_tokens"] == len(full.tokens) - limit
     assert stats["skipped"] == {"too_long": 1} and stats["max_sample_length"] == limit
@@ -151,5 +175,9 @@ def test_max_sample_length_above_seq_length_is_refused(tmp_path):
     from megatron.solo.data.pipeline import PreprocessConfig
 
     with pytest.raises(ValueError, match="--max-sample-length 8192 exceeds --seq-length 4096"):
-        PreprocessConfig(inputs=("x.jsonl",), output_prefix=str(tmp_path / "o"), pack=PackConfig(seq_length=4096),
-                         encode=EncodeConfig(max_sample_length=8192))
+        PreprocessConfig(
+            inputs=("x.jsonl",),
+            output_prefix=str(tmp_path / "o"),
+            pack=PackConfig(seq_length=4096),
+            encode=EncodeConfig(max_sample_length=8192),
+        )

@@ -15,7 +15,7 @@ from megatron.solo.data.samples import ImageRef, Turn
 from megatron.solo.data.sources import RawRecord
 
 
-def parse(fmt, payload, image_root="/imgs", origin=Origin("in.jsonl", line=1)):
+def parse(fmt, payload, image_root="/imgs", origin=Origin("in.jsonl", line=1)):  # noqa: B008 (frozen)
     if isinstance(payload, (dict, list)):
         payload = json.dumps(payload).encode()
     return samples.parse_record(RawRecord(origin, payload), fmt, image_root)
@@ -110,7 +110,13 @@ def test_jsonl_records_compressed_blank_lines_and_resume(tmp_path):
     zst = tmp_path / "b.jsonl.zst"
     zst.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines[3:]) + b"\n"))
     full = _assert_resumable([plain, zst], "text")
-    assert [(pos, r.origin.line) for pos, r in full] == [((0, 0), 1), ((0, 1), 2), ((0, 2), 5), ((1, 0), 1), ((1, 1), 2)]
+    assert [(pos, r.origin.line) for pos, r in full] == [
+        ((0, 0), 1),
+        ((0, 1), 2),
+        ((0, 2), 5),
+        ((1, 0), 1),
+        ((1, 1), 2),
+    ]
     assert [r.payload.strip() for _, r in full] == lines
 
 
@@ -138,8 +144,15 @@ def test_json_array_records_and_a_malformed_file(tmp_path):
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 20])
 def test_json_items_stream_across_chunk_boundaries(chunk):
-    items = [{"t": "a [tricky], {string}", "n": 12345678901234, "u": "é€😀"}, 3.25e10, [1, [2, []]], "x", None,
-             {"nested": {"deep": [{"k": "v"}] * 3}}, 987654321]
+    items = [
+        {"t": "a [tricky], {string}", "n": 12345678901234, "u": "é€😀"},
+        3.25e10,
+        [1, [2, []]],
+        "x",
+        None,
+        {"nested": {"deep": [{"k": "v"}] * 3}},
+        987654321,
+    ]
     data = (" \n[ " + " ,\n ".join(json.dumps(i, ensure_ascii=False) for i in items) + " ]\n").encode()
     assert list(sources._json_items(io.BytesIO(data), chunk)) == items
     assert list(sources._json_items(io.BytesIO(b'{"a": [1, 2]}'), chunk)) == [{"a": [1, 2]}]
@@ -160,14 +173,21 @@ def test_json_items_stream_across_chunk_boundaries(chunk):
 
 def test_detection_reads_a_whole_first_line_however_long(tmp_path):
     url = "data:image/png;base64," + "A" * (3 << 20)  # a 3 MB first line
-    path = write_jsonl(tmp_path / "big.jsonl", [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}}]}])
+    path = write_jsonl(
+        tmp_path / "big.jsonl", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
+    )
     assert sources.detect_format([str(path)]) == "chat"
 
 
 def test_tar_records_grouped_by_key_and_resume(tmp_path):
-    members = [("a/000.jpg", b"J0"), ("a/000.txt", b"cap 0"), ("a/001.png", b"P1"), ("a/001.json", b"{}"),
-               ("a/002.seg.webp", b"W2"), ("a/002.txt", b"cap 2")]
+    members = [
+        ("a/000.jpg", b"J0"),
+        ("a/000.txt", b"cap 0"),
+        ("a/001.png", b"P1"),
+        ("a/001.json", b"{}"),
+        ("a/002.seg.webp", b"W2"),
+        ("a/002.txt", b"cap 2"),
+    ]
     shard = write_tar(tmp_path / "s.tar", members)
     full = _assert_resumable([shard], "webdataset")
     assert [(r.origin.key, r.payload) for _, r in full] == [
@@ -214,7 +234,7 @@ def test_imagenet_records_are_read_in_a_seeded_order_that_mixes_classes(tmp_path
     assert sorted(keys) == ordered and keys != ordered
     assert keys == [r.origin.key for _, r in _all([root], "imagenet", class_names=names, shuffle_seed=7)]
     assert keys != [r.origin.key for _, r in _all([root], "imagenet", class_names=names, shuffle_seed=8)]
-    assert all(len({k.split("/")[0] for k in keys[i:i + 12]}) >= 4 for i in range(0, 120, 12))  # classes mix
+    assert all(len({k.split("/")[0] for k in keys[i : i + 12]}) >= 4 for i in range(0, 120, 12))  # classes mix
     assert {(r.origin.key, r.payload[1]) for _, r in shuffled} == {(k, names[k[:3]]) for k in ordered}
 
 
@@ -225,7 +245,9 @@ def test_load_class_names_formats(tmp_path):
     (tmp_path / "keras.json").write_text(json.dumps({"0": ["n01440764", "tench"]}))
     (tmp_path / "bad.txt").write_text("n01440764\n")
     assert sources.load_class_names(str(tmp_path / "LOC_synset_mapping.txt")) == {
-        "n01440764": "tench, Tinca tinca", "n01443537": "goldfish"}
+        "n01440764": "tench, Tinca tinca",
+        "n01443537": "goldfish",
+    }
     assert sources.load_class_names(str(tmp_path / "words.txt")) == {"n00001740": "entity"}
     assert sources.load_class_names(str(tmp_path / "names.json")) == {"n01": "tench"}
     assert sources.load_class_names(str(tmp_path / "keras.json")) == {"n01440764": "tench"}
@@ -240,10 +262,21 @@ def test_chat_shapes_parts_and_image_urls():
     url = "data:image/png;base64," + base64.b64encode(b"png bytes").decode()
     turns = [
         {"role": "system", "content": " Be brief. "},
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "cats/1.jpg"}},
-                                     {"type": "text", "text": "What is it?\n"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}, {"type": "image_url", "image_url": url},
-                                          {"type": "text", "text": "  "}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": "cats/1.jpg"}},
+                {"type": "text", "text": "What is it?\n"},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "A cat."},
+                {"type": "image_url", "image_url": url},
+                {"type": "text", "text": "  "},
+            ],
+        },
     ]
     expected = (
         Turn("system", ("Be brief.",)),
@@ -259,18 +292,28 @@ def test_chat_shapes_parts_and_image_urls():
 
 
 def test_relative_images_default_to_the_input_files_directory():
-    sample = parse("caption", {"image": "a.jpg", "caption": "c"}, image_root=None,
-                   origin=Origin("/data/set/caps.jsonl", line=3))
+    sample = parse(
+        "caption", {"image": "a.jpg", "caption": "c"}, image_root=None, origin=Origin("/data/set/caps.jsonl", line=3)
+    )
     assert sample.turns[0].parts[0] == ImageRef("/data/set/a.jpg")
 
 
 def test_llava_tags_place_images_and_roles_map():
-    record = {"image": "coco/1.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "A dog."},
-        {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Brown."}]}
+    record = {
+        "image": "coco/1.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nDescribe it."},
+            {"from": "gpt", "value": "A dog."},
+            {"from": "human", "value": "Colour?"},
+            {"from": "gpt", "value": "Brown."},
+        ],
+    }
     assert parse("llava", record).turns == (
-        Turn("user", (ImageRef("/imgs/coco/1.jpg"), "Describe it.")), Turn("assistant", ("A dog.",)),
-        Turn("user", ("Colour?",)), Turn("assistant", ("Brown.",)))
+        Turn("user", (ImageRef("/imgs/coco/1.jpg"), "Describe it.")),
+        Turn("assistant", ("A dog.",)),
+        Turn("user", ("Colour?",)),
+        Turn("assistant", ("Brown.",)),
+    )
     untagged = {"image": "a.jpg", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "q"}]}
     assert parse("llava", untagged).turns[1] == Turn("user", (ImageRef("/imgs/a.jpg"), "q"))
     middle = {"image": ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "Left <image> right\n<image>"}]}
@@ -281,13 +324,15 @@ def test_llava_tags_place_images_and_roles_map():
 
 def test_caption_text_webdataset_parsing():
     assert parse("caption", {"image": "a.jpg", "caption": " A cat. ", "text": "ignored"}).turns == (
-        Turn("assistant", (ImageRef("/imgs/a.jpg"), "A cat.")),)
+        Turn("assistant", (ImageRef("/imgs/a.jpg"), "A cat.")),
+    )
     assert parse("text", {"text": "  keep\nverbatim \n"}).turns == (Turn("assistant", ("  keep\nverbatim \n",)),)
     origin = Origin("s.tar", key="000")
     wds = samples.parse_record(RawRecord(origin, {"jpg": b"JJ", "png": b"PP", "txt": b"cap"}), "webdataset")
     assert wds.turns == (Turn("assistant", (ImageRef(b"JJ"), "cap")),)
-    meta = samples.parse_record(RawRecord(origin, {"webp": b"W", "json": b'{"caption": "from json", "url": "u"}'}),
-                                "webdataset")
+    meta = samples.parse_record(
+        RawRecord(origin, {"webp": b"W", "json": b'{"caption": "from json", "url": "u"}'}), "webdataset"
+    )
     assert meta.turns[0].parts == (ImageRef(b"W"), "from json")
 
 
@@ -304,11 +349,17 @@ def test_caption_text_webdataset_parsing():
         ("chat", [{"role": "user", "content": [{"type": "audio"}]}], "bad_field"),
         ("chat", [], "bad_field"),
         ("chat", [{"role": "user", "content": "  "}], "empty_text"),
-        ("chat", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/a.jpg"}}]}],
-         "remote_url"),
+        (
+            "chat",
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/a.jpg"}}]}],
+            "remote_url",
+        ),
         ("llava", {"conversations": [{"from": "bot", "value": "x"}]}, "unknown_role"),
-        ("llava", {"image": "a.jpg", "conversations": [{"from": "human", "value": "<image><image>"}]},
-         "image_tag_mismatch"),
+        (
+            "llava",
+            {"image": "a.jpg", "conversations": [{"from": "human", "value": "<image><image>"}]},
+            "image_tag_mismatch",
+        ),
         ("llava", {"conversations": [{"from": "human", "value": "<image> hi"}]}, "image_tag_mismatch"),
         ("llava", {"image": "a.jpg"}, "missing_field"),
         ("llava", {"image": 5, "conversations": [{"from": "human", "value": "x"}]}, "bad_field"),

@@ -29,8 +29,14 @@ def test_counts_and_layout(tree):
     root, counts = tree
     n_classes = len(scenes.classes())
     asked = counts.pop("sft_heldout_questions")
-    assert counts == {"label_train": 3 * n_classes, "label_heldout": 2 * n_classes, "caption_train": 12,
-                      "caption_heldout": 5, "text_documents": 7, "sft_chats": 12}  # chats: one per caption image
+    assert counts == {
+        "label_train": 3 * n_classes,
+        "label_heldout": 2 * n_classes,
+        "caption_train": 12,
+        "caption_heldout": 5,
+        "text_documents": 7,
+        "sft_chats": 12,
+    }  # chats: one per caption image
     assert len((root / "sft" / "heldout.jsonl").read_text().splitlines()) == asked >= 5  # ≥ 1 per held-out scene
     assert not root.with_name("raw.partial").exists()
     assert len(list((root / "labels" / "train").glob("*/*.png"))) == 3 * n_classes
@@ -50,6 +56,7 @@ def test_sft_chats_are_in_the_released_layout_and_ask_about_their_own_image(tree
         for question, answer in zip(turns[0::2], turns[1::2]):
             if question["value"].startswith(("<image>\nWhat colour", "What colour")):
                 assert answer["value"] in caption["caption"]
+
 
 def test_label_tree_reads_as_imagenet_with_its_class_names(tree):
     root, _ = tree
@@ -91,7 +98,9 @@ def test_same_seed_same_bytes_other_seed_other_data(tree, tmp_path):
     write_demo_data(again, SMALL, workers=2)  # the tree fixture used one process
     for rel in ["captions/train.jsonl", "text/corpus.jsonl", "labels/classes.txt", "labels/heldout.jsonl"]:
         assert (again / rel).read_bytes() == (root / rel).read_bytes(), rel
-    for path in sorted((root / "labels" / "train").glob("*/*.png"))[:5] + sorted((root / "captions").glob("*/*.png"))[:5]:
+    for path in (
+        sorted((root / "labels" / "train").glob("*/*.png"))[:5] + sorted((root / "captions").glob("*/*.png"))[:5]
+    ):
         assert pixels_digest(path) == pixels_digest(again / path.relative_to(root))
     other = tmp_path / "other"
     write_demo_data(other, DemoDataConfig(**{**SMALL.__dict__, "seed": 4}))

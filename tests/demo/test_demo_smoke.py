@@ -25,8 +25,12 @@ def smoke(tmp_path_factory):
     hide = tmp_path_factory.mktemp("hide")
     for name in ("transformers", "safetensors"):
         (hide / f"{name}.py").write_text(f"raise ImportError('{name} is not in the demo extra')\n")
-    env = {**os.environ, "DEMO_DIR": str(out), "PYTHON": sys.executable,  # this Python has everything: no install
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "DEMO_DIR": str(out),
+        "PYTHON": sys.executable,  # this Python has everything: no install
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")])),
+    }
     proc = run_in_session(["bash", "examples/solo/demo.sh", "--smoke"], timeout=840, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     return out, proc.stdout + proc.stderr
@@ -49,8 +53,13 @@ def test_every_step_ran_and_wrote_its_outputs(smoke):
         assert (out / "ckpt" / stage / "latest_checkpointed_iteration.txt").is_file()
     assert (out / "loss_curves.png").stat().st_size > 10_000
     assert "SOLO CPU demo: report" in (out / "report.txt").read_text()
-    assert [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()] == \
-        ["data", "preprocess", "stage1", "stage2", "sft"]
+    assert [line.split()[0] for line in (out / "timings.txt").read_text().splitlines()] == [
+        "data",
+        "preprocess",
+        "stage1",
+        "stage2",
+        "sft",
+    ]
 
 
 def test_each_stage_starts_from_the_last_and_the_losses_fall(smoke):
@@ -83,9 +92,20 @@ def test_report_scores_every_heldout_image(smoke):
 def test_generate_tool_answers_from_the_demo_checkpoint(smoke):
     out, _ = smoke
     images = sorted((out / "raw" / "labels" / "heldout").glob("*.png"))[:2]
-    proc = run_in_session([sys.executable, "tools/generate.py", "--load", str(out / "ckpt" / "stage2"), "--each",
-                           "--max-new-tokens", "4", *[a for i in images for a in ("--image", str(i))]],
-                          timeout=300, cwd=ROOT)
+    proc = run_in_session(
+        [
+            sys.executable,
+            "tools/generate.py",
+            "--load",
+            str(out / "ckpt" / "stage2"),
+            "--each",
+            "--max-new-tokens",
+            "4",
+            *[a for i in images for a in ("--image", str(i))],
+        ],
+        timeout=300,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     answers = [line for line in proc.stdout.splitlines() if line.startswith(str(images[0].parent))]
     assert [a.split("\t")[0] for a in answers] == [str(i) for i in images]
@@ -94,8 +114,13 @@ def test_generate_tool_answers_from_the_demo_checkpoint(smoke):
 def test_ablation_command_runs_from_the_demos_stage1(smoke, tmp_path):
     """demo_ablation.sh end to end in a few steps, reusing the smoke run's data and stage 1."""
     out, _ = smoke
-    env = {**os.environ, "PYTHON": sys.executable, "REUSE_DEMO": str(out), "ITERS": "4",
-           "ABLATION_DIR": str(tmp_path / "ablation")}
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "REUSE_DEMO": str(out),
+        "ITERS": "4",
+        "ABLATION_DIR": str(tmp_path / "ablation"),
+    }
     proc = run_in_session(["bash", "examples/solo/demo_ablation.sh"], timeout=400, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
     report = json.loads((tmp_path / "ablation" / "ablation_report.json").read_text())

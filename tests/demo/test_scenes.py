@@ -29,15 +29,23 @@ def test_captions_parse_back_to_their_attributes():
     for _ in range(500):
         scene = random_scene(rng)
         assert parse_caption(scene.caption()) == scene.attributes(), scene.caption()
-    assert Scene((Group(2, "blue", "circle"), Group(1, "green", "square")), "left of").caption() == \
-        "two blue circles left of a green square"
+    assert (
+        Scene((Group(2, "blue", "circle"), Group(1, "green", "square")), "left of").caption()
+        == "two blue circles left of a green square"
+    )
 
 
 def test_parse_caption_leaves_unreadable_slots_out():
     assert parse_caption("two blue") == {}
     assert parse_caption("a red blob above two green squares") == {
-        "relation": "above", "count_1": "a", "colour_1": "red", "shape_1": "blob",
-        "count_2": "two", "colour_2": "green", "shape_2": "square"}
+        "relation": "above",
+        "count_1": "a",
+        "colour_1": "red",
+        "shape_1": "blob",
+        "count_2": "two",
+        "colour_2": "green",
+        "shape_2": "square",
+    }
 
 
 def test_sizes_include_wide_tall_and_square_images():

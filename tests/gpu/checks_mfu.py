@@ -51,9 +51,13 @@ def make_pack(cfg, seq: int, kind: str, seed: int = 0):
     else:
         lengths = _scaled([12288, 8192, 6144, 4096, 2048], seq)
         positions, targets = np.zeros(0, np.int64), np.ones(seq, bool)
-    example = PackedExample(tokens=tokens, targets=targets, doc_offsets=np.concatenate([[0], np.cumsum(lengths)]),
-                            patches=rng.standard_normal((len(positions), cfg.patch_dim)).astype(np.float32),
-                            patch_positions=positions)
+    example = PackedExample(
+        tokens=tokens,
+        targets=targets,
+        doc_offsets=np.concatenate([[0], np.cumsum(lengths)]),
+        patches=rng.standard_normal((len(positions), cfg.patch_dim)).astype(np.float32),
+        patch_positions=positions,
+    )
     return collate([example], seq, pad_id=0, patch_dim=cfg.patch_dim)
 
 
@@ -83,8 +87,16 @@ class _Timer:
 def _train_step(model, batch) -> torch.Tensor:
     """Forward with labels and loss mask, mean over the targets, backward; the mean (no host sync)."""
     model.zero_grad(set_to_none=True)
-    loss = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches,
-                 batch.patch_index, labels=batch.labels, loss_mask=batch.loss_mask)
+    loss = model(
+        batch.tokens,
+        batch.position_ids,
+        batch.cu_seqlens,
+        batch.max_seqlen,
+        batch.patches,
+        batch.patch_index,
+        labels=batch.labels,
+        loss_mask=batch.loss_mask,
+    )
     mean = (loss.float() * batch.loss_mask).sum() / batch.loss_mask.sum()
     mean.backward()
     return mean.detach()
@@ -97,8 +109,15 @@ def measure(ctx: Context, cfg, seq: int, kind: str, recompute: bool, peak: float
     host = make_pack(cfg, seq, kind)
     tokens, pairs = batch_work(host.cu_seqlens, host.pack_lengths, seq, cfg.sliding_window).tolist()
     batch = host.to(ctx.device)
-    extra = {"recompute_granularity": RECOMPUTE["granularity"], "recompute_method": RECOMPUTE["method"],
-             "recompute_num_layers": RECOMPUTE["num_layers"]} if recompute else {}
+    extra = (
+        {
+            "recompute_granularity": RECOMPUTE["granularity"],
+            "recompute_method": RECOMPUTE["method"],
+            "recompute_num_layers": RECOMPUTE["num_layers"],
+        }
+        if recompute
+        else {}
+    )
     model = build(cfg, ctx, ctx.backend, seed=1234, **extra)
 
     cuda = not ctx.smoke
@@ -114,16 +133,26 @@ def measure(ctx: Context, cfg, seq: int, kind: str, recompute: bool, peak: float
             last = _train_step(model, batch)
     seconds = timer.seconds / timed
     # As the trainer counts it: logits at the targets only (the model computes them nowhere else).
-    flops = model_flops(cfg, tokens, pairs, logit_tokens=float(host.loss_mask.sum()),
-                        padded_vocab_size=cfg.padded_vocab_size())
+    flops = model_flops(
+        cfg, tokens, pairs, logit_tokens=float(host.loss_mask.sum()), padded_vocab_size=cfg.padded_vocab_size()
+    )
     attention = 12.0 * cfg.num_layers * cfg.num_attention_heads * cfg.head_dim * pairs
     tflops = flops / seconds / 1e12
     result = {
-        "pack": kind, "recompute": RECOMPUTE if recompute else None, "tokens": int(tokens),
-        "documents": int(len(host.cu_seqlens) - 1), "patches": int(host.patches.shape[0]),
-        "targets": int(host.loss_mask.sum()), "attention_pairs": pairs, "attention_flops_share": attention / flops,
-        "first_loss": first, "last_loss": last.item(), "seconds_per_step": seconds, "tokens_per_s": tokens / seconds,
-        "tflops_per_s": tflops, "mfu": tflops / peak if peak else None,
+        "pack": kind,
+        "recompute": RECOMPUTE if recompute else None,
+        "tokens": int(tokens),
+        "documents": int(len(host.cu_seqlens) - 1),
+        "patches": int(host.patches.shape[0]),
+        "targets": int(host.loss_mask.sum()),
+        "attention_pairs": pairs,
+        "attention_flops_share": attention / flops,
+        "first_loss": first,
+        "last_loss": last.item(),
+        "seconds_per_step": seconds,
+        "tokens_per_s": tokens / seconds,
+        "tflops_per_s": tflops,
+        "mfu": tflops / peak if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
     del model, batch, host
@@ -144,7 +173,9 @@ def check_mfu(ctx: Context) -> dict:
         if not (math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"]) and r["tokens_per_s"] > 0):
             problems.append(f"{r['pack']}: non-finite loss or no throughput")
         if not ctx.smoke and (r["mfu"] is None or r["mfu"] < ctx.min_mfu):
-            problems.append(f"{r['pack']} recompute={bool(r['recompute'])}: MFU {r['mfu']} below --min-mfu {ctx.min_mfu}")
+            problems.append(
+                f"{r['pack']} recompute={bool(r['recompute'])}: MFU {r['mfu']} below --min-mfu {ctx.min_mfu}"
+            )
     for kind in ("image", "text"):
         plain, recomputed = (r for r in runs if r["pack"] == kind)
         if abs(recomputed["first_loss"] - plain["first_loss"]) > LOSS_AGREEMENT * abs(plain["first_loss"]):
@@ -154,13 +185,20 @@ def check_mfu(ctx: Context) -> dict:
     if peak is None and not ctx.smoke:
         problems.append(f"no peak TFLOP/s known for {torch.cuda.get_device_name()}: pass --peak-tflops")
     return {
-        "ok": not problems, "problems": problems, "model": "mistral-7b width, 8 layers" if not ctx.smoke else "tiny",
-        "hidden_size": cfg.hidden_size, "num_layers": cfg.num_layers, "sliding_window": cfg.sliding_window,
-        "seq_length": seq, "backend": ctx.backend, "dtype": str(ctx.dtype), "peak_tflops": peak,
+        "ok": not problems,
+        "problems": problems,
+        "model": "mistral-7b width, 8 layers" if not ctx.smoke else "tiny",
+        "hidden_size": cfg.hidden_size,
+        "num_layers": cfg.num_layers,
+        "sliding_window": cfg.sliding_window,
+        "seq_length": seq,
+        "backend": ctx.backend,
+        "dtype": str(ctx.dtype),
+        "peak_tflops": peak,
         "min_mfu": None if ctx.smoke else ctx.min_mfu,
         "timed": f"forward + backward, no optimizer step; {WARMUP if not ctx.smoke else SMOKE_WARMUP} warm-up, "
-                 f"mean of {TIMED if not ctx.smoke else SMOKE_TIMED} steps",
+        f"mean of {TIMED if not ctx.smoke else SMOKE_TIMED} steps",
         "flops": "megatron.solo.training.metrics.model_flops: 6 per decoder weight and token, the output layer "
-                 "at the targets, attention pairs within the window",
+        "at the targets, attention pairs within the window",
         "runs": runs,
     }

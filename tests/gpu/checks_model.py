@@ -29,12 +29,24 @@ def parity_config(ctx: Context):
     from megatron.solo.config import get_preset
 
     if ctx.smoke:
-        return get_preset("tiny").replace(hidden_size=256, ffn_hidden_size=512, num_attention_heads=2,
-                                          num_query_groups=1, vocab_size=1000, sliding_window=32,
-                                          max_sequence_length=128)
-    return get_preset("tiny").replace(hidden_size=512, ffn_hidden_size=1024, num_attention_heads=4,
-                                      num_query_groups=2, vocab_size=1000, sliding_window=64,
-                                      max_sequence_length=256)
+        return get_preset("tiny").replace(
+            hidden_size=256,
+            ffn_hidden_size=512,
+            num_attention_heads=2,
+            num_query_groups=1,
+            vocab_size=1000,
+            sliding_window=32,
+            max_sequence_length=128,
+        )
+    return get_preset("tiny").replace(
+        hidden_size=512,
+        ffn_hidden_size=1024,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=1000,
+        sliding_window=64,
+        max_sequence_length=256,
+    )
 
 
 def parity_batch(cfg, seed: int = 0):
@@ -50,11 +62,15 @@ def parity_batch(cfg, seed: int = 0):
         n = sum(lengths)
         assert n < s, (lengths, s)
         positions = np.sort(rng.choice(n, n // 6, replace=False))
-        examples.append(PackedExample(
-            tokens=rng.integers(3, cfg.vocab_size, n), targets=rng.random(n) < 0.5,
-            doc_offsets=np.concatenate([[0], np.cumsum(lengths)]),
-            patches=rng.standard_normal((len(positions), cfg.patch_dim)).astype(np.float32),
-            patch_positions=positions))
+        examples.append(
+            PackedExample(
+                tokens=rng.integers(3, cfg.vocab_size, n),
+                targets=rng.random(n) < 0.5,
+                doc_offsets=np.concatenate([[0], np.cumsum(lengths)]),
+                patches=rng.standard_normal((len(positions), cfg.patch_dim)).astype(np.float32),
+                patch_positions=positions,
+            )
+        )
     return collate(examples, s, pad_id=0, patch_dim=cfg.patch_dim)
 
 
@@ -83,9 +99,15 @@ def compare(got: dict, want: dict, mask: torch.Tensor) -> dict:
     loss_err = ((got["loss"] - want["loss"]) * mask).norm().item() / (spread * mask).norm().item()
     grads = {k: rel_err(got["grads"][k], want["grads"][k]) for k in same_keys(got["grads"], want["grads"], "grads")}
     worst = max(grads, key=grads.get)
-    return {"logits": rel_err(got["logits"], want["logits"]), "loss": loss_err, "loss_plain": rel_err(got["loss"], want["loss"]),
-            "grads": grads[worst], "worst_grad": worst, "grads_median": float(np.median(list(grads.values()))),
-            "nonzero_loss_off_targets": int(torch.count_nonzero(got["loss"][~targets]))}
+    return {
+        "logits": rel_err(got["logits"], want["logits"]),
+        "loss": loss_err,
+        "loss_plain": rel_err(got["loss"], want["loss"]),
+        "grads": grads[worst],
+        "worst_grad": worst,
+        "grads_median": float(np.median(list(grads.values()))),
+        "nonzero_loss_off_targets": int(torch.count_nonzero(got["loss"][~targets])),
+    }
 
 
 def check_te_local_parity(ctx: Context, backend_log) -> dict:
@@ -118,17 +140,28 @@ def check_te_local_parity(ctx: Context, backend_log) -> dict:
     free()
 
     parity = compare(got, want, batch.loss_mask)
-    controls = {"no_window": compare(no_window, want, batch.loss_mask),
-                "no_document_isolation": compare(no_isolation, want, batch.loss_mask)}
+    controls = {
+        "no_window": compare(no_window, want, batch.loss_mask),
+        "no_document_isolation": compare(no_isolation, want, batch.loss_mask),
+    }
     parity_ok = all(parity[k] < TOLERANCE[k] for k in TOLERANCE) and parity["nonzero_loss_off_targets"] == 0
     controls_ok = {name: all(c[k] > CONTROL_MARGIN * TOLERANCE[k] for k in TOLERANCE) for name, c in controls.items()}
     return {
         "ok": parity_ok and all(controls_ok.values()),
-        "backends": f"{ctx.backend} vs local", "dtype": str(ctx.dtype), "head_dim": cfg.head_dim,
-        "sliding_window": cfg.sliding_window, "seq_length": s, "micro_batch": batch.tokens.shape[0],
-        "document_lengths": torch.diff(batch.cu_seqlens).tolist(), "patches": batch.patches.shape[0],
-        "targets": int(batch.loss_mask.sum()), "tolerance": TOLERANCE, "control_margin": CONTROL_MARGIN,
-        "parity": parity, "negative_controls": controls, "negative_controls_fail_widely": controls_ok,
+        "backends": f"{ctx.backend} vs local",
+        "dtype": str(ctx.dtype),
+        "head_dim": cfg.head_dim,
+        "sliding_window": cfg.sliding_window,
+        "seq_length": s,
+        "micro_batch": batch.tokens.shape[0],
+        "document_lengths": torch.diff(batch.cu_seqlens).tolist(),
+        "patches": batch.patches.shape[0],
+        "targets": int(batch.loss_mask.sum()),
+        "tolerance": TOLERANCE,
+        "control_margin": CONTROL_MARGIN,
+        "parity": parity,
+        "negative_controls": controls,
+        "negative_controls_fail_widely": controls_ok,
         "te_attention_backend": backend_log.lines or ("not reported by TE" if not ctx.smoke else None),
     }
 
@@ -136,8 +169,14 @@ def check_te_local_parity(ctx: Context, backend_log) -> dict:
 def small_config():
     from megatron.solo.config import get_preset
 
-    return get_preset("tiny").replace(hidden_size=256, ffn_hidden_size=512, num_attention_heads=2, num_query_groups=1,
-                                      vocab_size=1000, sliding_window=32)
+    return get_preset("tiny").replace(
+        hidden_size=256,
+        ffn_hidden_size=512,
+        num_attention_heads=2,
+        num_query_groups=1,
+        vocab_size=1000,
+        sliding_window=32,
+    )
 
 
 def _round_trip(ctx: Context, cfg, source_backend: str, target_backend: str, name: str) -> dict:
@@ -152,8 +191,12 @@ def _round_trip(ctx: Context, cfg, source_backend: str, target_backend: str, nam
     save_model(root, source, CheckpointMetadata(cfg, cfg.padded_vocab_size()))
     load_model(root, target)
     differ = bitwise_differences(src, dst)
-    return {"ok": not differ and differed_before > 0, "tensors": len(src),
-            "differed_before_load": differed_before, "differ_after_load": differ[:10]}
+    return {
+        "ok": not differ and differed_before > 0,
+        "tensors": len(src),
+        "differed_before_load": differed_before,
+        "differ_after_load": differ[:10],
+    }
 
 
 def check_checkpoint_local_te(ctx: Context) -> dict:
@@ -161,7 +204,12 @@ def check_checkpoint_local_te(ctx: Context) -> dict:
     cfg = small_config()
     to_te = _round_trip(ctx, cfg, "local", ctx.backend, "ckpt-local-to-te")
     to_local = _round_trip(ctx, cfg, ctx.backend, "local", "ckpt-te-to-local")
-    return {"ok": to_te["ok"] and to_local["ok"], "dtype": str(ctx.dtype), "local_to_te": to_te, "te_to_local": to_local}
+    return {
+        "ok": to_te["ok"] and to_local["ok"],
+        "dtype": str(ctx.dtype),
+        "local_to_te": to_te,
+        "te_to_local": to_local,
+    }
 
 
 def check_checkpoint_hf(ctx: Context) -> dict:
@@ -184,9 +232,11 @@ def check_checkpoint_hf(ctx: Context) -> dict:
 
     metadata = hf_to_megatron_checkpoint(hf_dir, mg_dir)
     cfg = metadata.model
-    model = build_model(cfg, make_transformer_config(cfg, params_dtype=ctx.dtype, backend=ctx.backend,
-                                                     perform_initialization=False),
-                        padded_vocab_size=metadata.padded_vocab_size).to(ctx.device)
+    model = build_model(
+        cfg,
+        make_transformer_config(cfg, params_dtype=ctx.dtype, backend=ctx.backend, perform_initialization=False),
+        padded_vocab_size=metadata.padded_vocab_size,
+    ).to(ctx.device)
     load_model(mg_dir, model)
     on_device = all(p.device.type == ctx.device.type for p in model.parameters())
     SoloTokenizer.from_pretrained(mg_dir).save_pretrained(te_dir)  # the export reads the tokenizer from here
@@ -205,9 +255,15 @@ def check_checkpoint_hf(ctx: Context) -> dict:
         compared += 1
         if exported.dtype != tensor.dtype or not torch.equal(exported, tensor):
             differ.append(name)
-    return {"ok": not differ and on_device and backend == ctx.backend and compared > 0,
-            "backend": backend, "dtype": str(ctx.dtype), "loaded_on": ctx.device.type, "all_on_device": on_device,
-            "tensors_compared": compared, "differ": differ[:10]}
+    return {
+        "ok": not differ and on_device and backend == ctx.backend and compared > 0,
+        "backend": backend,
+        "dtype": str(ctx.dtype),
+        "loaded_on": ctx.device.type,
+        "all_on_device": on_device,
+        "tensors_compared": compared,
+        "differ": differ[:10],
+    }
 
 
 def check_trainer_build(ctx: Context, distributed_optimizer: bool) -> dict:
@@ -230,14 +286,24 @@ def check_trainer_build(ctx: Context, distributed_optimizer: bool) -> dict:
     save_model(root, release, CheckpointMetadata(cfg, padded))
     del release
 
-    train = TrainConfig(model_preset="tiny", train_iters=0, lr=1e-3, bf16=not ctx.smoke,
-                        transformer_impl="local" if ctx.smoke else "transformer_engine",
-                        use_distributed_optimizer=distributed_optimizer)
+    train = TrainConfig(
+        model_preset="tiny",
+        train_iters=0,
+        lr=1e-3,
+        bf16=not ctx.smoke,
+        transformer_impl="local" if ctx.smoke else "transformer_engine",
+        use_distributed_optimizer=distributed_optimizer,
+    )
     parts = build_components(train, cfg, padded)
     params = list(parts.model.parameters())
     at_half_before = sum(bool((p == 0.5).all()) for p in params)
-    load_training_checkpoint(Start(cfg, padded, "weights", str(root), None), train, model=parts.model,
-                             optimizer=parts.optimizer, scheduler=parts.scheduler)
+    load_training_checkpoint(
+        Start(cfg, padded, "weights", str(root), None),
+        train,
+        model=parts.model,
+        optimizer=parts.optimizer,
+        scheduler=parts.scheduler,
+    )
     parts.ddp.zero_grad_buffer()
     parts.optimizer.zero_grad()
     stepped, grad_norm, _ = parts.optimizer.step()
@@ -246,12 +312,22 @@ def check_trainer_build(ctx: Context, distributed_optimizer: bool) -> dict:
     off_device = [n for n, p in parts.model.named_parameters() if p.device.type != want_device]
     dtypes = sorted({str(p.dtype) for p in params})
     result = {
-        "ok": bool(stepped) and drift < 1e-2 and not off_device and at_half_before < len(params)
-        and parts.model.backend == ctx.backend and dtypes == [str(ctx.dtype)],
-        "distributed_optimizer": distributed_optimizer, "backend": parts.model.backend, "param_dtypes": dtypes,
-        "optimizer": type(parts.optimizer).__name__, "step_successful": bool(stepped),
-        "grad_norm": None if grad_norm is None else float(grad_norm), "max_abs_drift_from_0.5": drift,
-        "params_at_0.5_before_load": at_half_before, "params": len(params), "off_device": off_device[:5],
+        "ok": bool(stepped)
+        and drift < 1e-2
+        and not off_device
+        and at_half_before < len(params)
+        and parts.model.backend == ctx.backend
+        and dtypes == [str(ctx.dtype)],
+        "distributed_optimizer": distributed_optimizer,
+        "backend": parts.model.backend,
+        "param_dtypes": dtypes,
+        "optimizer": type(parts.optimizer).__name__,
+        "step_successful": bool(stepped),
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "max_abs_drift_from_0.5": drift,
+        "params_at_0.5_before_load": at_half_before,
+        "params": len(params),
+        "off_device": off_device[:5],
     }
     del parts, params
     free()

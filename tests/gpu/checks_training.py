@@ -37,8 +37,11 @@ def _sample_photos() -> list[Path]:
     import skimage.data
 
     root = Path(skimage.data.__file__).parent
-    photos = [root / n for n in ("astronaut.png", "chelsea.png", "coffee.png", "camera.png", "rocket.jpg")
-              if (root / n).is_file()]
+    photos = [
+        root / n
+        for n in ("astronaut.png", "chelsea.png", "coffee.png", "camera.png", "rocket.jpg")
+        if (root / n).is_file()
+    ]
     if len(photos) < 3:
         raise FileNotFoundError(f"expected scikit-image sample photos in {root}")
     return photos
@@ -76,24 +79,28 @@ def pretrain_inputs(ctx: Context) -> dict:
 
 
 def common_args(ctx: Context, inputs: dict, *extra: str) -> list[str]:
+    from pretrain_helpers import recipe_args
+
     precision = ["--transformer-impl", "local"] if ctx.smoke else ["--bf16", "--transformer-impl", "transformer_engine"]
-    return ["--load", inputs["release"], "--data-path", *inputs["data_path"], "--seq-length", str(inputs["seq_length"]),
-            "--global-batch-size", "4", "--train-iters", str(ITERS), "--lr", "3e-3", "--min-lr", "3e-4",
-            "--lr-warmup-iters", "1", "--weight-decay", "0.1", "--clip-grad", "1.0", "--use-distributed-optimizer",
-            "--log-interval", "1", "--num-workers", "1", *precision, *extra]
+    return recipe_args(inputs["data_path"], inputs["release"], inputs["seq_length"], ITERS, *precision, *extra)
 
 
 def pretrain_env() -> dict[str, str]:
     """A fresh world per launch; deterministic TE/cuBLAS kernels, so that a resume can be bit-exact."""
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "NVTE_DEBUG", "NVTE_DEBUG_LEVEL")
     env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", NVTE_ALLOW_NONDETERMINISTIC_ALGO="0",
-               CUBLAS_WORKSPACE_CONFIG=":4096:8")
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONWARNINGS="ignore",
+        NVTE_ALLOW_NONDETERMINISTIC_ALGO="0",
+        CUBLAS_WORKSPACE_CONFIG=":4096:8",
+    )
     return env
 
 
-def run_pretrain(ctx: Context, args: list[str], nproc: int = 1, expect_rc: int | None = 0,
-                 fault: dict[str, str] | None = None):
+def run_pretrain(
+    ctx: Context, args: list[str], nproc: int = 1, expect_rc: int | None = 0, fault: dict[str, str] | None = None
+):
     """pretrain_solo.py in a session of its own (a ``train.kill_at_iteration`` fault kills its whole process
     group), under a hard timeout."""
     from pretrain_helpers import pretrain_command
@@ -103,8 +110,10 @@ def run_pretrain(ctx: Context, args: list[str], nproc: int = 1, expect_rc: int |
     proc = run_in_session(cmd, timeout=TIMEOUT_S[ctx.smoke], env={**pretrain_env(), **(fault or {})}, cwd=REPO)
     ctx.cache.setdefault("launch_seconds", []).append(round(time.monotonic() - start, 1))
     if expect_rc is not None and proc.returncode != expect_rc:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode} (expected {expect_rc}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode} (expected {expect_rc}):\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -136,24 +145,43 @@ def check_kill_resume(ctx: Context) -> dict:
     work = ctx.workdir("pretrain-kill")
     save, tracker = work / "ckpt", work / "ckpt" / "latest_checkpointed_iteration.txt"
     args = common_args(ctx, inputs, "--save", str(save), "--save-interval", "2")
-    killed = run_pretrain(ctx, [*args, "--metrics-file", str(work / "killed.jsonl")], expect_rc=None,
-                          fault=faults.env("train.kill_at_iteration", 3))
+    killed = run_pretrain(
+        ctx,
+        [*args, "--metrics-file", str(work / "killed.jsonl")],
+        expect_rc=None,
+        fault=faults.env("train.kill_at_iteration", 3),
+    )
     latest_after_kill = tracker.read_text().strip() if tracker.is_file() else None
     resumed = run_pretrain(ctx, [*args, "--metrics-file", str(work / "resumed.jsonl")])
-    got_killed, got_resumed = _losses(read_metrics(work / "killed.jsonl")), _losses(read_metrics(work / "resumed.jsonl"))
+    got_killed, got_resumed = (
+        _losses(read_metrics(work / "killed.jsonl")),
+        _losses(read_metrics(work / "resumed.jsonl")),
+    )
     expect_killed = {it: want.get(it) for it in (1, 2, 3)}
     expect_resumed = {it: want.get(it) for it in range(3, ITERS + 1)}
-    diffs = [abs(got[it] - ref[it]) for got, ref in ((got_killed, expect_killed), (got_resumed, expect_resumed))
-             for it in ref if it in got and ref[it] is not None]
+    diffs = [
+        abs(got[it] - ref[it])
+        for got, ref in ((got_killed, expect_killed), (got_resumed, expect_resumed))
+        for it in ref
+        if it in got and ref[it] is not None
+    ]
     learns = len(want) == ITERS and want[ITERS] < want[1]
     return {
-        "ok": killed.returncode == -signal.SIGKILL and latest_after_kill == "2" and "resume" in resumed.stdout
-        and got_killed == expect_killed and got_resumed == expect_resumed and learns
+        "ok": killed.returncode == -signal.SIGKILL
+        and latest_after_kill == "2"
+        and "resume" in resumed.stdout
+        and got_killed == expect_killed
+        and got_resumed == expect_resumed
+        and learns
         and tracker.read_text().strip() == str(ITERS),
-        "killed_returncode": killed.returncode, "latest_after_kill": latest_after_kill,
-        "resume_announced": "resume" in resumed.stdout, "reference_lm_loss": want,
-        "killed_lm_loss": got_killed, "resumed_lm_loss": got_resumed,
-        "max_abs_loss_difference": max(diffs) if diffs else None, "reference_learns": learns,
+        "killed_returncode": killed.returncode,
+        "latest_after_kill": latest_after_kill,
+        "resume_announced": "resume" in resumed.stdout,
+        "reference_lm_loss": want,
+        "killed_lm_loss": got_killed,
+        "resumed_lm_loss": got_resumed,
+        "max_abs_loss_difference": max(diffs) if diffs else None,
+        "reference_learns": learns,
         "precision": "fp32 local" if ctx.smoke else "bf16 transformer_engine",
         "launch_seconds": ctx.cache.get("launch_seconds"),
     }
@@ -166,18 +194,29 @@ def layout_command(name: str) -> str:
 def check_layout(ctx: Context, name: str, layout_flags: list[str]) -> dict:
     """A two-rank layout ≡ TP=1: the same losses and gradient norms per iteration, up to bf16 rounding."""
     if ctx.gpus < 2:
-        return {"ok": None, "status": f"not run: needs 2 GPUs ({ctx.gpus} here)", "command": layout_command(name),
-                "pretrain_flags": layout_flags}
+        return {
+            "ok": None,
+            "status": f"not run: needs 2 GPUs ({ctx.gpus} here)",
+            "command": layout_command(name),
+            "pretrain_flags": layout_flags,
+        }
     want = reference_run(ctx)
     out = ctx.workdir(f"pretrain-{name}") / "metrics.jsonl"
     run_pretrain(ctx, common_args(ctx, pretrain_inputs(ctx), *layout_flags, "--metrics-file", str(out)), nproc=2)
     got = read_metrics(out)
-    errors = {key: {it: _rel(got.get(it, {}).get(key), want[it][key]) for it in sorted(want)}
-              for key in LAYOUT_TOLERANCE}
+    errors = {
+        key: {it: _rel(got.get(it, {}).get(key), want[it][key]) for it in sorted(want)} for key in LAYOUT_TOLERANCE
+    }
     within = all(err <= LAYOUT_TOLERANCE[key] for key, per_it in errors.items() for err in per_it.values())
-    return {"ok": sorted(got) == sorted(want) and len(want) == ITERS and within, "pretrain_flags": layout_flags,
-            "world_size": 2, "tolerance": LAYOUT_TOLERANCE, "relative_errors": errors,
-            "lm_loss": _losses(got), "reference_lm_loss": _losses(want)}
+    return {
+        "ok": sorted(got) == sorted(want) and len(want) == ITERS and within,
+        "pretrain_flags": layout_flags,
+        "world_size": 2,
+        "tolerance": LAYOUT_TOLERANCE,
+        "relative_errors": errors,
+        "lm_loss": _losses(got),
+        "reference_lm_loss": _losses(want),
+    }
 
 
 def _rel(got, want) -> float:

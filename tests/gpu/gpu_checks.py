@@ -25,11 +25,24 @@ import time
 import traceback
 from pathlib import Path
 
-MODULES_NEEDED = {"skimage": "scikit-image", "mistral_common": "mistral-common", "transformers": "transformers",
-                  "safetensors": "safetensors"}
-ORDER = ("te_local_parity", "checkpoint_local_te", "checkpoint_hf_roundtrip", "trainer_build",
-         "trainer_build_distributed_optimizer", "pretrain_kill_resume", "tp2_sp_parity", "pp2_parity",
-         "mfu", "environment")
+MODULES_NEEDED = {
+    "skimage": "scikit-image",
+    "mistral_common": "mistral-common",
+    "transformers": "transformers",
+    "safetensors": "safetensors",
+}
+ORDER = (
+    "te_local_parity",
+    "checkpoint_local_te",
+    "checkpoint_hf_roundtrip",
+    "trainer_build",
+    "trainer_build_distributed_optimizer",
+    "pretrain_kill_resume",
+    "tp2_sp_parity",
+    "pp2_parity",
+    "mfu",
+    "environment",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,8 +99,13 @@ def environment(ctx, backend_log) -> dict:
         te = transformer_engine.__version__
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     info = {
-        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
-        "transformer_engine": te, "megatron_core": mcore, "gpu": gpu, "gpus": ctx.gpus,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "transformer_engine": te,
+        "megatron_core": mcore,
+        "gpu": gpu,
+        "gpus": ctx.gpus,
         "nvidia_pytorch_container": os.environ.get("NVIDIA_PYTORCH_VERSION"),
         "te_attention_backend": backend_log.lines or (None if ctx.smoke else "not reported by TE"),
     }
@@ -113,8 +131,9 @@ def registry(ctx, backend_log) -> dict:
         "trainer_build": lambda: check_trainer_build(ctx, distributed_optimizer=False),
         "trainer_build_distributed_optimizer": lambda: check_trainer_build(ctx, distributed_optimizer=True),
         "pretrain_kill_resume": lambda: check_kill_resume(ctx),
-        "tp2_sp_parity": lambda: check_layout(ctx, "tp2_sp_parity", ["--tensor-model-parallel-size", "2",
-                                                                      "--sequence-parallel"]),
+        "tp2_sp_parity": lambda: check_layout(
+            ctx, "tp2_sp_parity", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+        ),
         "pp2_parity": lambda: check_layout(ctx, "pp2_parity", ["--pipeline-model-parallel-size", "2"]),
         "mfu": lambda: check_mfu(ctx),
         "environment": lambda: environment(ctx, backend_log),
@@ -130,8 +149,10 @@ def run_check(fn) -> dict:
             raise TypeError(f"a check must return a dict with 'ok', got {type(result).__name__}")
     except Exception as err:  # noqa: BLE001 - recorded in the report; the other checks still run
         lines = traceback.format_exc().rstrip().splitlines()
-        result = {"ok": False, "error": {"type": type(err).__name__, "message": str(err)[-4000:],
-                                          "traceback": lines[-15:]}}
+        result = {
+            "ok": False,
+            "error": {"type": type(err).__name__, "message": str(err)[-4000:], "traceback": lines[-15:]},
+        }
     result["seconds"] = round(time.monotonic() - start, 2)
     return result
 
@@ -152,12 +173,18 @@ def jsonable(value):
 def make_report(mode: str, checks: dict, started: float, fatal: str | None = None) -> dict:
     failed = [n for n, c in checks.items() if c["ok"] is False]
     not_run = [n for n, c in checks.items() if c["ok"] is None]
-    return jsonable({
-        "ok": fatal is None and bool(checks) and not failed, "mode": mode, "fatal": fatal,
-        "seconds": round(time.monotonic() - started, 2),
-        "passed": [n for n, c in checks.items() if c["ok"] is True], "failed": failed, "not_run": not_run,
-        "checks": checks,
-    })
+    return jsonable(
+        {
+            "ok": fatal is None and bool(checks) and not failed,
+            "mode": mode,
+            "fatal": fatal,
+            "seconds": round(time.monotonic() - started, 2),
+            "passed": [n for n, c in checks.items() if c["ok"] is True],
+            "failed": failed,
+            "not_run": not_run,
+            "checks": checks,
+        }
+    )
 
 
 def write_report(report: dict, out: str) -> None:
@@ -188,16 +215,24 @@ def run_all(args) -> dict:
     checks: dict[str, dict] = {}
     tmp = Path(tempfile.mkdtemp(prefix="solo-gpu-checks-"))
     try:
-        ctx = Context(smoke=args.smoke, root=tmp, peak_tflops=args.peak_tflops, min_mfu=args.min_mfu,
-                      gpus=0 if args.smoke else torch.cuda.device_count())
+        ctx = Context(
+            smoke=args.smoke,
+            root=tmp,
+            peak_tflops=args.peak_tflops,
+            min_mfu=args.min_mfu,
+            gpus=0 if args.smoke else torch.cuda.device_count(),
+        )
         table = registry(ctx, backend_log)
         for name in (n for n in ORDER if n in selected):
             print(f"[gpu_checks] {name} ...", file=sys.stderr, flush=True)
             checks[name] = run_check(table[name])
             if backend_log.lines:
                 backend_log.quiet_te()  # TE has said which backend it chose; no need for its debug flood
-            print(f"[gpu_checks] {name}: ok={checks[name]['ok']} ({checks[name]['seconds']} s)", file=sys.stderr,
-                  flush=True)
+            print(
+                f"[gpu_checks] {name}: ok={checks[name]['ok']} ({checks[name]['seconds']} s)",
+                file=sys.stderr,
+                flush=True,
+            )
             write_report(make_report(mode, checks, started), args.out)
     finally:
         if args.keep_tmp:
@@ -210,6 +245,7 @@ def run_all(args) -> dict:
 def stop_on_sigterm() -> None:
     """``timeout`` (run_checks.sh) sends SIGTERM: end the launched trainers too, and remove the temporary
     directory on the way out (the report of the checks finished so far is already in ``--out``)."""
+
     def handler(signum, _frame):
         from gpu_common import kill_sessions
 

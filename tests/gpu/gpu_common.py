@@ -108,8 +108,10 @@ def checkpoint_parameters(model) -> dict[str, torch.nn.Parameter]:
 
 def same_keys(a: dict, b: dict, what: str) -> list[str]:
     if set(a) != set(b):
-        raise AssertionError(f"{what}: key sets differ: only in the first {sorted(set(a) - set(b))[:5]}, "
-                             f"only in the second {sorted(set(b) - set(a))[:5]}")
+        raise AssertionError(
+            f"{what}: key sets differ: only in the first {sorted(set(a) - set(b))[:5]}, "
+            f"only in the second {sorted(set(b) - set(a))[:5]}"
+        )
     return sorted(a)
 
 
@@ -122,8 +124,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def bitwise_differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
     """Keys whose tensors differ in dtype, shape or any bit."""
-    return [k for k in same_keys(a, b, "tensors")
-            if a[k].dtype != b[k].dtype or not torch.equal(a[k].detach().cpu(), b[k].detach().cpu())]
+    return [
+        k
+        for k in same_keys(a, b, "tensors")
+        if a[k].dtype != b[k].dtype or not torch.equal(a[k].detach().cpu(), b[k].detach().cpu())
+    ]
 
 
 def set_all_parameters(model, value: float) -> None:
@@ -167,20 +172,14 @@ _SESSIONS: set[int] = set()  # process groups of the launches still running
 
 
 def run_in_session(cmd: list[str], *, timeout: float, env: dict[str, str], cwd) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in a session of its own under a hard timeout (as ``tests/session_run.py``), remembering its
-    process group so that :func:`kill_sessions` can end it when this script itself is stopped."""
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    _SESSIONS.add(proc.pid)
+    """``session_run.run_in_session``, remembering the launch's process group so that :func:`kill_sessions`
+    can end it when this script itself is stopped."""
+    import session_run
+
     try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise TimeoutError(f"{' '.join(cmd)} timed out after {timeout} s:\n{stdout[-2000:]}\n{stderr[-4000:]}") from None
+        return session_run.run_in_session(cmd, timeout=timeout, env=env, cwd=cwd, started=_SESSIONS.add)
     finally:
-        _SESSIONS.discard(proc.pid)
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        _SESSIONS.clear()  # one launch at a time: it has ended (or was killed with its group)
 
 
 def kill_sessions() -> None:

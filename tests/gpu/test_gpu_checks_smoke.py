@@ -9,15 +9,27 @@ import pytest
 from session_run import run_in_session
 
 REPO = Path(__file__).resolve().parents[2]
-CHECKS = {"te_local_parity", "checkpoint_local_te", "checkpoint_hf_roundtrip", "trainer_build",
-          "trainer_build_distributed_optimizer", "pretrain_kill_resume", "tp2_sp_parity", "pp2_parity", "mfu",
-          "environment"}
+CHECKS = {
+    "te_local_parity",
+    "checkpoint_local_te",
+    "checkpoint_hf_roundtrip",
+    "trainer_build",
+    "trainer_build_distributed_optimizer",
+    "pretrain_kill_resume",
+    "tp2_sp_parity",
+    "pp2_parity",
+    "mfu",
+    "environment",
+}
 NEEDS_TWO_GPUS = {"tp2_sp_parity", "pp2_parity"}
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
-                                                            "MASTER_ADDR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return env
 
@@ -26,8 +38,12 @@ def _env() -> dict[str, str]:
 @pytest.mark.timeout(300)
 def test_smoke_run_passes_every_check_and_reports_json(tmp_path):
     out = tmp_path / "report.json"
-    proc = run_in_session(["bash", str(REPO / "tests/gpu/run_checks.sh"), "--smoke", "--out", str(out)],
-                          timeout=240, env=_env(), cwd=tmp_path)  # run_checks.sh finds the repo itself
+    proc = run_in_session(
+        ["bash", str(REPO / "tests/gpu/run_checks.sh"), "--smoke", "--out", str(out)],
+        timeout=240,
+        env=_env(),
+        cwd=tmp_path,
+    )  # run_checks.sh finds the repo itself
     assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
     report = json.loads(proc.stdout)  # stdout holds the report and nothing else
     assert report == json.loads(out.read_text())
@@ -56,7 +72,11 @@ def test_smoke_run_passes_every_check_and_reports_json(tmp_path):
 
     mfu = report["checks"]["mfu"]
     assert [(r["pack"], r["recompute"] is not None) for r in mfu["runs"]] == [
-        ("image", False), ("image", True), ("text", False), ("text", True)]
+        ("image", False),
+        ("image", True),
+        ("text", False),
+        ("text", True),
+    ]
     assert all(r["mfu"] is None and r["tokens_per_s"] > 0 and r["attention_pairs"] > 0 for r in mfu["runs"])
     assert report["checks"]["trainer_build_distributed_optimizer"]["max_abs_drift_from_0.5"] < 1e-2
 
@@ -67,8 +87,9 @@ def test_without_cuda_and_without_smoke_it_refuses_loudly(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the refusal is for machines without it")
     out = tmp_path / "report.json"
-    proc = run_in_session([sys.executable, str(REPO / "tests/gpu/gpu_checks.py"), "--out", str(out)], timeout=120,
-                          env=_env(), cwd=REPO)
+    proc = run_in_session(
+        [sys.executable, str(REPO / "tests/gpu/gpu_checks.py"), "--out", str(out)], timeout=120, env=_env(), cwd=REPO
+    )
     assert proc.returncode != 0
     assert "no CUDA device" in proc.stderr
     report = json.loads(proc.stdout)

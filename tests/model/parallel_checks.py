@@ -1,10 +1,11 @@
 """Multi-process checks of SoloModel, run under torchrun by test_model_parallel.py (2 ranks, gloo, CPU).
 
 Each parallel layout runs twice: with dense logits, and with logits at the loss targets only (``loss_mask``
-passed to the model, as the trainer does). Reference: the TP=1/PP=1 model (dense) on every rank, its initial weights perturbed (so a layout that failed to
-load the checkpoint would differ, whatever the seeds). Each layout (TP=2, TP=2+SP, PP=2, TP=1 reloaded from a
-TP=2 save) loads the same weights from a dist checkpoint saved at TP=1, runs the same micro-batches, and
-rank 0 writes the largest differences to ``OUT/results.json``.
+passed to the model, as the trainer does). Reference: the TP=1/PP=1 model (dense) on every rank, its initial
+weights perturbed (so a layout that failed to load the checkpoint would differ, whatever the seeds). Each
+layout (TP=2, TP=2+SP, PP=2, TP=1 reloaded from a TP=2 save) loads the same weights from a dist checkpoint
+saved at TP=1, runs the same micro-batches, and rank 0 writes the largest differences to
+``OUT/results.json``.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron.solo.backend import install_cpu_backend_if_needed
 from megatron.solo.batch import PackedExample, collate
 from megatron.solo.checkpointing import CheckpointMetadata, load_model, save_model
 from megatron.solo.config import get_preset
 from megatron.solo.model import build_model, make_transformer_config, masked_token_loss
-from megatron.solo.backend import install_cpu_backend_if_needed
 from megatron.solo.parallel import initialize_model_parallel
 
 SEQ, PAD = 32, 2
@@ -44,11 +45,15 @@ def micro_batches(n: int = 2, per: int = 2):
             lens = lens[np.cumsum(lens) <= SEQ - 1]
             total = int(lens.sum())
             positions = np.sort(rng.choice(total, size=min(5, total), replace=False))
-            examples.append(PackedExample(
-                tokens=rng.integers(3, CFG.vocab_size, total), targets=rng.random(total) < 0.7,
-                doc_offsets=np.concatenate([[0], np.cumsum(lens)]),
-                patches=rng.standard_normal((len(positions), CFG.patch_dim)).astype(np.float32),
-                patch_positions=positions))
+            examples.append(
+                PackedExample(
+                    tokens=rng.integers(3, CFG.vocab_size, total),
+                    targets=rng.random(total) < 0.7,
+                    doc_offsets=np.concatenate([[0], np.cumsum(lens)]),
+                    patches=rng.standard_normal((len(positions), CFG.patch_dim)).astype(np.float32),
+                    patch_positions=positions,
+                )
+            )
         out.append(collate(examples, SEQ, pad_id=PAD, patch_dim=CFG.patch_dim))
     return out
 
@@ -56,8 +61,13 @@ def micro_batches(n: int = 2, per: int = 2):
 def build(tp: int, pp: int = 1, sp: bool = False, seed: int = 99):
     initialize_model_parallel(tp, pp, seed=seed)
     tc = make_transformer_config(CFG, tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sp)
-    return build_model(CFG, tc, padded_vocab_size=METADATA.padded_vocab_size,
-                       pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    return build_model(
+        CFG,
+        tc,
+        padded_vocab_size=METADATA.padded_vocab_size,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+    )
 
 
 def forward_backward(model, batches, targets_only: bool = False):
@@ -67,13 +77,26 @@ def forward_backward(model, batches, targets_only: bool = False):
 
     def step(data_iterator, m):
         b = next(data_iterator)
-        out = m(b.tokens, b.position_ids, b.cu_seqlens, b.max_seqlen, b.patches, b.patch_index, labels=b.labels,
-                loss_mask=b.loss_mask if targets_only else None)
+        out = m(
+            b.tokens,
+            b.position_ids,
+            b.cu_seqlens,
+            b.max_seqlen,
+            b.patches,
+            b.patch_index,
+            labels=b.labels,
+            loss_mask=b.loss_mask if targets_only else None,
+        )
         return out, partial(masked_token_loss, b.loss_mask)
 
     results = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
-        seq_length=SEQ, micro_batch_size=batches[0].tokens.shape[0])
+        forward_step_func=step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=SEQ,
+        micro_batch_size=batches[0].tokens.shape[0],
+    )
     return [r["lm loss"].tolist() for r in results]
 
 
@@ -88,13 +111,18 @@ def full_grad(model, name: str, partition_dim: int | None):
 
 def logits(model, batch):
     with torch.no_grad():
-        out = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches,
-                    batch.patch_index)
+        out = model(
+            batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches, batch.patch_index
+        )
     return gather_from_tensor_model_parallel_region(out)[..., : CFG.vocab_size]
 
 
-GRADS = [("patch_embedding.weight", None), ("embedding.word_embeddings.weight", 0),
-         ("decoder.layers.0.self_attention.linear_qkv.weight", 0), ("decoder.layers.1.mlp.linear_fc2.weight", 1)]
+GRADS = [
+    ("patch_embedding.weight", None),
+    ("embedding.word_embeddings.weight", 0),
+    ("decoder.layers.0.self_attention.linear_qkv.weight", 0),
+    ("decoder.layers.1.mlp.linear_fc2.weight", 1),
+]
 
 
 def reference(ckpt: Path, batches):
@@ -131,8 +159,9 @@ def compare_pp(ckpt: Path, batches, ref, targets_only: bool = False) -> dict:
     if ps.is_pipeline_last_stage():
         result["loss"] = max_diff(losses, ref[1])
     else:
-        result["grad patch_embedding.weight"] = max_diff(full_grad(model, "patch_embedding.weight", None),
-                                                         ref[2]["patch_embedding.weight"])
+        result["grad patch_embedding.weight"] = max_diff(
+            full_grad(model, "patch_embedding.weight", None), ref[2]["patch_embedding.weight"]
+        )
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, result)
     return {k: v for part in gathered for k, v in part.items()}

@@ -60,8 +60,9 @@ def test_every_weight_is_created_where_megatron_core_creates_its_own(megatron_wo
     """On a GPU (``use_cpu_initialization=False``) weights go to ``torch.cuda.current_device()``; stand in
     a meta "GPU" for it: the patch projection must follow megatron-core's layers there."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: torch.device("meta"))
-    model = build_model(CFG, make_transformer_config(CFG, backend="local", cpu_initialization=False,
-                                                     perform_initialization=False))
+    model = build_model(
+        CFG, make_transformer_config(CFG, backend="local", cpu_initialization=False, perform_initialization=False)
+    )
     elsewhere = [name for name, p in model.named_parameters() if not p.is_meta]
     assert not elsewhere, f"not on the current device: {elsewhere}"
 

@@ -17,10 +17,18 @@ def test_preprocess_returns_the_rotary_table_where_we_replace_it(megatron_world)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64,
-                               use_cpu_initialization=True, activation_func=F.silu, add_bias_linear=False)
-    model = GPTModel(config, get_gpt_layer_local_spec(), vocab_size=64, max_sequence_length=16,
-                     position_embedding_type="rope")
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=2,
+        ffn_hidden_size=64,
+        use_cpu_initialization=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+    )
+    model = GPTModel(
+        config, get_gpt_layer_local_spec(), vocab_size=64, max_sequence_length=16, position_embedding_type="rope"
+    )
     tokens = torch.randint(0, 64, (2, 8))
     out = model._preprocess(input_ids=tokens, position_ids=torch.arange(8).expand(2, 8))
     assert out[0].shape == (8, 2, 32)  # decoder_input [s, b, h]

@@ -23,22 +23,37 @@ def model(megatron_world):
 def example(rng, lens, n_patches):
     n = sum(lens)
     pos = np.sort(rng.choice(n, n_patches, replace=False)) if n_patches else np.zeros(0, np.int64)
-    return PackedExample(tokens=rng.integers(3, CFG.vocab_size, n), targets=rng.random(n) < 0.5,
-                         doc_offsets=np.concatenate([[0], np.cumsum(lens)]),
-                         patches=rng.standard_normal((n_patches, CFG.patch_dim)).astype(np.float32),
-                         patch_positions=pos)
+    return PackedExample(
+        tokens=rng.integers(3, CFG.vocab_size, n),
+        targets=rng.random(n) < 0.5,
+        doc_offsets=np.concatenate([[0], np.cumsum(lens)]),
+        patches=rng.standard_normal((n_patches, CFG.patch_dim)).astype(np.float32),
+        patch_positions=pos,
+    )
 
 
 def sub_example(ex, start, end):
     keep = (ex.patch_positions >= start) & (ex.patch_positions < end)
-    return PackedExample(ex.tokens[start:end], ex.targets[start:end], np.array([0, end - start]),
-                         ex.patches[keep], ex.patch_positions[keep] - start)
+    return PackedExample(
+        ex.tokens[start:end],
+        ex.targets[start:end],
+        np.array([0, end - start]),
+        ex.patches[keep],
+        ex.patch_positions[keep] - start,
+    )
 
 
 def run(model, batch, labels=False):
     with torch.no_grad():
-        return model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches,
-                     batch.patch_index, labels=batch.labels if labels else None)
+        return model(
+            batch.tokens,
+            batch.position_ids,
+            batch.cu_seqlens,
+            batch.max_seqlen,
+            batch.patches,
+            batch.patch_index,
+            labels=batch.labels if labels else None,
+        )
 
 
 def test_each_document_of_a_pack_equals_the_document_alone(model):
@@ -78,8 +93,13 @@ def test_patch_positions_get_vpatch_embedding_plus_projection(model):
 def test_patches_change_only_their_document_and_later_positions(model):
     rng = np.random.default_rng(4)
     ex = example(rng, [8, 8], 0)
-    with_patch = PackedExample(ex.tokens, ex.targets, ex.doc_offsets,
-                               rng.standard_normal((1, CFG.patch_dim)).astype(np.float32), np.array([11]))
+    with_patch = PackedExample(
+        ex.tokens,
+        ex.targets,
+        ex.doc_offsets,
+        rng.standard_normal((1, CFG.patch_dim)).astype(np.float32),
+        np.array([11]),
+    )
     a, b = run(model, collate([ex], 16, pad_id=2)), run(model, collate([with_patch], 16, pad_id=2))
     assert torch.equal(a[0, :11], b[0, :11])
     assert (a[0, 11:] - b[0, 11:]).abs().amax(-1).min() > 0
@@ -115,8 +135,16 @@ def test_loss_is_token_mean_over_targets(model):
 
 def _loss_and_grads(model, batch, loss_mask):
     model.zero_grad()
-    per_token = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches,
-                      batch.patch_index, labels=batch.labels, loss_mask=loss_mask)
+    per_token = model(
+        batch.tokens,
+        batch.position_ids,
+        batch.cu_seqlens,
+        batch.max_seqlen,
+        batch.patches,
+        batch.patch_index,
+        labels=batch.labels,
+        loss_mask=loss_mask,
+    )
     (per_token * batch.loss_mask).sum().backward()
     return per_token.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -138,11 +166,19 @@ def test_logits_at_targets_only_give_the_dense_loss_and_gradients(model):
 
 def test_mistral_7b_preset_on_meta_has_the_expected_parameter_count(megatron_world):
     cfg = get_preset("mistral-7b")
-    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_attention_heads,
-            cfg.num_query_groups, cfg.sliding_window, cfg.rotary_base) == (32, 4096, 14336, 32, 8, 4096, 1e4)
+    assert (
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.ffn_hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_query_groups,
+        cfg.sliding_window,
+        cfg.rotary_base,
+    ) == (32, 4096, 14336, 32, 8, 4096, 1e4)
     with torch.device("meta"):
-        model = build_model(cfg, make_transformer_config(cfg, params_dtype=torch.bfloat16,
-                                                         perform_initialization=False))
+        model = build_model(
+            cfg, make_transformer_config(cfg, params_dtype=torch.bfloat16, perform_initialization=False)
+        )
     count = sum(p.numel() for p in model.parameters())
     mistral = 7_241_732_096  # MistralForCausalLM(Mistral-7B-v0.1), vocab 32000
     extra = (33152 - 32000) * 4096 * 2 + 3072 * 4096  # padded SOLO vocab (in and out) + patch projection
@@ -150,23 +186,29 @@ def test_mistral_7b_preset_on_meta_has_the_expected_parameter_count(megatron_wor
     assert all(p.is_meta for p in model.parameters())
 
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(num_query_groups=3), "num_query_groups"),
-    (dict(hidden_size=66), "hidden_size"),
-    (dict(sliding_window=0), "sliding_window"),
-    (dict(num_layers=0), "num_layers"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(num_query_groups=3), "num_query_groups"),
+        (dict(hidden_size=66), "hidden_size"),
+        (dict(sliding_window=0), "sliding_window"),
+        (dict(num_layers=0), "num_layers"),
+    ],
+)
 def test_config_errors_name_the_field(changes, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         get_preset("tiny").replace(**changes)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(tensor_parallel=3), "tensor_model_parallel_size"),
-    (dict(pipeline_parallel=3), "pipeline_model_parallel_size"),
-    (dict(sequence_parallel=True), "sequence_parallel"),
-    (dict(tensor_parallel=2, sequence_parallel=True, seq_length=33), "seq_length"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(tensor_parallel=3), "tensor_model_parallel_size"),
+        (dict(pipeline_parallel=3), "pipeline_model_parallel_size"),
+        (dict(sequence_parallel=True), "sequence_parallel"),
+        (dict(tensor_parallel=2, sequence_parallel=True, seq_length=33), "seq_length"),
+    ],
+)
 def test_parallel_layout_errors_name_the_flag(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         get_preset("tiny").validate_parallel(**kwargs)
@@ -189,16 +231,24 @@ def test_text_only_step_under_ddp_with_overlapped_grad_reduce(megatron_world):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     tc = make_transformer_config(CFG)
-    ddp = DistributedDataParallel(tc, DistributedDataParallelConfig(overlap_grad_reduce=True,
-                                                                   use_distributed_optimizer=False),
-                                  build_model(CFG, tc))
+    ddp = DistributedDataParallel(
+        tc,
+        DistributedDataParallelConfig(overlap_grad_reduce=True, use_distributed_optimizer=False),
+        build_model(CFG, tc),
+    )
     rng = np.random.default_rng(7)
     for n_patches in (0, 3):
         batch = collate([example(rng, [10], n_patches)], 12, pad_id=2)
         ddp.zero_grad_buffer()
-        loss = ddp(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen,
-                   None if n_patches == 0 else batch.patches, None if n_patches == 0 else batch.patch_index,
-                   labels=batch.labels)
+        loss = ddp(
+            batch.tokens,
+            batch.position_ids,
+            batch.cu_seqlens,
+            batch.max_seqlen,
+            None if n_patches == 0 else batch.patches,
+            None if n_patches == 0 else batch.patch_index,
+            labels=batch.labels,
+        )
         masked_token_loss(batch.loss_mask, loss)[0].backward()
         ddp.finish_grad_sync()
         grad = ddp.module.patch_embedding.weight.main_grad

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from model_helpers import run_torchrun
 
 pytestmark = pytest.mark.timeout(400)

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 import pytest
-from PIL import Image
 from loader_helpers import preprocess_to
+from PIL import Image
 
 from megatron.solo import image as im
 

@@ -15,8 +15,13 @@ def preprocess_to(prefix: Path, records: list[dict]) -> str:
 
     source = prefix.with_suffix(".jsonl")
     source.write_text("".join(json.dumps(r) + "\n" for r in records))
-    config = PreprocessConfig(inputs=(str(source),), output_prefix=str(prefix),
-                              encode=EncodeConfig(image_format="jpeg"), pack=PackConfig(seq_length=SEQ_LENGTH),
-                              workers=0, progress=False)
+    config = PreprocessConfig(
+        inputs=(str(source),),
+        output_prefix=str(prefix),
+        encode=EncodeConfig(image_format="jpeg"),
+        pack=PackConfig(seq_length=SEQ_LENGTH),
+        workers=0,
+        progress=False,
+    )
     preprocess(config, stream=io.StringIO())
     return str(prefix)

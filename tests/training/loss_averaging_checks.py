@@ -53,8 +53,9 @@ def reference(ckpt: Path, batches):
     model.zero_grad()
     means, tokens, count = [], 0.0, 0.0
     for b in batches:
-        per_token = model(b.tokens, b.position_ids, b.cu_seqlens, b.max_seqlen, b.patches, b.patch_index,
-                          labels=b.labels)
+        per_token = model(
+            b.tokens, b.position_ids, b.cu_seqlens, b.max_seqlen, b.patches, b.patch_index, labels=b.labels
+        )
         means += direct_per_sample_mean(per_token, b)
         tokens, count = tokens + (per_token.detach() * b.loss_mask).sum().item(), count + b.loss_mask.sum().item()
     loss = torch.stack(means).mean()
@@ -71,14 +72,26 @@ def schedule(model, batches):
     def step(data_iterator, m):
         b = next(data_iterator)
         weights, samples = sample_weights(b.loss_mask, b.cu_seqlens)
-        out = m(b.tokens, b.position_ids, b.cu_seqlens, b.max_seqlen, b.patches, b.patch_index, labels=b.labels,
-                loss_mask=b.loss_mask)  # the trainer's path: logits at the targets only
-        return out, partial(loss_with_breakdown, b.loss_mask, b.image_rows(), torch.zeros(2), samples,
-                            weights=weights)
+        out = m(
+            b.tokens,
+            b.position_ids,
+            b.cu_seqlens,
+            b.max_seqlen,
+            b.patches,
+            b.patch_index,
+            labels=b.labels,
+            loss_mask=b.loss_mask,
+        )  # the trainer's path: logits at the targets only
+        return out, partial(loss_with_breakdown, b.loss_mask, b.image_rows(), torch.zeros(2), samples, weights=weights)
 
     outputs = get_forward_backward_func()(
-        forward_step_func=step, data_iterator=iter(batches), model=[model], num_microbatches=len(batches),
-        seq_length=SEQ, micro_batch_size=batches[0].tokens.shape[0])
+        forward_step_func=step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=SEQ,
+        micro_batch_size=batches[0].tokens.shape[0],
+    )
     return torch.stack([o["lm loss"] for o in outputs]).sum(0)  # [Σ sum, Σ count]
 
 
@@ -111,7 +124,7 @@ def main() -> None:
         results[name] = compare(model, schedule(model, batches), ref)
     model = build(1)  # 2 ranks at TP=1: DP=2, one micro-batch each
     load_model(args.out / "tp1", model)
-    mine = batches[ps.get_data_parallel_rank()::ps.get_data_parallel_world_size()]
+    mine = batches[ps.get_data_parallel_rank() :: ps.get_data_parallel_world_size()]
     results["dp2"] = compare(model, schedule(model, mine), ref, dp_group=ps.get_data_parallel_group())
     if dist.get_rank() == 0:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))

@@ -46,20 +46,23 @@ def test_choices_come_from_the_annotation_or_the_declaration():
     assert actions["data_path"].nargs == "+" and actions["data_path"].metavar == "W P"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(seq_length=0), "--seq-length: must be ≥ 1, got 0"),
-    (dict(global_batch_size=0), "--global-batch-size: must be ≥ 1, got 0"),
-    (dict(num_workers=-1), "--num-workers: must be ≥ 0, got -1"),
-    (dict(lr=0.0), "--lr: must be positive, got 0.0"),
-    (dict(clip_grad=-1.0), "--clip-grad: must be ≥ 0 (0 disables), got -1.0"),
-    (dict(adam_beta2=1.0), "--adam-beta2: must lie in [0, 1), got 1.0"),
-    (dict(model_preset="huge"), "--model-preset: unknown 'huge'; choose from"),
-    (dict(transformer_impl="cuda"), "--transformer-impl: unknown 'cuda'"),
-    (dict(min_lr=1.0), "--min-lr: 1.0 must lie in [0, --lr=0.0001]"),
-    (dict(recompute_granularity="full"), "--recompute-method: required with --recompute-granularity full"),
-    (dict(data_path=("1", "a", "b"), train_iters=1), "--data-path: expected a single prefix or weight/prefix"),
-    (dict(train_iters=1), "--data-path: required to train"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seq_length=0), "--seq-length: must be ≥ 1, got 0"),
+        (dict(global_batch_size=0), "--global-batch-size: must be ≥ 1, got 0"),
+        (dict(num_workers=-1), "--num-workers: must be ≥ 0, got -1"),
+        (dict(lr=0.0), "--lr: must be positive, got 0.0"),
+        (dict(clip_grad=-1.0), "--clip-grad: must be ≥ 0 (0 disables), got -1.0"),
+        (dict(adam_beta2=1.0), "--adam-beta2: must lie in [0, 1), got 1.0"),
+        (dict(model_preset="huge"), "--model-preset: unknown 'huge'; choose from"),
+        (dict(transformer_impl="cuda"), "--transformer-impl: unknown 'cuda'"),
+        (dict(min_lr=1.0), "--min-lr: 1.0 must lie in [0, --lr=0.0001]"),
+        (dict(recompute_granularity="full"), "--recompute-method: required with --recompute-granularity full"),
+        (dict(data_path=("1", "a", "b"), train_iters=1), "--data-path: expected a single prefix or weight/prefix"),
+        (dict(train_iters=1), "--data-path: required to train"),
+    ],
+)
 def test_errors_name_the_flag(kwargs, message):
     with pytest.raises(ConfigError) as err:
         TrainConfig(**{"model_preset": "tiny", **kwargs})

@@ -24,8 +24,11 @@ def test_fused_cpu_adam_makes_the_same_update_as_the_default_loop(megatron_world
     cfg = get_preset("tiny").replace(vocab_size=300)
     train = TrainConfig(model_preset="tiny", train_iters=0, lr=1e-3, decoupled_lr=5e-3)
     parts = build_components(train, cfg, cfg.padded_vocab_size())
-    inner = parts.optimizer.chained_optimizers[0].optimizer if hasattr(parts.optimizer, "chained_optimizers") \
+    inner = (
+        parts.optimizer.chained_optimizers[0].optimizer
+        if hasattr(parts.optimizer, "chained_optimizers")
         else parts.optimizer.optimizer
+    )
     assert all(g["fused"] and not g["foreach"] for g in inner.param_groups)
     assert {g["max_lr"] for g in inner.param_groups} == {1e-3, 5e-3}  # --decoupled-lr: its own groups
 

@@ -64,7 +64,7 @@ def test_a_corrupted_shard_is_refused_naming_the_file(release, tmp_path):
     root = _copy(release, tmp_path)
     shard = _largest_shard(root)
     data = bytearray(shard.read_bytes())
-    data[len(data) // 2: len(data) // 2 + 4096] = os.urandom(4096)
+    data[len(data) // 2 : len(data) // 2 + 4096] = os.urandom(4096)
     shard.write_bytes(bytes(data))
     with pytest.raises(ChecksumError, match=rf"\(release\).*{shard.name}: sha256 differs"):
         _load(root)
@@ -106,8 +106,20 @@ def test_the_trainer_refuses_a_damaged_checkpoint_unless_told(release, caption_p
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
-    args = ["--load", str(root), "--data-path", caption_prefix, "--seq-length", str(SEQ_LENGTH),
-            "--train-iters", "1", "--num-workers", "0", "--transformer-impl", "local"]
+    args = [
+        "--load",
+        str(root),
+        "--data-path",
+        caption_prefix,
+        "--seq-length",
+        str(SEQ_LENGTH),
+        "--train-iters",
+        "1",
+        "--num-workers",
+        "0",
+        "--transformer-impl",
+        "local",
+    ]
     proc = run_pretrain(args, expect_rc=4)
     assert "damaged" in proc.stderr and shard.name in proc.stderr and "release" in proc.stderr
     run_pretrain([*args, "--no-verify-checkpoint"])  # a flipped bit in a weight still loads, as asked
@@ -129,10 +141,30 @@ def test_a_killed_trainer_leaves_no_checkpoint_helpers(release, caption_prefix, 
     """megatron-core's checkpoint writer starts a multiprocessing manager; killing the trainer (only it, as
     an OOM killer or a failed node would) must not leave it, or the resource tracker, running."""
     out = tmp_path / "m.jsonl"
-    proc = start_pretrain(["--load", str(release), "--save", str(tmp_path / "save"), "--save-interval", "1",
-                           "--data-path", caption_prefix, "--seq-length", str(SEQ_LENGTH), "--train-iters", "1000",
-                           "--num-workers", "0", "--transformer-impl", "local", "--log-interval", "1",
-                           "--metrics-file", str(out)])
+    proc = start_pretrain(
+        [
+            "--load",
+            str(release),
+            "--save",
+            str(tmp_path / "save"),
+            "--save-interval",
+            "1",
+            "--data-path",
+            caption_prefix,
+            "--seq-length",
+            str(SEQ_LENGTH),
+            "--train-iters",
+            "1000",
+            "--num-workers",
+            "0",
+            "--transformer-impl",
+            "local",
+            "--log-interval",
+            "1",
+            "--metrics-file",
+            str(out),
+        ]
+    )
     try:
         wait_for_lines(out, 2, proc)  # two iterations logged: at least one checkpoint saved
         assert len(_session_processes(proc.pid)) > 1  # the writer's helpers exist

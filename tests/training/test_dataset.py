@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from loader_helpers import SEQ_LENGTH
-
 from megatron.core.datasets.indexed_dataset import IndexedDataset
+
 from megatron.solo.batch import Batch, PackedExample
-from megatron.solo.image import normalize_patches
 from megatron.solo.data.packed_format import RECORD_SUFFIX, PackedDataset, header_file, output_files
+from megatron.solo.image import normalize_patches
 from megatron.solo.training.dataset import (
     BadPackError,
     BlendedPackDataset,
@@ -27,8 +27,15 @@ VPATCH = 32001
 
 
 def loader(ds, **kw):
-    args = dict(seq_length=SEQ_LENGTH, micro_batch_size=2, data_parallel_rank=0, data_parallel_size=1,
-                num_workers=0, pad_id=0, timeout=60 if kw.get("num_workers") else 0)
+    args = dict(
+        seq_length=SEQ_LENGTH,
+        micro_batch_size=2,
+        data_parallel_rank=0,
+        data_parallel_size=1,
+        num_workers=0,
+        pad_id=0,
+        timeout=60 if kw.get("num_workers") else 0,
+    )
     return build_train_loader(ds, **{**args, **kw})
 
 
@@ -40,27 +47,33 @@ def flat_tokens(batches) -> list[list[int]]:
 # --data-path
 
 
-@pytest.mark.parametrize("values, expected", [
-    (["/d/a"], [(1.0, "/d/a")]),
-    (["3", "/d/a", "1", "/d/b"], [(0.75, "/d/a"), (0.25, "/d/b")]),
-    (["0.7", "a", "0.3", "b", "1", "c"], [(0.35, "a"), (0.15, "b"), (0.5, "c")]),
-    (["1e-3", "a"], [(1.0, "a")]),
-])
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        (["/d/a"], [(1.0, "/d/a")]),
+        (["3", "/d/a", "1", "/d/b"], [(0.75, "/d/a"), (0.25, "/d/b")]),
+        (["0.7", "a", "0.3", "b", "1", "c"], [(0.35, "a"), (0.15, "b"), (0.5, "c")]),
+        (["1e-3", "a"], [(1.0, "a")]),
+    ],
+)
 def test_parse_data_path(values, expected):
     got = parse_data_path(values)
     assert [p for _, p in got] == [p for _, p in expected]
     np.testing.assert_allclose([w for w, _ in got], [w for w, _ in expected])
 
 
-@pytest.mark.parametrize("values, match", [
-    ([], "no prefix"),
-    (["1", "a", "b"], "3 values"),
-    (["x", "a", "1", "b"], "'x'.*not a number"),
-    (["0", "a", "1", "b"], "'0' of 'a' must be a positive"),
-    (["-1", "a", "1", "b"], "must be a positive"),
-    (["nan", "a", "1", "b"], "must be a positive"),
-    (["1", "a", "2", "a"], "'a' is given twice"),
-])
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ([], "no prefix"),
+        (["1", "a", "b"], "3 values"),
+        (["x", "a", "1", "b"], "'x'.*not a number"),
+        (["0", "a", "1", "b"], "'0' of 'a' must be a positive"),
+        (["-1", "a", "1", "b"], "must be a positive"),
+        (["nan", "a", "1", "b"], "must be a positive"),
+        (["1", "a", "2", "a"], "'a' is given twice"),
+    ],
+)
 def test_parse_data_path_errors(values, match):
     with pytest.raises(ValueError, match="^--data-path: .*" + match):
         parse_data_path(values)
@@ -174,11 +187,12 @@ def test_workers_do_not_change_the_batches(blended):
 
 def test_dp_ranks_split_each_global_batch(blended):
     whole = flat_tokens(loader(blended, micro_batch_size=4))
-    ranks = [flat_tokens(loader(blended, micro_batch_size=2, data_parallel_size=2, data_parallel_rank=r))
-             for r in range(2)]
+    ranks = [
+        flat_tokens(loader(blended, micro_batch_size=2, data_parallel_size=2, data_parallel_rank=r)) for r in range(2)
+    ]
     assert len(whole) == 48
     for step in range(12):  # global batch of 4: rank 0 holds its first two samples, rank 1 the last two
-        assert ranks[0][2 * step:2 * step + 2] + ranks[1][2 * step:2 * step + 2] == whole[4 * step:4 * step + 4]
+        assert ranks[0][2 * step : 2 * step + 2] + ranks[1][2 * step : 2 * step + 2] == whole[4 * step : 4 * step + 4]
 
 
 def test_resume_gives_the_tail_of_the_stream(blended):
@@ -204,12 +218,16 @@ def test_patches_land_on_their_rows_vpatch_tokens(caption_prefix):
         counts = [v.n_patches for v in views]
         assert min(counts) > 0  # images in both rows
         assert batch.patches.shape == (sum(counts), 3072) and batch.patches.dtype == torch.uint8
-        row1 = batch.patch_index[counts[0]:]
-        assert ((row1 >= s) & (row1 < 2 * s)).all() and (batch.patch_index[:counts[0]] < s).all()
+        row1 = batch.patch_index[counts[0] :]
+        assert ((row1 >= s) & (row1 < 2 * s)).all() and (batch.patch_index[: counts[0]] < s).all()
         assert (batch.tokens.reshape(-1)[batch.patch_index] == VPATCH).all()
         assert (batch.tokens == VPATCH).sum() == len(batch.patch_index)
-        torch.testing.assert_close(batch.normalized(ds.image_config).patches,
-                                   torch.from_numpy(np.concatenate([v.patches() for v in views])), rtol=0, atol=0)
+        torch.testing.assert_close(
+            batch.normalized(ds.image_config).patches,
+            torch.from_numpy(np.concatenate([v.patches() for v in views])),
+            rtol=0,
+            atol=0,
+        )
 
 
 def test_batch_fields_come_from_collate(blended):
@@ -220,8 +238,8 @@ def test_batch_fields_come_from_collate(blended):
     ex = blended[0]
     n, start, end = len(ex.tokens), int(ex.doc_offsets[0]), int(ex.doc_offsets[1])
     assert batch.tokens[0, :n].tolist() == ex.tokens.tolist()
-    assert batch.labels[0, start:end - 1].tolist() == ex.tokens[start + 1:end].tolist()
-    assert batch.loss_mask[0, start:end - 1].tolist() == ex.targets[start + 1:end].astype(float).tolist()
+    assert batch.labels[0, start : end - 1].tolist() == ex.tokens[start + 1 : end].tolist()
+    assert batch.loss_mask[0, start : end - 1].tolist() == ex.targets[start + 1 : end].astype(float).tolist()
     assert batch.position_ids[0, start:end].tolist() == list(range(end - start))
     assert batch.cu_seqlens[0] == 0 and batch.cu_seqlens[-1] == b * s and batch.cu_seqlens.dtype == torch.int32
 
@@ -229,9 +247,13 @@ def test_batch_fields_come_from_collate(blended):
 def test_nothing_sequence_squared_at_32k():
     """One full 32K pack with 1,024 patches: every tensor is O(b·s) and the peak stays megabytes, not 1 GiB."""
     s, rng = 32768, np.random.default_rng(0)
-    ex = PackedExample(tokens=rng.integers(3, 30000, s), targets=np.ones(s, bool),
-                       doc_offsets=np.array([0, 5000, 20000, s]), patches=np.zeros((1024, 3072), np.float32),
-                       patch_positions=np.arange(100, 1124))
+    ex = PackedExample(
+        tokens=rng.integers(3, 30000, s),
+        targets=np.ones(s, bool),
+        doc_offsets=np.array([0, 5000, 20000, s]),
+        patches=np.zeros((1024, 3072), np.float32),
+        patch_positions=np.arange(100, 1124),
+    )
     tracemalloc.start()
     batch = _Collate(s, 0, 3072)([("synthetic", ex)])
     peak = tracemalloc.get_traced_memory()[1]
@@ -250,8 +272,9 @@ def test_bad_prefixes_are_named(tmp_path, text_prefix):
     with pytest.raises(FileNotFoundError, match=f"--data-path prefix '{tmp_path}/nope'.*missing"):
         BlendedPackDataset([(1.0, str(tmp_path / "nope"))], 10, seed=0)
     ds = BlendedPackDataset([(1.0, text_prefix)], 4, seed=0)
-    with pytest.raises(ValueError, match=f"--data-path prefix '{text_prefix}' has packs of 128 tokens, more than "
-                                         "seq_length=64"):
+    with pytest.raises(
+        ValueError, match=f"--data-path prefix '{text_prefix}' has packs of 128 tokens, more than seq_length=64"
+    ):
         loader(ds, seq_length=64)
     with pytest.raises(ValueError, match="data_parallel_rank 2 outside 0..1"):
         loader(ds, data_parallel_rank=2, data_parallel_size=2)
@@ -292,10 +315,12 @@ def test_a_bad_pack_is_named(tmp_path, caption_prefix, num_workers):
 
 
 def test_a_pack_collate_refuses_is_named():
-    good = PackedExample(np.arange(4), np.ones(4, bool), np.array([0, 4]), np.zeros((0, 3072), np.float32),
-                         np.zeros(0, np.int64))
-    bad = PackedExample(np.arange(4), np.ones(3, bool), np.array([0, 4]), np.zeros((0, 3072), np.float32),
-                        np.zeros(0, np.int64))
+    good = PackedExample(
+        np.arange(4), np.ones(4, bool), np.array([0, 4]), np.zeros((0, 3072), np.float32), np.zeros(0, np.int64)
+    )
+    bad = PackedExample(
+        np.arange(4), np.ones(3, bool), np.array([0, 4]), np.zeros((0, 3072), np.float32), np.zeros(0, np.int64)
+    )
     with pytest.raises(BadPackError, match="^p/b pack 9 .*: pack 0 of the micro-batch: targets has 3 entries"):
         _Collate(8, 0, 3072)([("p/a pack 1 (global sample 0)", good), ("p/b pack 9 (global sample 1)", bad)])
 
@@ -320,17 +345,27 @@ def test_a_prefix_of_other_patch_size_is_named(tmp_path, caption_prefix):
     p14 = copy_prefix(caption_prefix, str(tmp_path / "p14"), patch_size=14, max_size=1022)
     ds = BlendedPackDataset([(1.0, p14)], 4, seed=0)
     assert ds.patch_dim == 3 * 14 * 14
-    with pytest.raises(ValueError, match=f"--data-path prefix '{p14}': patch_size is 14 .*but the model takes "
-                                         "patches of 3072 values"):
+    with pytest.raises(
+        ValueError, match=f"--data-path prefix '{p14}': patch_size is 14 .*but the model takes patches of 3072 values"
+    ):
         loader(ds, patch_dim=3072)
 
 
-@pytest.mark.parametrize("change, field", [({"std": [0.5, 0.5, 0.5]}, "std"), ({"patch_size": 16}, "patch_size"),
-                                           ({"tokenizer": {"vocab_size": 1}}, "tokenizer.bos_id")])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"std": [0.5, 0.5, 0.5]}, "std"),
+        ({"patch_size": 16}, "patch_size"),
+        ({"tokenizer": {"vocab_size": 1}}, "tokenizer.bos_id"),
+    ],
+)
 def test_prefixes_of_one_blend_must_agree(tmp_path, text_prefix, caption_prefix, change, field):
     other = copy_prefix(caption_prefix, str(tmp_path / "other"), **change)
-    with pytest.raises(ValueError, match=f"--data-path prefix '{other}' .*: {field} is .*, but --data-path prefix "
-                                         f"'{text_prefix}' of the same blend has"):
+    with pytest.raises(
+        ValueError,
+        match=f"--data-path prefix '{other}' .*: {field} is .*, but --data-path prefix "
+        f"'{text_prefix}' of the same blend has",
+    ):
         BlendedPackDataset([(0.5, text_prefix), (0.5, other)], 10, seed=0)
 
 
@@ -364,15 +399,27 @@ def test_loader_yields_batches_pinned_by_their_own_method(blended, monkeypatch):
     out = pin_memory(batch)  # what the DataLoader's pinning thread calls
     assert type(out) is Batch and len(pinned) == sum(isinstance(v, torch.Tensor) for v in vars(batch).values())
     for name, value in vars(batch).items():
-        assert torch.equal(getattr(out, name), value) if isinstance(value, torch.Tensor) else getattr(out, name) == value
+        assert (
+            torch.equal(getattr(out, name), value) if isinstance(value, torch.Tensor) else getattr(out, name) == value
+        )
 
 
 def test_image_rows_come_from_patch_index_not_a_token_id():
     """A vocabulary whose <vpatch> is not 32001: the rows with patches are still found."""
     vpatch = 7
-    with_image = PackedExample(np.array([1, 6, vpatch, vpatch, 8, 9]), np.ones(6, bool), np.array([0, 6]),
-                               np.zeros((2, 3072), np.uint8), np.array([2, 3]))
-    text = PackedExample(np.array([1, 32001, 5]), np.ones(3, bool), np.array([0, 3]), np.zeros((0, 3072), np.uint8),
-                         np.zeros(0, np.int64))  # 32001 is text here
+    with_image = PackedExample(
+        np.array([1, 6, vpatch, vpatch, 8, 9]),
+        np.ones(6, bool),
+        np.array([0, 6]),
+        np.zeros((2, 3072), np.uint8),
+        np.array([2, 3]),
+    )
+    text = PackedExample(
+        np.array([1, 32001, 5]),
+        np.ones(3, bool),
+        np.array([0, 3]),
+        np.zeros((0, 3072), np.uint8),
+        np.zeros(0, np.int64),
+    )  # 32001 is text here
     batch = _Collate(8, 0, 3072)([("t", text), ("i", with_image), ("t2", text)])
     assert batch.image_rows().tolist() == [False, True, False]

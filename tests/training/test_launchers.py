@@ -57,34 +57,61 @@ PAPER = {
 # Reference spec §7.2: iterations, the blend (dataset → weight) and the chain of checkpoints.
 STAGES = {
     "pretrain_stage1_imagenet21k.sh": {
-        "train_iters": 1525, "load": "mistral-7b-solo", "save": "stage1", "finetune": False,
+        "train_iters": 1525,
+        "load": "mistral-7b-solo",
+        "save": "stage1",
+        "finetune": False,
         "blend": {"imagenet21k": 0.70, "slimpajama_stage1": 0.30},
     },
     "pretrain_stage2_web.sh": {
-        "train_iters": 3480, "load": "stage1", "save": "stage2", "finetune": True,
-        "blend": {"capsfusion": 0.4604, "slimpajama_stage2": 0.2702, "websight": 0.1607, "cc3m": 0.0736,
-                  "detailed_captions": 0.0140, "llavar": 0.0081, "dvqa": 0.0065, "ocr_vqa": 0.0036,
-                  "figureqa": 0.0034},
+        "train_iters": 3480,
+        "load": "stage1",
+        "save": "stage2",
+        "finetune": True,
+        "blend": {
+            "capsfusion": 0.4604,
+            "slimpajama_stage2": 0.2702,
+            "websight": 0.1607,
+            "cc3m": 0.0736,
+            "detailed_captions": 0.0140,
+            "llavar": 0.0081,
+            "dvqa": 0.0065,
+            "ocr_vqa": 0.0036,
+            "figureqa": 0.0034,
+        },
     },
     "pretrain_stage3_anneal.sh": {
-        "train_iters": 300, "load": "stage2", "save": "stage3", "finetune": True,
-        "blend": {"allava_laion": 0.3581, "slimpajama_stage3": 0.3153, "allava_vflan": 0.1166, "llavar": 0.0940,
-                  "dvqa": 0.0761, "figureqa": 0.0398},
+        "train_iters": 300,
+        "load": "stage2",
+        "save": "stage3",
+        "finetune": True,
+        "blend": {
+            "allava_laion": 0.3581,
+            "slimpajama_stage3": 0.3153,
+            "allava_vflan": 0.1166,
+            "llavar": 0.0940,
+            "dvqa": 0.0761,
+            "figureqa": 0.0398,
+        },
     },
 }
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """No launcher variable from the caller's environment; data and checkpoints in an empty directory."""
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHON": sys.executable,
-           "DATA_ROOT": str(tmp_path / "data"), "CKPT_ROOT": str(tmp_path / "ckpt")}
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "PYTHON": sys.executable,
+        "DATA_ROOT": str(tmp_path / "data"),
+        "CKPT_ROOT": str(tmp_path / "ckpt"),
+    }
     env.update(extra)
     return env
 
 
 def run(cmd: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=180)
 
 
 def parse(stdout: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -112,7 +139,7 @@ def check_command_matches(command: str, resolved: dict[str, str], world_size: in
     assert argv[0] == "CUDA_DEVICE_MAX_CONNECTIONS=1" and argv[1] == "torchrun", argv[:2]
     script = next(i for i, a in enumerate(argv) if a.endswith("pretrain_solo.py"))
     assert Path(argv[script]) == ROOT / "pretrain_solo.py"
-    cfg = parse_args([*argv[script + 1:], "--dry-run", "--world-size", str(world_size)])
+    cfg = parse_args([*argv[script + 1 :], "--dry-run", "--world-size", str(world_size)])
     for name, value in cfg.to_dict().items():
         if name not in ("data_path", "lr_decay_iters"):  # printed as the normalised blend; resolved
             assert resolved[name] == str(value), (name, resolved[name], value)
@@ -149,16 +176,38 @@ def test_stage_dry_run_is_the_paper_recipe(launcher, tmp_path):
     assert "warning: --load" in proc.stderr and "warning: --data-path" in proc.stderr
     assert shell["NNODES"] == "1" and shell["NODE_RANK"] == "0"
     launch = check_command_matches(resolved["command"], resolved, world_size=8)
-    assert launch == ["--nnodes", "1", "--nproc-per-node", "8", "--node-rank", "0",
-                      "--master-addr", "localhost", "--master-port", "29500"]
+    assert launch == [
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "8",
+        "--node-rank",
+        "0",
+        "--master-addr",
+        "localhost",
+        "--master-port",
+        "29500",
+    ]
 
 
 # The released SFT recipe (reference spec §8.3) as sft.sh translates it.
 SFT_RECIPE = {
-    "lr": "1e-05", "min_lr": "0.0", "lr_decay_style": "linear", "lr_warmup_iters": "6", "weight_decay": "0.05",
-    "clip_grad": "1.0", "bf16": "True", "loss_averaging": "sample", "finetune": "True",
-    "adam_beta1": "0.9", "adam_beta2": "0.999", "adam_eps": "1e-08", "seq_length": "32768",
-    "tensor_model_parallel_size": "2", "data_parallel_size": "4", "micro_batch_size": "1",
+    "lr": "1e-05",
+    "min_lr": "0.0",
+    "lr_decay_style": "linear",
+    "lr_warmup_iters": "6",
+    "weight_decay": "0.05",
+    "clip_grad": "1.0",
+    "bf16": "True",
+    "loss_averaging": "sample",
+    "finetune": "True",
+    "adam_beta1": "0.9",
+    "adam_beta2": "0.999",
+    "adam_eps": "1e-08",
+    "seq_length": "32768",
+    "tensor_model_parallel_size": "2",
+    "data_parallel_size": "4",
+    "micro_batch_size": "1",
 }
 
 
@@ -184,8 +233,10 @@ def test_sft_dry_run_resolves_the_recipe(stats, tmp_path):
     assert blend_of(resolved["data_path"]) == {"sft": (1.0, str(tmp_path / "data" / "sft"))}
     check_command_matches(resolved["command"], resolved, world_size=8)
     if stats is not None:  # the environment wins over the derived values
-        overridden = run(["bash", str(EXAMPLES / "sft.sh"), "--dry-run"],
-                         clean_env(tmp_path, GLOBAL_BATCH_SIZE="64", TRAIN_ITERS="50"))
+        overridden = run(
+            ["bash", str(EXAMPLES / "sft.sh"), "--dry-run"],
+            clean_env(tmp_path, GLOBAL_BATCH_SIZE="64", TRAIN_ITERS="50"),
+        )
         assert overridden.returncode == 0, overridden.stderr
         assert parse(overridden.stdout)[1]["global_batch_size"] == "64"
         assert parse(overridden.stdout)[1]["train_iters"] == "50"
@@ -235,10 +286,18 @@ def test_slurm_job_overrides_and_requeue(tmp_path):
         (bin_dir / name).chmod(0o755)
     data = tmp_path / "data"
     env = clean_env(
-        tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log),
-        SLURM_JOB_ID="42", SLURM_NNODES="4", SLURM_NODEID="3", SLURM_JOB_NODELIST="gpu-node-[7-10]",
-        SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_END_TIME=str(int(time.time()) + 3600),
-        STAGE="3", TP="4", DATA_PATH=f"2 {data}/mine_a 1 {data}/mine_b",
+        tmp_path,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        FAKE_LOG=str(log),
+        SLURM_JOB_ID="42",
+        SLURM_NNODES="4",
+        SLURM_NODEID="3",
+        SLURM_JOB_NODELIST="gpu-node-[7-10]",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        SLURM_JOB_END_TIME=str(int(time.time()) + 3600),
+        STAGE="3",
+        TP="4",
+        DATA_PATH=f"2 {data}/mine_a 1 {data}/mine_b",
     )
     proc = run(["bash", str(sbatch), "--train-iters", "250", "--seed", "99"], env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr + (log / "dry_run.err").read_text()
@@ -248,11 +307,13 @@ def test_slurm_job_overrides_and_requeue(tmp_path):
     assert resolved["world_size"] == "32"
     assert resolved["tensor_model_parallel_size"] == "4" and resolved["data_parallel_size"] == "8"
     assert resolved["sequence_parallel"] == "True"
-    assert resolved["num_microbatches"] == "16"                      # still 128 packs per step
+    assert resolved["num_microbatches"] == "16"  # still 128 packs per step
     assert resolved["train_iters"] == "250" and resolved["seed"] == "99"
-    assert 49 <= float(resolved["exit_duration_in_mins"]) <= 50      # the job's end time, minus 10 minutes
-    assert blend_of(resolved["data_path"]) == {"mine_a": (pytest.approx(2 / 3, abs=1e-4), f"{data}/mine_a"),
-                                               "mine_b": (pytest.approx(1 / 3, abs=1e-4), f"{data}/mine_b")}
+    assert 49 <= float(resolved["exit_duration_in_mins"]) <= 50  # the job's end time, minus 10 minutes
+    assert blend_of(resolved["data_path"]) == {
+        "mine_a": (pytest.approx(2 / 3, abs=1e-4), f"{data}/mine_a"),
+        "mine_b": (pytest.approx(1 / 3, abs=1e-4), f"{data}/mine_b"),
+    }
     assert resolved["load"] == str(tmp_path / "ckpt" / "stage2") and resolved["finetune"] == "True"
     assert resolved["save"] == str(tmp_path / "ckpt" / "stage3")
     launch = check_command_matches(resolved["command"], resolved, world_size=32)
@@ -285,7 +346,7 @@ def test_dockerfile_keeps_ngc_torch(tmp_path):
     for cmd in installs:
         words = cmd.split()
         assert "--no-deps" in words or words[2:] == ["-r", "/tmp/requirements.txt", "wandb"], cmd
-    torch_check = "test \"$(python -c 'import torch; print(torch.__version__)')\" = \"$(cat /tmp/torch-version)\""
+    torch_check = 'test "$(python -c \'import torch; print(torch.__version__)\')" = "$(cat /tmp/torch-version)"'
     for r in (r for r in runs if "pip install" in r):  # every RUN that installs checks torch afterwards
         assert r.rfind(torch_check) > r.rfind("pip install"), r
 
@@ -296,14 +357,23 @@ def test_dockerfile_keeps_ngc_torch(tmp_path):
     filter_cmd = next(c.strip() for c in build.split("&&") if c.strip().startswith("awk"))
     for name in ("setup.py", "README.md"):
         (tmp_path / name).write_text((ROOT / name).read_text())
-    subprocess.run(egg_info.replace("/tmp", str(tmp_path)).replace("python ", f"{sys.executable} ", 1).split(),
-                   cwd=tmp_path, check=True, capture_output=True, timeout=120)
-    subprocess.run(["bash", "-o", "pipefail", "-c", filter_cmd.replace("/tmp", str(tmp_path))],
-                   cwd=tmp_path, check=True, timeout=60)
+    subprocess.run(
+        egg_info.replace("/tmp", str(tmp_path)).replace("python ", f"{sys.executable} ", 1).split(),
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    subprocess.run(
+        ["bash", "-o", "pipefail", "-c", filter_cmd.replace("/tmp", str(tmp_path))],
+        cwd=tmp_path,
+        check=True,
+        timeout=60,
+    )
     names = [re.split(r"[<>=!~;]", line)[0] for line in (tmp_path / "requirements.txt").read_text().split()]
     assert "torch" not in names and "megatron-core" not in names
     assert {"numpy", "sentencepiece", "transformers", "safetensors"} <= set(names)
-    assert "pytest" not in names   # the test extra stays out of the image
+    assert "pytest" not in names  # the test extra stays out of the image
 
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", "data", "checkpoints"} <= set(ignored)

@@ -40,9 +40,15 @@ def pack(docs, groups):
     for group in groups:
         chosen = [docs[i] for i in group]
         lengths = [len(t) for t, _ in chosen]
-        out.append(PackedExample(np.concatenate([t for t, _ in chosen]), np.concatenate([g for _, g in chosen]),
-                                 np.concatenate([[0], np.cumsum(lengths)]), np.zeros((0, 3072), np.float32),
-                                 np.zeros(0, np.int64)))
+        out.append(
+            PackedExample(
+                np.concatenate([t for t, _ in chosen]),
+                np.concatenate([g for _, g in chosen]),
+                np.concatenate([[0], np.cumsum(lengths)]),
+                np.zeros((0, 3072), np.float32),
+                np.zeros(0, np.int64),
+            )
+        )
     return out
 
 
@@ -57,9 +63,14 @@ def schedule_loss(micro_batches, per_token, averaging):
     total = count = 0.0
     for batch, loss in zip(micro_batches, per_token):
         weights, samples = sample_weights(batch.loss_mask, batch.cu_seqlens)
-        s, c, logs = loss_with_breakdown(batch.loss_mask, torch.zeros(len(batch.tokens), dtype=torch.bool),
-                                         torch.zeros(2), samples, loss,
-                                         weights=weights if averaging == "sample" else None)
+        s, c, logs = loss_with_breakdown(
+            batch.loss_mask,
+            torch.zeros(len(batch.tokens), dtype=torch.bool),
+            torch.zeros(2),
+            samples,
+            loss,
+            weights=weights if averaging == "sample" else None,
+        )
         assert torch.equal(logs["lm loss"], torch.stack([s, c.float()]))
         total, count = total + s.item(), count + c.item()
     return total / count, count
@@ -70,9 +81,11 @@ def test_sample_averaging_is_the_direct_per_sample_mean_under_any_packing(layout
     rng = np.random.default_rng(0)
     docs = documents(rng, 10)
     per_doc_losses = [rng.random(len(t)) * 5 for t, _ in docs]  # the loss at each slot of each document
-    groups = {"one pack": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
-              "a document per pack": [[i] for i in range(10)],
-              "three micro-batches": [[9, 0, 4], [2, 3], [1, 5, 6, 7, 8]]}[layout]
+    groups = {
+        "one pack": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
+        "a document per pack": [[i] for i in range(10)],
+        "three micro-batches": [[9, 0, 4], [2, 3], [1, 5, 6, 7, 8]],
+    }[layout]
     chunks = [[g] for g in groups] if layout == "three micro-batches" else [groups]  # groups per micro-batch
     micro, losses = [], []
     for chunk in chunks:
@@ -81,7 +94,7 @@ def test_sample_averaging_is_the_direct_per_sample_mean_under_any_packing(layout
         for row, group in enumerate(chunk):  # each document's losses where collate laid the document
             start = 0
             for i in group:
-                loss[row, start:start + len(docs[i][0])] = torch.from_numpy(per_doc_losses[i]).float()
+                loss[row, start : start + len(docs[i][0])] = torch.from_numpy(per_doc_losses[i]).float()
                 start += len(docs[i][0])
         micro.append(batch)
         losses.append(loss)
@@ -90,7 +103,7 @@ def test_sample_averaging_is_the_direct_per_sample_mean_under_any_packing(layout
     assert count == n_samples == 8  # the two target-less documents do not count
     assert got == pytest.approx(expected, rel=1e-6)
     tokens, _ = schedule_loss(micro, losses, "token")
-    every = np.concatenate([l[:-1][t[1:]] for (_, t), l in zip(docs, per_doc_losses)])
+    every = np.concatenate([loss[:-1][t[1:]] for (_, t), loss in zip(docs, per_doc_losses)])
     assert tokens == pytest.approx(every.mean(), rel=1e-6)
     assert abs(tokens - got) > 1e-3  # the two averagings differ on these documents: the check can fail
 

@@ -13,8 +13,13 @@ from megatron.solo.training.metrics import Window, batch_work, causal_pairs, mic
 
 def pack(lengths: list[int]) -> PackedExample:
     n = sum(lengths)
-    return PackedExample(np.arange(3, n + 3), np.ones(n, bool), np.concatenate([[0], np.cumsum(lengths)]),
-                         np.zeros((0, 3072), np.float32), np.zeros(0, np.int64))
+    return PackedExample(
+        np.arange(3, n + 3),
+        np.ones(n, bool),
+        np.concatenate([[0], np.cumsum(lengths)]),
+        np.zeros((0, 3072), np.float32),
+        np.zeros(0, np.int64),
+    )
 
 
 @pytest.mark.parametrize("window", [None, 1, 4, 100])
@@ -35,8 +40,10 @@ def test_a_window_caps_long_documents_and_padding_is_not_work():
     assert causal_pairs(np.array([32768]), None) / causal_pairs(np.array([32768]), 4096) > 4  # the old over-count
     padded = collate([pack([10, 6])], 64, pad_id=0)
     unpadded = collate([pack([10, 6])], 16, pad_id=0)
-    assert batch_work(padded.cu_seqlens, padded.pack_lengths, 64, None).tolist() == \
-        batch_work(unpadded.cu_seqlens, unpadded.pack_lengths, 16, None).tolist()
+    assert (
+        batch_work(padded.cu_seqlens, padded.pack_lengths, 64, None).tolist()
+        == batch_work(unpadded.cu_seqlens, unpadded.pack_lengths, 16, None).tolist()
+    )
 
 
 def test_window_summary_adds_up_and_reports_model_flops():
@@ -44,10 +51,14 @@ def test_window_summary_adds_up_and_reports_model_flops():
     # Two iterations of reduced sums: [lm, img, txt] × [loss sum, count], [target tokens, samples], then
     # [model FLOPs, tokens].
     for _ in range(2):
-        window.add(torch.tensor([[30.0, 10.0], [20.0, 4.0], [10.0, 6.0], [10.0, 3.0], [3e12, 96.0]]), seconds=0.5,
-                   grad_norm=1.5)
-    m = window.summary(iteration=2, consumed_samples=8, lr=1e-3, tokens_per_iteration=128, world_size=2,
-                       peak_tflops=2.0)
+        window.add(
+            torch.tensor([[30.0, 10.0], [20.0, 4.0], [10.0, 6.0], [10.0, 3.0], [3e12, 96.0]]),
+            seconds=0.5,
+            grad_norm=1.5,
+        )
+    m = window.summary(
+        iteration=2, consumed_samples=8, lr=1e-3, tokens_per_iteration=128, world_size=2, peak_tflops=2.0
+    )
     assert m["lm_loss"] == pytest.approx(3.0) and m["img_lm_loss"] == pytest.approx(5.0)
     assert m["txt_lm_loss"] == pytest.approx(10 / 6)
     assert m["lm_loss"] * 10 == pytest.approx(m["img_lm_loss"] * 4 + m["txt_lm_loss"] * 6)  # the parts add up
@@ -60,16 +71,19 @@ def test_window_summary_adds_up_and_reports_model_flops():
 def test_model_flops_count_logits_where_the_trainer_computes_them():
     cfg = get_preset("tiny")
     h, d = cfg.hidden_size, cfg.head_dim
-    weights = cfg.num_layers * (h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_query_groups)
-                                + 3 * h * cfg.ffn_hidden_size)
+    weights = cfg.num_layers * (
+        h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_query_groups) + 3 * h * cfg.ffn_hidden_size
+    )
     attention = 12 * cfg.num_layers * cfg.num_attention_heads * d * 2000
     # 6 FLOPs per weight and token, 6·h·V per token with logits, 12·d per attention pair and head.
     assert model_flops(cfg, 192, 2000) == pytest.approx(6 * weights * 192 + 6 * h * cfg.vocab_size * 192 + attention)
-    assert model_flops(cfg, 192, 2000, logit_tokens=10, padded_vocab_size=33152) == \
-        pytest.approx(6 * weights * 192 + 6 * h * 33152 * 10 + attention)
+    assert model_flops(cfg, 192, 2000, logit_tokens=10, padded_vocab_size=33152) == pytest.approx(
+        6 * weights * 192 + 6 * h * 33152 * 10 + attention
+    )
     batch = collate([pack([5, 11, 3]), pack([7])], 24, pad_id=0)
     flops, tokens = micro_batch_work(batch, cfg, 33152).tolist()
     pairs = batch_work(batch.cu_seqlens, batch.pack_lengths, 24, cfg.sliding_window)[1].item()
     assert tokens == 26
-    assert flops == pytest.approx(model_flops(cfg, 26, pairs, logit_tokens=batch.loss_mask.sum().item(),
-                                              padded_vocab_size=33152), rel=1e-6)
+    assert flops == pytest.approx(
+        model_flops(cfg, 26, pairs, logit_tokens=batch.loss_mask.sum().item(), padded_vocab_size=33152), rel=1e-6
+    )

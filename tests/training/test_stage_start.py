@@ -39,11 +39,36 @@ def constant_release(tmp_path_factory, megatron_world, tokenizer) -> str:
 
 def _train(load: str, save, data: list[str], distributed_optimizer: bool, *extra: str) -> dict[int, dict]:
     out = save.parent / f"{save.name}.jsonl"
-    args = ["--load", load, "--save", str(save), "--data-path", *data, "--seq-length", str(SEQ_LENGTH),
-            "--global-batch-size", "2", "--lr", "1e-4", "--min-lr", "1e-5", "--lr-warmup-iters", "0",
-            "--lr-decay-iters", str(2 * ITERS),
-            "--bf16", "--log-interval", "1", "--num-workers", "0", "--metrics-file", str(out),
-            "--transformer-impl", "local", *extra]
+    args = [
+        "--load",
+        load,
+        "--save",
+        str(save),
+        "--data-path",
+        *data,
+        "--seq-length",
+        str(SEQ_LENGTH),
+        "--global-batch-size",
+        "2",
+        "--lr",
+        "1e-4",
+        "--min-lr",
+        "1e-5",
+        "--lr-warmup-iters",
+        "0",
+        "--lr-decay-iters",
+        str(2 * ITERS),
+        "--bf16",
+        "--log-interval",
+        "1",
+        "--num-workers",
+        "0",
+        "--metrics-file",
+        str(out),
+        "--transformer-impl",
+        "local",
+        *extra,
+    ]
     if distributed_optimizer:
         args.append("--use-distributed-optimizer")
     if "--train-iters" not in extra:
@@ -62,8 +87,9 @@ def _assert_weights_kept(root, iteration: int) -> None:
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True], ids=["optimizer", "distributed-optimizer"])
-def test_bf16_stage_starts_keep_the_loaded_weights(constant_release, caption_prefix, text_prefix, tmp_path,
-                                                   distributed_optimizer):
+def test_bf16_stage_starts_keep_the_loaded_weights(
+    constant_release, caption_prefix, text_prefix, tmp_path, distributed_optimizer
+):
     data = ["0.5", caption_prefix, "0.5", text_prefix]
     # 1. Stage 1: from a converted release.
     stage1 = tmp_path / "stage1"
@@ -78,7 +104,15 @@ def test_bf16_stage_starts_keep_the_loaded_weights(constant_release, caption_pre
 
     # 3. A resume that does not load the optimizer state: the weights of the checkpoint, not the init.
     resumed = tmp_path / "resumed"
-    m = _train(str(stage2), resumed, data, distributed_optimizer, "--no-load-optim", "--train-iters", str(2 * ITERS),
-               "--override-opt-param-scheduler")
+    m = _train(
+        str(stage2),
+        resumed,
+        data,
+        distributed_optimizer,
+        "--no-load-optim",
+        "--train-iters",
+        str(2 * ITERS),
+        "--override-opt-param-scheduler",
+    )
     assert sorted(m) == [3, 4]
     _assert_weights_kept(resumed, 2 * ITERS)

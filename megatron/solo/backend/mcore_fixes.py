@@ -4,11 +4,15 @@ These are not about the CPU: they follow from which Adam megatron-core picked at
 (``distrib_optimizer.HAVE_APEX_OR_TE``): Transformer Engine's or Apex's ``FusedAdam`` where either is
 installed (the GPU product), torch's ``AdamW`` otherwise (CPU machines, and a GPU without TE or Apex).
 
-| fix | applies to | megatron-core 0.16.1 |
-|---|---|---|
-| :func:`install_distributed_optimizer_fixes` | ``DistributedOptimizer`` over torch's Adam(W), any device | ``distrib_optimizer.py:821-825`` shares one ``step`` tensor between all params after a load; AdamW increments it once per param, silently breaking bias correction. ``:940`` ``fully_reshardable`` loads fail with ``KeyError: 'step'`` |
-| :func:`own_checkpoint_writer_queue` | every torch_dist save | ``filesystem_async.py:51-56`` starts a manager process that outlives a killed trainer (and keeps the resource tracker alive) |
-| :func:`init_torch_optimizer_state` | torch's Adam(W) (not TE/Apex FusedAdam, whose ``state_dict()`` then raises ``KeyError: 'step'``) | ``distrib_optimizer.py:642`` asserts a single shared step on a fresh optimizer |
+- :func:`install_distributed_optimizer_fixes`: ``DistributedOptimizer`` over torch's Adam(W), any device.
+  ``distrib_optimizer.py:821-825`` shares one ``step`` tensor between all params after a load, which AdamW
+  increments once per param, silently breaking bias correction; ``:940`` ``fully_reshardable`` loads fail
+  with ``KeyError: 'step'``.
+- :func:`own_checkpoint_writer_queue`: every torch_dist save, any device. ``filesystem_async.py:51-56``
+  starts a manager process that outlives a killed trainer (and keeps the resource tracker alive).
+- :func:`init_torch_optimizer_state`: torch's Adam(W) only (TE's/Apex's FusedAdam ``state_dict()`` raises
+  ``KeyError: 'step'`` with it). ``distrib_optimizer.py:642`` asserts a single shared step on a fresh
+  optimizer.
 
 The trainer calls them explicitly (:func:`megatron.solo.training.build.build_components`, checkpoint loads);
 nothing is patched at import.
@@ -83,8 +87,9 @@ def init_torch_optimizer_state(megatron_optimizer) -> None:
             for param in group["params"]:
                 state = inner.state[param]
                 if not state:
-                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
-                                 exp_avg_sq=torch.zeros_like(param))
+                    state.update(
+                        step=torch.tensor(0.0), exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param)
+                    )
 
 
 def _die_with_parent(parent_pid: int) -> None:

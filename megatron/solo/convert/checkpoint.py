@@ -35,13 +35,21 @@ from megatron.solo.tokenizer import SoloTokenizer
 def solo_config_from_model_config(cfg: ModelConfig, tokenizer: SoloTokenizer) -> SoloConfig:
     """The HF config of a Megatron architecture (untied, SwiGLU, RMSNorm, default RoPE)."""
     return SoloConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_query_groups, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_sequence_length, rms_norm_eps=cfg.norm_epsilon,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_sequence_length,
+        rms_norm_eps=cfg.norm_epsilon,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rotary_base},
-        sliding_window=cfg.sliding_window, tie_word_embeddings=False, vision_patch_size=cfg.patch_size,
-        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+        sliding_window=cfg.sliding_window,
+        tie_word_embeddings=False,
+        vision_patch_size=cfg.patch_size,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
     )
 
 
@@ -61,8 +69,14 @@ def _floating_dtype(tensors) -> torch.dtype:
 
 
 def hf_to_megatron_checkpoint(
-    hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-    tokenizer_model: str | os.PathLike | None = None, dtype: torch.dtype | None = None, seed: int = PATCH_INIT_SEED,
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    tokenizer_model: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int = PATCH_INIT_SEED,
 ) -> CheckpointMetadata:
     """Convert an HF ``MistralForCausalLM`` (or SOLO-7B HF) directory into a Megatron release checkpoint."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -74,15 +88,17 @@ def hf_to_megatron_checkpoint(
     cfg.validate_parallel(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
     metadata = CheckpointMetadata(cfg, cfg.padded_vocab_size(tensor_parallel))
     dtype = dtype or _floating_dtype(hf_sd)
-    m_sd = hf_to_megatron(hf_sd, cfg, padded_vocab_size=metadata.padded_vocab_size,
-                          generator=torch.Generator().manual_seed(seed))
+    m_sd = hf_to_megatron(
+        hf_sd, cfg, padded_vocab_size=metadata.padded_vocab_size, generator=torch.Generator().manual_seed(seed)
+    )
     m_sd = {name: tensor.to(dtype) for name, tensor in m_sd.items()}
 
     ensure_model_parallel_of_one()
     # The local spec on any machine: its parameter names are the name table's, and the checkpoint it writes
     # loads into either backend. On meta, shapes only: the converted tensors are assigned, not copied.
-    tc = make_transformer_config(cfg, params_dtype=dtype, perform_initialization=False, backend="local",
-                                 cpu_initialization=True)
+    tc = make_transformer_config(
+        cfg, params_dtype=dtype, perform_initialization=False, backend="local", cpu_initialization=True
+    )
     with torch.device("meta"):
         model = build_model(cfg, tc, padded_vocab_size=metadata.padded_vocab_size)
     load_model_state(model, m_sd, assign=True)
@@ -92,8 +108,12 @@ def hf_to_megatron_checkpoint(
 
 
 def megatron_to_hf_checkpoint(
-    load_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iteration: int | None | str = "latest",
-    dtype: torch.dtype | None = None, overwrite: bool = False,
+    load_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    iteration: int | None | str = "latest",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Export a Megatron SOLO checkpoint as an HF ``SoloForCausalLM`` directory (safetensors + code), in
     ``dtype`` (default: the checkpoint's own, so an fp32 checkpoint keeps its precision)."""

@@ -23,8 +23,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -78,7 +79,7 @@ def write_hf_export(
     return out_dir
 
 
-def read_hf_checkpoint(directory: str | os.PathLike) -> tuple[Mapping[str, Tensor], "PreTrainedConfig"]:
+def read_hf_checkpoint(directory: str | os.PathLike) -> tuple[Mapping[str, Tensor], PreTrainedConfig]:
     """``(state_dict, config)`` of an HF Mistral or SOLO directory: safetensors (single or sharded with an
     index) or ``pytorch_model*.bin``. ``config`` is a ``MistralConfig`` or ``SoloConfig``. Safetensors
     weights are read lazily, tensor by tensor, as the mapping is indexed."""
@@ -123,9 +124,11 @@ def _write_weights(directory: Path, sd: Mapping[str, Tensor], dtype: torch.dtype
     from safetensors.torch import save_file
 
     shards = _plan_shards(sd, dtype, max_shard_bytes)
-    names = [SAFE_WEIGHTS] if len(shards) == 1 else [
-        f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))
-    ]
+    names = (
+        [SAFE_WEIGHTS]
+        if len(shards) == 1
+        else [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    )
     for file_name, keys in zip(names, shards):
         # A fresh contiguous copy per tensor: views of one fused tensor (q/k/v) may share storage,
         # which safetensors refuses; one shard at a time bounds the extra memory.

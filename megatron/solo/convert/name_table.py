@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -91,8 +91,16 @@ def model_config_from_hf(cfg, *, vocab_size: int | None = None) -> ModelConfig:
 def _dims(arch: ModelConfig, **extra: int) -> dict[str, int]:
     """Values of the symbolic dimensions used in :data:`TABLE`."""
     q, kv = arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim
-    return dict(H=arch.hidden_size, F=arch.ffn_hidden_size, F2=2 * arch.ffn_hidden_size, Q=q, KV=kv,
-                QKV=q + 2 * kv, P=arch.patch_dim, **extra)
+    return dict(
+        H=arch.hidden_size,
+        F=arch.ffn_hidden_size,
+        F2=2 * arch.ffn_hidden_size,
+        Q=q,
+        KV=kv,
+        QKV=q + 2 * kv,
+        P=arch.patch_dim,
+        **extra,
+    )
 
 
 # --- transforms: (HF tensors → one Megatron tensor, Megatron tensor → HF tensors) ------------------
@@ -178,21 +186,30 @@ TABLE: tuple[Rule, ...] = (
     Rule("embedding.word_embeddings.weight", ("V", "H"), ("model.embed_tokens.weight",), (("V", "H"),)),
     Rule("decoder.layers.{i}.input_layernorm.weight", ("H",), (_L + "input_layernorm.weight",), (("H",),)),
     Rule(
-        "decoder.layers.{i}.self_attention.linear_qkv.weight", ("QKV", "H"),
+        "decoder.layers.{i}.self_attention.linear_qkv.weight",
+        ("QKV", "H"),
         (_L + "self_attn.q_proj.weight", _L + "self_attn.k_proj.weight", _L + "self_attn.v_proj.weight"),
-        (("Q", "H"), ("KV", "H"), ("KV", "H")), QKV,
+        (("Q", "H"), ("KV", "H"), ("KV", "H")),
+        QKV,
     ),
     Rule(
-        "decoder.layers.{i}.self_attention.linear_proj.weight", ("H", "Q"),
-        (_L + "self_attn.o_proj.weight",), (("H", "Q"),),
+        "decoder.layers.{i}.self_attention.linear_proj.weight",
+        ("H", "Q"),
+        (_L + "self_attn.o_proj.weight",),
+        (("H", "Q"),),
     ),
     Rule(
-        "decoder.layers.{i}.pre_mlp_layernorm.weight", ("H",),
-        (_L + "post_attention_layernorm.weight",), (("H",),),
+        "decoder.layers.{i}.pre_mlp_layernorm.weight",
+        ("H",),
+        (_L + "post_attention_layernorm.weight",),
+        (("H",),),
     ),
     Rule(
-        "decoder.layers.{i}.mlp.linear_fc1.weight", ("F2", "H"),
-        (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"), (("F", "H"), ("F", "H")), GATE_UP,
+        "decoder.layers.{i}.mlp.linear_fc1.weight",
+        ("F2", "H"),
+        (_L + "mlp.gate_proj.weight", _L + "mlp.up_proj.weight"),
+        (("F", "H"), ("F", "H")),
+        GATE_UP,
     ),
     Rule("decoder.layers.{i}.mlp.linear_fc2.weight", ("H", "F"), (_L + "mlp.down_proj.weight",), (("H", "F"),)),
     Rule("decoder.final_layernorm.weight", ("H",), ("model.norm.weight",), (("H",),)),
@@ -238,8 +255,7 @@ def hf_to_megatron(
     module docstring says; ``generator`` seeds only that initialisation. Tensors that need no transform are
     returned as they are (shared with ``hf_sd``, not copied: a 7B model is never held twice).
     """
-    _check_keys(hf_sd, {n for _, _, names in expand(arch) for n in names}, _HARMLESS_HF, "HF",
-                optional={HF_PATCH})
+    _check_keys(hf_sd, {n for _, _, names in expand(arch) for n in names}, _HARMLESS_HF, "HF", optional={HF_PATCH})
     hf_rows = _vocab_rows(hf_sd, arch, padded_vocab_size)
     hf_dims, m_dims = _dims(arch, V=hf_rows), _dims(arch, V=padded_vocab_size)
     out: dict[str, Tensor] = {}
@@ -291,8 +307,13 @@ def _checked(tensor: Tensor, name: str, shape: tuple[str, ...], dims: Mapping[st
     return tensor
 
 
-def _check_keys(sd: Mapping[str, Tensor], expected: set[str], harmless: re.Pattern, side: str,
-                optional: frozenset[str] | set[str] = frozenset()) -> None:
+def _check_keys(
+    sd: Mapping[str, Tensor],
+    expected: set[str],
+    harmless: re.Pattern,
+    side: str,
+    optional: frozenset[str] | set[str] = frozenset(),
+) -> None:
     missing = sorted(expected - set(sd) - set(optional))
     unexpected = sorted(k for k in set(sd) - expected if not harmless.search(k))
     problems = []

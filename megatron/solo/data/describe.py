@@ -12,8 +12,9 @@ from megatron.solo.data.packed_format import PackView
 NO_LOSS_OPEN, NO_LOSS_CLOSE = "⟦", "⟧"
 
 
-def describe_pack(view: PackView, tokenizer, *, index: int | None = None, seq_length: int | None = None,
-                  max_chars: int = 2000) -> str:
+def describe_pack(
+    view: PackView, tokenizer, *, index: int | None = None, seq_length: int | None = None, max_chars: int = 2000
+) -> str:
     """Pack summary, then per document: token range, token/loss/image counts and its decoded text, with
     images shown as ``<image RxC>`` and text that carries no loss inside ⟦…⟧."""
     n = len(view.tokens)
@@ -27,10 +28,12 @@ def describe_pack(view: PackView, tokenizer, *, index: int | None = None, seq_le
     for d in range(view.n_docs):
         start, end = int(view.doc_offsets[d]), int(view.doc_offsets[d + 1])
         images = [im for im in view.images if start <= im.position < end]
-        loss = int(view.targets[start + 1:end].sum())
+        loss = int(view.targets[start + 1 : end].sum())
         continuation = "" if view.tokens[start] == tokenizer.bos_id else " (continues the previous chunk)"
-        lines.append(f"doc {d}: tokens [{start:,}, {end:,}) = {end - start:,} tokens, {loss:,} loss, "
-                     f"{len(images)} images{continuation}")
+        lines.append(
+            f"doc {d}: tokens [{start:,}, {end:,}) = {end - start:,} tokens, {loss:,} loss, "
+            f"{len(images)} images{continuation}"
+        )
         text = render_document(view, start, end, tokenizer)
         if len(text) > max_chars:
             text = text[:max_chars] + f"… ({len(text) - max_chars:,} more characters)"

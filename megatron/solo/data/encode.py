@@ -25,8 +25,8 @@ Document layout (``chat_template="mistral"``, the default)::
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -62,16 +62,25 @@ class EncodeConfig:
 
     def __post_init__(self):
         if self.image_format not in codec.CODECS:
-            raise ValueError(f"EncodeConfig.image_format must be one of {', '.join(codec.CODECS)}, got {self.image_format!r}")
+            raise ValueError(
+                f"EncodeConfig.image_format must be one of {', '.join(codec.CODECS)}, got {self.image_format!r}"
+            )
         if not (isinstance(self.image_quality, int) and 1 <= self.image_quality <= 100):
             raise ValueError(f"EncodeConfig.image_quality must be an int in 1..100, got {self.image_quality!r}")
         if self.chat_template not in TEMPLATES:
-            raise ValueError(f"EncodeConfig.chat_template must be one of {', '.join(TEMPLATES)}, got {self.chat_template!r}")
+            raise ValueError(
+                f"EncodeConfig.chat_template must be one of {', '.join(TEMPLATES)}, got {self.chat_template!r}"
+            )
         if self.max_aspect_distortion is not None and not self.max_aspect_distortion >= 1:
-            raise ValueError(f"EncodeConfig.max_aspect_distortion must be >= 1 or None, got {self.max_aspect_distortion!r}")
-        if self.max_sample_length is not None and not (isinstance(self.max_sample_length, int)
-                                                       and self.max_sample_length >= 8):
-            raise ValueError(f"EncodeConfig.max_sample_length must be an int >= 8 or None, got {self.max_sample_length!r}")
+            raise ValueError(
+                f"EncodeConfig.max_aspect_distortion must be >= 1 or None, got {self.max_aspect_distortion!r}"
+            )
+        if self.max_sample_length is not None and not (
+            isinstance(self.max_sample_length, int) and self.max_sample_length >= 8
+        ):
+            raise ValueError(
+                f"EncodeConfig.max_sample_length must be an int >= 8 or None, got {self.max_sample_length!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -88,7 +97,7 @@ class EncodedImage:
     def num_tokens(self) -> int:
         return _image.layout_length(self.n_rows, self.n_cols)
 
-    def shifted(self, offset: int) -> "EncodedImage":
+    def shifted(self, offset: int) -> EncodedImage:
         return EncodedImage(self.position + offset, self.n_rows, self.n_cols, self.codec, self.data)
 
 
@@ -114,13 +123,18 @@ class Document:
         """Whether [0, n) / [n, len) leaves every image whole on one side."""
         return all(not (im.position < n < im.position + im.num_tokens) for im in self.images)
 
-    def head(self, n: int) -> "Document":
+    def head(self, n: int) -> Document:
         """The first ``n`` tokens (an image may not straddle the cut)."""
         assert self.cut_allowed(n), n
-        return Document(self.tokens[:n], self.targets[:n], tuple(im for im in self.images if im.position < n),
-                        self.origin, self.continuation)
+        return Document(
+            self.tokens[:n],
+            self.targets[:n],
+            tuple(im for im in self.images if im.position < n),
+            self.origin,
+            self.continuation,
+        )
 
-    def tail(self, n: int) -> "Document":
+    def tail(self, n: int) -> Document:
         """Tokens from ``n`` on, as a continuation chunk."""
         assert self.cut_allowed(n), n
         images = tuple(im.shifted(-n) for im in self.images if im.position >= n)
@@ -145,8 +159,12 @@ def _ends_with_answer(turns: tuple[Turn, ...], template: str) -> bool:
     """Whether the final ``</s>`` closes a text answer under the mistral template: then it is learnt even
     after an empty answer (an ``sft`` row's ``""``), as every other answer's ``</s>`` is."""
     last = next((t for t in reversed(turns) if t.parts), None)
-    return (template == "mistral" and last is not None and last.role == "assistant"
-            and any(isinstance(p, str) for p in last.parts))
+    return (
+        template == "mistral"
+        and last is not None
+        and last.role == "assistant"
+        and any(isinstance(p, str) for p in last.parts)
+    )
 
 
 def _truncate(doc: Document, limit: int) -> Document:
@@ -157,13 +175,17 @@ def _truncate(doc: Document, limit: int) -> Document:
             cut = im.position
     head = doc.head(cut)
     if not head.targets[1:].any():  # the first token of a document is never predicted
-        raise SampleError("too_long", doc.origin, f"{len(doc)} tokens > --max-sample-length {limit}, and nothing "
-                          f"to learn is left in the first {cut}")
+        raise SampleError(
+            "too_long",
+            doc.origin,
+            f"{len(doc)} tokens > --max-sample-length {limit}, and nothing to learn is left in the first {cut}",
+        )
     return Document(head.tokens, head.targets, head.images, doc.origin, truncated=len(doc) - cut)
 
 
-def encode_turns(turns: tuple[Turn, ...], tokenizer, config: EncodeConfig,
-                 origin: Origin) -> tuple[np.ndarray, np.ndarray, tuple[EncodedImage, ...]]:
+def encode_turns(
+    turns: tuple[Turn, ...], tokenizer, config: EncodeConfig, origin: Origin
+) -> tuple[np.ndarray, np.ndarray, tuple[EncodedImage, ...]]:
     """BOS and the rendered turns → (token ids int32 [n], targets bool [n], images), without the final
     EOS: a document (:func:`encode_sample`) or a generation prompt (``inference.build_prompt``)."""
     ids: list[list[int]] = [[tokenizer.bos_id]]
@@ -223,7 +245,8 @@ def _encode_image(ref: ImageRef, tokenizer, config: EncodeConfig, origin: Origin
     distortion = _distortion((width, height), size)
     if config.max_aspect_distortion is not None and distortion > config.max_aspect_distortion:
         raise SampleError(
-            "sliver", origin,
+            "sliver",
+            origin,
             f"{width}x{height} image would become {size[0]}x{size[1]}: aspect ratio changed {distortion:.1f}x "
             f"(limit {config.max_aspect_distortion:g}x)",
         )

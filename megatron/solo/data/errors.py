@@ -38,9 +38,15 @@ REASONS = ImageError.REASONS + (
 # and counted in the stats (truncated_samples), never in "skipped".
 TRUNCATED = "truncated"
 # An OSError with one of these numbers is the record's (a bad path); any other (EIO, ENOSPC, …) is the disk's.
-_RECORD_ERRNOS = {errno.ENOENT: "missing_file", errno.ENOTDIR: "missing_file", errno.ENAMETOOLONG: "missing_file",
-                  errno.EISDIR: "missing_file", errno.ELOOP: "symlink_loop", errno.EACCES: "unreadable_file",
-                  errno.EPERM: "unreadable_file"}
+_RECORD_ERRNOS = {
+    errno.ENOENT: "missing_file",
+    errno.ENOTDIR: "missing_file",
+    errno.ENAMETOOLONG: "missing_file",
+    errno.EISDIR: "missing_file",
+    errno.ELOOP: "symlink_loop",
+    errno.EACCES: "unreadable_file",
+    errno.EPERM: "unreadable_file",
+}
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 

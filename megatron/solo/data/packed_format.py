@@ -96,8 +96,14 @@ def header_file(prefix: str) -> str:
     return prefix + HEADER_SUFFIX
 
 
-def make_header(dtype: type, image_config: ImageConfig = DEFAULT_CONFIG, *, image_codec: str = codec.DEFAULT_FORMAT,
-                image_quality: int = codec.DEFAULT_QUALITY, tokenizer: dict | None = None) -> dict:
+def make_header(
+    dtype: type,
+    image_config: ImageConfig = DEFAULT_CONFIG,
+    *,
+    image_codec: str = codec.DEFAULT_FORMAT,
+    image_quality: int = codec.DEFAULT_QUALITY,
+    tokenizer: dict | None = None,
+) -> dict:
     """The header of a prefix (see the module docstring); ``tokenizer``: ``SoloTokenizer.fingerprint()``."""
     return {
         "format": FORMAT,
@@ -117,10 +123,13 @@ def read_header(prefix: str) -> dict:
     """The header of ``prefix``, checked; a header-less (older) prefix gets the defaults and a warning."""
     path = header_file(prefix)
     if not os.path.isfile(path):
-        warnings.warn(f"{prefix}: no {os.path.basename(path)} (made before prefixes recorded their settings): "
-                      f"read with the defaults, patch_size {DEFAULT_CONFIG.patch_size} and ImageNet mean/std, which "
-                      f"is what such prefixes were made with; rerun tools/preprocess_mm_data.py to record them",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{prefix}: no {os.path.basename(path)} (made before prefixes recorded their settings): "
+            f"read with the defaults, patch_size {DEFAULT_CONFIG.patch_size} and ImageNet mean/std, which "
+            f"is what such prefixes were made with; rerun tools/preprocess_mm_data.py to record them",
+            UserWarning,
+            stacklevel=3,
+        )
         return {**make_header(np.uint16), "token_dtype": None, "image_codec": None, "image_quality": None}
     try:
         with open(path, encoding="utf-8") as f:
@@ -128,11 +137,14 @@ def read_header(prefix: str) -> dict:
     except ValueError as e:
         raise ValueError(f"{path}: not a JSON header: {e}") from e
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"{path}: format is {header.get('format') if isinstance(header, dict) else header!r}, "
-                         f"expected {FORMAT!r}")
+        raise ValueError(
+            f"{path}: format is {header.get('format') if isinstance(header, dict) else header!r}, expected {FORMAT!r}"
+        )
     if header.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version is {header.get('format_version')!r}, this reader reads "
-                         f"{FORMAT_VERSION}: preprocess the data again with this version")
+        raise ValueError(
+            f"{path}: format_version is {header.get('format_version')!r}, this reader reads "
+            f"{FORMAT_VERSION}: preprocess the data again with this version"
+        )
     missing = [k for k in make_header(np.uint16) if k not in header]
     if missing:
         raise ValueError(f"{path}: field {missing[0]!r} is missing")
@@ -142,8 +154,12 @@ def read_header(prefix: str) -> dict:
 def header_image_config(header: dict, where: str) -> ImageConfig:
     """The :class:`ImageConfig` (patch size, normalisation) the header records."""
     try:
-        return ImageConfig(patch_size=header["patch_size"], max_size=header["max_size"],
-                           mean=tuple(header["mean"]), std=tuple(header["std"]))
+        return ImageConfig(
+            patch_size=header["patch_size"],
+            max_size=header["max_size"],
+            mean=tuple(header["mean"]),
+            std=tuple(header["std"]),
+        )
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from e
 
@@ -175,8 +191,9 @@ def check_header(header: dict, expected: dict, where: str, expected_from: str, f
     """ValueError naming ``where`` and the field if ``header`` disagrees with ``expected`` on ``fields``."""
     name = header_mismatch(header, expected, fields)
     if name is not None:
-        raise ValueError(f"{where}: {name} is {_field(header, name)!r}, but {expected_from} has "
-                         f"{_field(expected, name)!r}")
+        raise ValueError(
+            f"{where}: {name} is {_field(header, name)!r}, but {expected_from} has {_field(expected, name)!r}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +219,7 @@ def encode_pack(pack: Pack, dtype: type) -> tuple[np.ndarray, np.ndarray]:
     record = np.empty(sum(len(p) for p in parts), dtype=np.uint8)  # writable: torch.from_numpy wants that
     at = 0
     for part in parts:
-        record[at:at + len(part)] = np.frombuffer(part, dtype=np.uint8)
+        record[at : at + len(part)] = np.frombuffer(part, dtype=np.uint8)
         at += len(part)
     return tokens, record
 
@@ -248,7 +265,9 @@ class PackWriter:
         self.dtype = dtype
         self.header = header if header is not None else make_header(dtype)
         if self.header["token_dtype"] != np.dtype(dtype).name:
-            raise ValueError(f"{prefix}: header token_dtype {self.header['token_dtype']} for {np.dtype(dtype).name} ids")
+            raise ValueError(
+                f"{prefix}: header token_dtype {self.header['token_dtype']} for {np.dtype(dtype).name} ids"
+            )
         resume = resume or {}
         self._tokens = _Builder(prefix + ".bin", dtype, resume.get("tokens"))
         self._records = _Builder(prefix + RECORD_SUFFIX + ".bin", np.uint8, resume.get("records"))
@@ -355,7 +374,7 @@ def decode_patches(images, patch_size: int) -> np.ndarray:
     start = 0
     for im in images:
         pixels = codec.decode_image(im.data, im.codec, im.n_cols * patch_size, im.n_rows * patch_size)
-        _image.patchify_uint8(pixels, patch_size, out=out[start:start + im.n_rows * im.n_cols])
+        _image.patchify_uint8(pixels, patch_size, out=out[start : start + im.n_rows * im.n_cols])
         start += im.n_rows * im.n_cols
     return out
 
@@ -377,8 +396,9 @@ class PackedDataset:
             raise ValueError(f"{prefix}: {prefix}.bin and {prefix}{RECORD_SUFFIX}.bin do not belong together")
         stored = np.dtype(self._tokens.index.dtype).name
         if self.header["token_dtype"] not in (None, stored):
-            raise ValueError(f"{header_file(prefix)}: token_dtype is {self.header['token_dtype']!r}, but "
-                             f"{prefix}.idx holds {stored}")
+            raise ValueError(
+                f"{header_file(prefix)}: token_dtype is {self.header['token_dtype']!r}, but {prefix}.idx holds {stored}"
+            )
 
     def check_tokenizer(self, fingerprint: dict, name: str = "the tokenizer") -> None:
         """ValueError naming the prefix and field if the data was made with another tokenizer (unknown for
@@ -397,15 +417,21 @@ class PackedDataset:
         if not -len(self) <= i < len(self):
             raise IndexError(f"pack {i} out of range (0..{len(self) - 1})")
         i = int(i) % len(self)
-        return view_pack_record(self._tokens[i], self._records[i], self.image_config, where=f"{self.prefix} pack {i}",
-                            owner=self)
+        return view_pack_record(
+            self._tokens[i], self._records[i], self.image_config, where=f"{self.prefix} pack {i}", owner=self
+        )
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
 
 
-def view_pack_record(tokens: np.ndarray, record: np.ndarray, image_config: ImageConfig = DEFAULT_CONFIG,
-                 where: str = "record", owner: object = None) -> PackView:
+def view_pack_record(
+    tokens: np.ndarray,
+    record: np.ndarray,
+    image_config: ImageConfig = DEFAULT_CONFIG,
+    where: str = "record",
+    owner: object = None,
+) -> PackView:
     """Token ids + the uint8 record of one pack → :class:`PackView` (no image is decoded).
 
     ``owner``: whatever must stay alive for ``tokens`` and ``record`` to stay valid (the dataset).
@@ -413,8 +439,9 @@ def view_pack_record(tokens: np.ndarray, record: np.ndarray, image_config: Image
     buf = memoryview(record)
     header = np.frombuffer(buf, HEADER, count=1)[0]
     if header["magic"] != MAGIC or header["n_tokens"] != len(tokens):
-        raise ValueError(f"{where}: corrupt record (magic {header['magic']!r}, {header['n_tokens']} tokens "
-                         f"for {len(tokens)} ids)")
+        raise ValueError(
+            f"{where}: corrupt record (magic {header['magic']!r}, {header['n_tokens']} tokens for {len(tokens)} ids)"
+        )
     n, n_docs, n_images = int(header["n_tokens"]), int(header["n_docs"]), int(header["n_images"])
     at = HEADER.itemsize
     offsets = np.frombuffer(buf, "<u4", count=n_docs + 1, offset=at).astype(np.int64)
@@ -427,8 +454,16 @@ def view_pack_record(tokens: np.ndarray, record: np.ndarray, image_config: Image
     images = []
     for entry in table:
         size = int(entry["nbytes"])
-        images.append(PackedImage(int(entry["position"]), int(entry["n_rows"]), int(entry["n_cols"]),
-                                  int(entry["codec"]), buf[at:at + size], owner))
+        images.append(
+            PackedImage(
+                int(entry["position"]),
+                int(entry["n_rows"]),
+                int(entry["n_cols"]),
+                int(entry["codec"]),
+                buf[at : at + size],
+                owner,
+            )
+        )
         at += size
     return PackView(tokens, targets.view(bool), offsets, tuple(images), image_config, owner)
 

@@ -115,9 +115,9 @@ class Packer:
         head = doc.head(cut)
         if not head.targets[1:].any():  # the first token of a document is never predicted
             raise SampleError(
-                "too_long", doc.origin,
-                f"{len(doc)} tokens > seq_length {seq}, and nothing to learn is left before the image at "
-                f"token {cut}",
+                "too_long",
+                doc.origin,
+                f"{len(doc)} tokens > seq_length {seq}, and nothing to learn is left before the image at token {cut}",
             )
         self.truncated_documents += 1
         self.truncated_tokens += len(doc) - cut

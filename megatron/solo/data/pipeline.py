@@ -2,7 +2,8 @@
 
 Outputs for ``output_prefix=OUT`` (see :mod:`~megatron.solo.data.packed_format` for the byte layout):
 ``OUT.bin/.idx``, ``OUT.pack.bin/.idx``, ``OUT.errors.jsonl`` (one line per skipped sample: file, line or
-key, reason, detail; and one per sample cut to ``--max-sample-length``, reason ``truncated``) and ``OUT.stats.json`` (renamed into place last: its presence means complete).
+key, reason, detail; and one per sample cut to ``--max-sample-length``, reason ``truncated``) and
+``OUT.stats.json`` (renamed into place last: its presence means complete).
 
 Everything is built in the work directory ``OUT.partial/`` (:mod:`~megatron.solo.data.workdir`) and
 renamed into place only when complete. Every ``checkpoint_interval`` seconds the driver
@@ -22,9 +23,10 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Iterator, TextIO
+from typing import TextIO
 
 from megatron.solo import faults
 from megatron.solo.data import packed_format, sources
@@ -32,8 +34,8 @@ from megatron.solo.data.encode import Document, EncodeConfig
 from megatron.solo.data.errors import TRUNCATED, SampleError
 from megatron.solo.data.packing import Pack, PackConfig, Packer
 from megatron.solo.data.progress import Progress, ordered_map
-from megatron.solo.data.worker import WorkerConfig, init_worker, process_batch
 from megatron.solo.data.workdir import WorkDir, read_stats, write_atomic
+from megatron.solo.data.worker import WorkerConfig, init_worker, process_batch
 from megatron.solo.tokenizer import SoloTokenizer
 
 FORMAT_VERSION = packed_format.FORMAT_VERSION  # recorded in the stats too
@@ -84,14 +86,17 @@ class PreprocessConfig:
             raise ValueError(f"PreprocessConfig.output_prefix must name a file prefix, got {self.output_prefix!r}")
         if self.input_format not in ("auto",) + sources.FORMATS:
             raise ValueError(
-                f"PreprocessConfig.input_format must be auto or one of {', '.join(sources.FORMATS)}, got {self.input_format!r}"
+                f"PreprocessConfig.input_format must be auto or one of {', '.join(sources.FORMATS)}, "
+                f"got {self.input_format!r}"
             )
         if not (isinstance(self.workers, int) and self.workers >= 0):
             raise ValueError(f"PreprocessConfig.workers must be an int >= 0, got {self.workers!r}")
         limit = self.encode.max_sample_length
         if limit is not None and limit > self.pack.seq_length:
-            raise ValueError(f"--max-sample-length {limit} exceeds --seq-length {self.pack.seq_length}: a sample "
-                             "would be split over packs")
+            raise ValueError(
+                f"--max-sample-length {limit} exceeds --seq-length {self.pack.seq_length}: a sample "
+                "would be split over packs"
+            )
         for name in ("checkpoint_interval", "log_interval"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"PreprocessConfig.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -211,7 +216,11 @@ def preprocess(config: PreprocessConfig, *, stream: TextIO | None = None) -> dic
 
 def _start(work: WorkDir, config: PreprocessConfig, fingerprint: str) -> _State | None:
     """The state to run from: fresh, or the checkpoint of an interrupted run; None if already complete."""
-    if config.resume and not work.exists() and (read_stats(config.output_prefix) or {}).get("fingerprint") == fingerprint:
+    if (
+        config.resume
+        and not work.exists()
+        and (read_stats(config.output_prefix) or {}).get("fingerprint") == fingerprint
+    ):
         return None
     state = work.load() if work.claim(config.resume) else None
     if state is None:
@@ -251,17 +260,27 @@ def _metadata(config: PreprocessConfig, fmt: str, files: list[str], tokenizer: S
     inputs = [(f, *_file_signature(f)) for f in files]
     if fmt == "imagenet":
         meta["shuffle_seed"] = config.shuffle_seed
-    extra = [inputs, config.image_root, config.allow_outside_root, config.class_names, dataclasses.asdict(config.encode),
-             config.pack.seq_length]
+    extra = [
+        inputs,
+        config.image_root,
+        config.allow_outside_root,
+        config.class_names,
+        dataclasses.asdict(config.encode),
+        config.pack.seq_length,
+    ]
     blob = json.dumps([meta, extra], sort_keys=True, default=str).encode()
     return {**meta, "fingerprint": hashlib.sha256(blob).hexdigest()}
 
 
 def _header(config: PreprocessConfig, tokenizer: SoloTokenizer) -> dict:
     """The prefix's header: what its bytes mean (patch size, normalisation, codec, tokenizer)."""
-    return packed_format.make_header(packed_format.token_dtype(tokenizer.vocab_size), config.encode.image,
-                                     image_codec=config.encode.image_format,
-                                     image_quality=config.encode.image_quality, tokenizer=tokenizer.fingerprint())
+    return packed_format.make_header(
+        packed_format.token_dtype(tokenizer.vocab_size),
+        config.encode.image,
+        image_codec=config.encode.image_format,
+        image_quality=config.encode.image_quality,
+        tokenizer=tokenizer.fingerprint(),
+    )
 
 
 def _file_signature(path: str) -> tuple[int, int]:
@@ -283,11 +302,22 @@ class _Run:
 
     def consume(self, files: list[str], fmt: str, class_names) -> None:
         """Read, encode (in workers), pack and write every record from the current position on."""
-        worker_config = WorkerConfig(fmt, self.config.image_root, self.config.allow_outside_root,
-                                     self.config.tokenizer_model, self.config.encode, parent_pid=os.getpid())
-        records = sources.iter_records(files, fmt, start=self.state.position, class_names=class_names,
-                                       shuffle_seed=self.config.shuffle_seed,
-                                       allow_outside_root=self.config.allow_outside_root)
+        worker_config = WorkerConfig(
+            fmt,
+            self.config.image_root,
+            self.config.allow_outside_root,
+            self.config.tokenizer_model,
+            self.config.encode,
+            parent_pid=os.getpid(),
+        )
+        records = sources.iter_records(
+            files,
+            fmt,
+            start=self.state.position,
+            class_names=class_names,
+            shuffle_seed=self.config.shuffle_seed,
+            allow_outside_root=self.config.allow_outside_root,
+        )
         batches = _batches(records, 64 if fmt == "text" else 8)
         positions: deque = deque()
 
@@ -296,8 +326,14 @@ class _Run:
                 positions.append([pos for pos, _ in batch])
                 yield [record for _, record in batch]
 
-        results = ordered_map(process_batch, work_items(), workers=self.config.workers, initializer=init_worker,
-                              initargs=(worker_config,), preload=("megatron.solo.data.worker",))
+        results = ordered_map(
+            process_batch,
+            work_items(),
+            workers=self.config.workers,
+            initializer=init_worker,
+            initargs=(worker_config,),
+            preload=("megatron.solo.data.worker",),
+        )
         with contextlib.closing(results):
             for batch_results in results:
                 for (file_index, k), result in zip(positions.popleft(), batch_results):
@@ -344,8 +380,11 @@ class _Run:
         stats.truncated_samples += 1
         stats.truncated_sample_tokens += doc.truncated
         limit = self.config.encode.max_sample_length
-        line = {**doc.origin.to_json(), "reason": TRUNCATED,
-                "detail": f"{len(doc) + doc.truncated} tokens > --max-sample-length {limit}: kept the first {len(doc)}"}
+        line = {
+            **doc.origin.to_json(),
+            "reason": TRUNCATED,
+            "detail": f"{len(doc) + doc.truncated} tokens > --max-sample-length {limit}: kept the first {len(doc)}",
+        }
         self.errors.write(json.dumps(line, ensure_ascii=False) + "\n")
 
     def _write(self, pack: Pack) -> None:

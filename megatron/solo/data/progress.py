@@ -11,8 +11,9 @@ import multiprocessing
 import sys
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Iterable, Iterator, TextIO
+from typing import TextIO
 
 # forkserver: workers fork from a clean server process (no torch, no threads of the parent), which is
 # safe with torch loaded in the parent and starts workers faster than spawn; spawn where unavailable.

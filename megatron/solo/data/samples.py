@@ -43,8 +43,9 @@ import errno
 import json
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from megatron.solo.data.errors import Origin, SampleError
 from megatron.solo.data.sources import RawRecord, is_within, real_path
@@ -84,8 +85,9 @@ class Sample:
 # Parsing (in workers)
 
 
-def parse_record(record: RawRecord, fmt: str, image_root: str | None = None,
-                 allow_outside_root: bool = False) -> Sample:
+def parse_record(
+    record: RawRecord, fmt: str, image_root: str | None = None, allow_outside_root: bool = False
+) -> Sample:
     """RawRecord → Sample; raises :class:`SampleError` naming the record and the reason.
 
     ``image_root``: where image paths point and must stay (default: the input file's directory)."""
@@ -98,8 +100,13 @@ def parse_record(record: RawRecord, fmt: str, image_root: str | None = None,
         turns = _imagenet_turns(payload, ctx)
     else:
         obj = _json_payload(payload, origin)
-        turns = {"chat": _chat_turns, "llava": _llava_turns, "sft": _sft_turns, "caption": _caption_turns,
-                 "text": _text_turns}[fmt](obj, ctx)
+        turns = {
+            "chat": _chat_turns,
+            "llava": _llava_turns,
+            "sft": _sft_turns,
+            "caption": _caption_turns,
+            "text": _text_turns,
+        }[fmt](obj, ctx)
     if not any(p for t in turns for p in t.parts):
         raise SampleError("empty_text", origin, "the sample has neither text nor images")
     return Sample(tuple(turns), origin)
@@ -140,8 +147,11 @@ class _Ctx:
             real = os.path.realpath(path)  # missing: loading names it, if it is inside
         root = real_path(self.image_root)
         if not is_within(real, root):
-            raise self.error("outside_root", f"{value[:200]} resolves to {real[:200]}, outside the image root {root} "
-                             "(--allow-outside-root reads it)")
+            raise self.error(
+                "outside_root",
+                f"{value[:200]} resolves to {real[:200]}, outside the image root {root} "
+                "(--allow-outside-root reads it)",
+            )
 
     def field(self, obj: dict, *names: str) -> Any:
         for name in names:
@@ -183,8 +193,12 @@ def _check_unicode(obj: Any, origin: Origin, where: str = "") -> None:
         try:
             obj.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise SampleError("non_utf8", origin, f"{where or 'the record'}: {e.reason} at character {e.start}: "
-                              f"{obj[max(e.start - 20, 0):e.start + 20]!r}") from None
+            raise SampleError(
+                "non_utf8",
+                origin,
+                f"{where or 'the record'}: {e.reason} at character {e.start}: "
+                f"{obj[max(e.start - 20, 0) : e.start + 20]!r}",
+            ) from None
     elif isinstance(obj, dict):
         for key, value in obj.items():
             _check_unicode(key, origin, f"{where} key")

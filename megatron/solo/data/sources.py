@@ -35,9 +35,10 @@ import os
 import re
 import tarfile
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import zstandard
@@ -184,7 +185,7 @@ class _ZstdReader(io.RawIOBase):
                 self._in_frame = True
                 self._out, self._pos = self._frame.decompress(data), 0
         n = min(len(b), len(self._out) - self._pos)
-        b[:n] = self._out[self._pos:self._pos + n]
+        b[:n] = self._out[self._pos : self._pos + n]
         self._pos += n
         return n
 
@@ -222,8 +223,9 @@ def iter_records(
             yield (i, k), record
 
 
-def _file_records(path: str, fmt: str, class_names, skip: int, shuffle_seed: int | None = None,
-                  allow_outside_root: bool = False) -> Iterator[tuple[int, RawRecord | SampleError]]:
+def _file_records(
+    path: str, fmt: str, class_names, skip: int, shuffle_seed: int | None = None, allow_outside_root: bool = False
+) -> Iterator[tuple[int, RawRecord | SampleError]]:
     if fmt == "imagenet":
         if class_names is None:
             raise ValueError("the imagenet format needs a class-names file (--class-names)")
@@ -403,7 +405,7 @@ def _json_items(f: BinaryIO, chunk: int = PEEK_BYTES) -> Iterator[Any]:
                 if after == len(buf) or buf[after] in ",]":
                     pos = end
                     return obj
-                error = f"{buf[after:after + 20]!r} after the item"
+                error = f"{buf[after : after + 20]!r} after the item"
             stop = _item_end(buf, pos)
             if stop is None and not eof:
                 more()
@@ -484,8 +486,14 @@ def _tar_records(path: str, skip: int) -> Iterator[tuple[int, RawRecord | Sample
         k += 1
     if k >= skip:
         where = f"after member {last}" if last is not None else "before its first member"
-        yield k, SampleError("unreadable_input", Origin(path, key=key),
-                             f"{error}: the archive is cut {where}; any member after it is lost")
+        yield (
+            k,
+            SampleError(
+                "unreadable_input",
+                Origin(path, key=key),
+                f"{error}: the archive is cut {where}; any member after it is lost",
+            ),
+        )
 
 
 def _member_data(tar: tarfile.TarFile, member: tarfile.TarInfo, keep: bool) -> bytes | None:
@@ -514,8 +522,9 @@ def _split_key(name: str) -> tuple[str, str]:
     return os.path.join(directory, stem), ext.lower()
 
 
-def _imagenet_records(root: str, class_names: dict[str, str], skip: int, shuffle_seed: int | None = None,
-                      allow_outside_root: bool = False) -> Iterator[tuple[int, RawRecord | SampleError]]:
+def _imagenet_records(
+    root: str, class_names: dict[str, str], skip: int, shuffle_seed: int | None = None, allow_outside_root: bool = False
+) -> Iterator[tuple[int, RawRecord | SampleError]]:
     """Every image under ``root/<wnid>/``: sorted (folders, then files), or in the seeded permutation of
     that sorted list. Names are held as bytes, one array per folder (ImageNet-21K: ~13M names, ~0.4 GB).
 
@@ -530,13 +539,19 @@ def _imagenet_records(root: str, class_names: dict[str, str], skip: int, shuffle
             problems.append(SampleError(problem[0], Origin(root, key=key), problem[1]))
         return problem is None
 
-    wnids = [e.name for e in _entries(root, root, "", problems)
-             if usable(e.path, e.name, e.is_symlink()) and e.is_dir()]
+    wnids = [
+        e.name for e in _entries(root, root, "", problems) if usable(e.path, e.name, e.is_symlink()) and e.is_dir()
+    ]
     folders = []
     for wnid in wnids:
         entries = _entries(os.path.join(root, wnid), root, wnid, problems)
-        names = [os.fsencode(e.name) for e in entries if e.name.lower().endswith(IMAGENET_EXTS)
-                 and usable(e.path, f"{wnid}/{e.name}", e.is_symlink()) and e.is_file()]
+        names = [
+            os.fsencode(e.name)
+            for e in entries
+            if e.name.lower().endswith(IMAGENET_EXTS)
+            and usable(e.path, f"{wnid}/{e.name}", e.is_symlink())
+            and e.is_file()
+        ]
         folders.append(np.array(sorted(names), dtype=bytes))
     problems.sort(key=lambda p: os.fsencode(p.origin.key))
     ends = np.cumsum([len(f) for f in folders])

@@ -28,7 +28,7 @@ class WorkDir:
         self.data_prefix = os.path.join(self.path, "data")
         self._lock = None
 
-    def __enter__(self) -> "WorkDir":
+    def __enter__(self) -> WorkDir:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -72,7 +72,7 @@ class WorkDir:
             if name != LOCK:
                 os.unlink(self.file(name))
 
-    def open_errors(self, size: int) -> "TextAppender":
+    def open_errors(self, size: int) -> TextAppender:
         """``errors.jsonl`` truncated to ``size`` bytes (its size at the checkpoint), open for appending."""
         f = open(self.file("errors.jsonl"), "a+b" if size else "wb")
         f.truncate(size)
@@ -82,7 +82,7 @@ class WorkDir:
     def install(self) -> dict:
         """Rename the finished files into place, the stats last; remove the directory; return the stats."""
         data = output_files(self.data_prefix) + [header_file(self.data_prefix)]
-        moves = [(src, self.prefix + src[len(self.data_prefix):]) for src in data]
+        moves = [(src, self.prefix + src[len(self.data_prefix) :]) for src in data]
         moves += [(self.file(name), self.prefix + "." + name) for name in ("errors.jsonl", "stats.json")]
         for src, dst in moves:
             if os.path.exists(src):  # absent: already moved by a run killed while installing

@@ -29,8 +29,10 @@ from pathlib import Path
 
 from megatron.solo.demo import scenes
 
-NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-                "fifteen sixteen seventeen eighteen nineteen twenty").split()
+NUMBER_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen twenty"
+).split()
 SIDES = {"circle": "no corners", "square": "four equal sides", "triangle": "three sides"}
 
 
@@ -51,8 +53,15 @@ class DemoDataConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("per_class", "heldout_per_class", "captions", "heldout_captions", "text_documents", "sft_chats",
-                     "sft_heldout"):
+        for name in (
+            "per_class",
+            "heldout_per_class",
+            "captions",
+            "heldout_captions",
+            "text_documents",
+            "sft_chats",
+            "sft_heldout",
+        ):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"DemoDataConfig.{name} must be a positive int, got {getattr(self, name)!r}")
 
@@ -62,8 +71,9 @@ def wnid(index: int) -> str:
     return f"n{90000000 + index:08d}"
 
 
-def write_demo_data(root: str | os.PathLike, config: DemoDataConfig = DemoDataConfig(),
-                    workers: int | None = None) -> dict[str, int]:
+def write_demo_data(
+    root: str | os.PathLike, config: DemoDataConfig = DemoDataConfig(), workers: int | None = None
+) -> dict[str, int]:
     """Write the whole tree (replacing ``root``) with ``workers`` processes (default: all CPUs; the bytes
     do not depend on it: every image draws from its own seeded generator). Returns counts per part.
     A non-empty ``root`` that is not a previous demo tree is refused (ValueError), never deleted."""
@@ -73,14 +83,23 @@ def write_demo_data(root: str | os.PathLike, config: DemoDataConfig = DemoDataCo
     tmp = root.with_name(root.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     names = scenes.classes()
-    labels = {split: [(i, k) for i in range(len(names)) for k in range(n)]
-              for split, n in (("train", config.per_class), ("heldout", config.heldout_per_class))}
+    labels = {
+        split: [(i, k) for i in range(len(names)) for k in range(n)]
+        for split, n in (("train", config.per_class), ("heldout", config.heldout_per_class))
+    }
     jobs = [("label", split, tmp / "labels", i, k, config.seed) for split, items in labels.items() for i, k in items]
-    jobs += [("scene", split, tmp / "captions", 0, k, config.seed)
-             for split, n in (("train", config.captions), ("heldout", config.heldout_captions)) for k in range(n)]
-    for folder in [tmp / "labels" / "train" / wnid(i) for i in range(len(names))] + \
-                  [tmp / "labels" / "heldout", tmp / "captions" / "train", tmp / "captions" / "heldout", tmp / "text",
-                   tmp / "sft"]:
+    jobs += [
+        ("scene", split, tmp / "captions", 0, k, config.seed)
+        for split, n in (("train", config.captions), ("heldout", config.heldout_captions))
+        for k in range(n)
+    ]
+    for folder in [tmp / "labels" / "train" / wnid(i) for i in range(len(names))] + [
+        tmp / "labels" / "heldout",
+        tmp / "captions" / "train",
+        tmp / "captions" / "heldout",
+        tmp / "text",
+        tmp / "sft",
+    ]:
         folder.mkdir(parents=True)
     workers = workers if workers is not None else (os.cpu_count() or 1)
     if workers > 1:
@@ -88,24 +107,38 @@ def write_demo_data(root: str | os.PathLike, config: DemoDataConfig = DemoDataCo
             truths = list(pool.map(_render_one, jobs, chunksize=64))
     else:
         truths = [_render_one(job) for job in jobs]
-    label_lines = [json.dumps({"image": rel, "label": truth}) + "\n"
-                   for (kind, split, *_), (rel, truth) in zip(jobs, truths) if kind == "label" and split == "heldout"]
+    label_lines = [
+        json.dumps({"image": rel, "label": truth}) + "\n"
+        for (kind, split, *_), (rel, truth) in zip(jobs, truths)
+        if kind == "label" and split == "heldout"
+    ]
     (tmp / "labels" / "heldout.jsonl").write_text("".join(label_lines), encoding="utf-8")
-    (tmp / "labels" / "classes.txt").write_text("".join(f"{wnid(i)} {n}\n" for i, n in enumerate(names)),
-                                                encoding="utf-8")
+    (tmp / "labels" / "classes.txt").write_text(
+        "".join(f"{wnid(i)} {n}\n" for i, n in enumerate(names)), encoding="utf-8"
+    )
     for split in ("train", "heldout"):
-        lines = [json.dumps({"image": rel, "caption": truth}) + "\n"
-                 for (kind, s, *_), (rel, truth) in zip(jobs, truths) if kind == "scene" and s == split]
+        lines = [
+            json.dumps({"image": rel, "caption": truth}) + "\n"
+            for (kind, s, *_), (rel, truth) in zip(jobs, truths)
+            if kind == "scene" and s == split
+        ]
         (tmp / "captions" / f"{split}.jsonl").write_text("".join(lines), encoding="utf-8")
     rng = random.Random(f"{config.seed}/text")
     (tmp / "text" / "corpus.jsonl").write_text(
-        "".join(json.dumps({"text": text_document(rng)}) + "\n" for _ in range(config.text_documents)), encoding="utf-8")
+        "".join(json.dumps({"text": text_document(rng)}) + "\n" for _ in range(config.text_documents)), encoding="utf-8"
+    )
     chats, asked = _write_sft(tmp / "sft", config)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
-    return {"label_train": len(labels["train"]), "label_heldout": len(labels["heldout"]),
-            "caption_train": config.captions, "caption_heldout": config.heldout_captions,
-            "text_documents": config.text_documents, "sft_chats": chats, "sft_heldout_questions": asked}
+    return {
+        "label_train": len(labels["train"]),
+        "label_heldout": len(labels["heldout"]),
+        "caption_train": config.captions,
+        "caption_heldout": config.heldout_captions,
+        "text_documents": config.text_documents,
+        "sft_chats": chats,
+        "sft_heldout_questions": asked,
+    }
 
 
 def _scene(seed: int, split: str, k: int) -> scenes.Scene:
@@ -122,7 +155,7 @@ def _write_sft(folder: Path, config: DemoDataConfig) -> tuple[int, int]:
         qa = scenes.questions(_scene(config.seed, "train", k), rng)
         rng.shuffle(qa)
         turns = []
-        for _, question, answer in qa[:rng.randint(1, 3)]:
+        for _, question, answer in qa[: rng.randint(1, 3)]:
             turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
         turns[0]["value"] = "<image>\n" + turns[0]["value"]
         rows.append({"id": f"shapes-{k}", "image": f"train/{k:05d}.png", "conversations": turns})
@@ -160,7 +193,7 @@ def text_document(rng: random.Random) -> str:
             sentences.append(f"{NUMBER_WORDS[a].capitalize()} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.")
         elif kind == 1:
             start = rng.randint(0, 14)
-            sentences.append(", ".join(NUMBER_WORDS[start:start + 5]).capitalize() + ".")
+            sentences.append(", ".join(NUMBER_WORDS[start : start + 5]).capitalize() + ".")
         elif kind == 2:
             shape = rng.choice(scenes.SHAPES)
             sentences.append(f"A {shape} has {SIDES[shape]}.")

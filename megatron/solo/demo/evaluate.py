@@ -13,9 +13,9 @@ import io
 import json
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from megatron.solo.data.workdir import write_atomic
 from megatron.solo.demo.scenes import QUESTION_KINDS, parse_caption
@@ -105,8 +105,13 @@ def score_chat(questions: Sequence[dict], answers: Sequence[str]) -> ChatScore:
         examples.setdefault((q["kind"], ok), (q["question"], q["answer"], a))
     kinds = [k for k in QUESTION_KINDS if total[k]]
     shown = [examples[(k, ok)] for k in kinds for ok in (True, False) if (k, ok) in examples]
-    return ChatScore(sum(right.values()) / max(sum(total.values()), 1), {k: right[k] / total[k] for k in kinds},
-                     {k: total[k] for k in kinds}, sum(total.values()), shown)
+    return ChatScore(
+        sum(right.values()) / max(sum(total.values()), 1),
+        {k: right[k] / total[k] for k in kinds},
+        {k: total[k] for k in kinds},
+        sum(total.values()),
+        shown,
+    )
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -116,6 +121,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
 
 def loss_summary(metrics: list[dict]) -> dict[str, tuple[float | None, float | None]]:
     """lm / img / txt loss → (first logged, last logged)."""
+
     def ends(key: str):
         values = [m[key] for m in metrics if m.get(key) is not None]
         return (values[0], values[-1]) if values else (None, None)
@@ -133,7 +139,10 @@ def plot_losses(stages: Sequence[tuple[str, list[dict]]], out: str | os.PathLike
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     offset = 0
     for i, (name, metrics) in enumerate(stages):
-        for key, label, colour in (("img_lm_loss", "image packs", "tab:blue"), ("txt_lm_loss", "text packs", "tab:orange")):
+        for key, label, colour in (
+            ("img_lm_loss", "image packs", "tab:blue"),
+            ("txt_lm_loss", "text packs", "tab:orange"),
+        ):
             points = [(offset + m["iteration"], m[key]) for m in metrics if m.get(key) is not None]
             if points:
                 xs, ys = zip(*points)
@@ -187,14 +196,20 @@ def format_ablation(runs: Sequence[tuple[str, CaptionScore, dict]], timings: dic
     lines = ["SOLO CPU demo: curriculum ablation (stage 2 at equal compute, after stage 1 vs from scratch)", ""]
     for name, score, losses in runs:
         attrs = ", ".join(f"{k} {_pct(v)}" for k, v in score.attribute_accuracy.items())
-        lines += [f"{name}:", f"  loss (first → last logged): {_losses(losses)}",
-                  f"  held-out caption exact match: {_pct(score.exact_match)} of {score.n}",
-                  f"  per attribute: {attrs}"]
+        lines += [
+            f"{name}:",
+            f"  loss (first → last logged): {_losses(losses)}",
+            f"  held-out caption exact match: {_pct(score.exact_match)} of {score.n}",
+            f"  per attribute: {attrs}",
+        ]
         lines += [f"    truth {t!r} → answer {a!r}" for t, a in score.examples[:3]]
         lines.append("")
     if timings:
-        lines.append("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-                     + f"; total {sum(timings.values()) / 60:.1f} min")
+        lines.append(
+            "wall time: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+            + f"; total {sum(timings.values()) / 60:.1f} min"
+        )
     return "\n".join(lines).rstrip()
 
 
@@ -210,38 +225,59 @@ def _losses(summary) -> str:
     return ", ".join(parts)
 
 
-def format_report(*, stage1_labels: LabelScore, stage1_losses, stage2_labels: LabelScore | None = None,
-                  captions: CaptionScore | None = None, stage2_losses=None, chat: ChatScore | None = None,
-                  sft_losses=None, timings: dict[str, float] | None = None,
-                  min_label_accuracy: float = 0.9) -> str:
+def format_report(
+    *,
+    stage1_labels: LabelScore,
+    stage1_losses,
+    stage2_labels: LabelScore | None = None,
+    captions: CaptionScore | None = None,
+    stage2_losses=None,
+    chat: ChatScore | None = None,
+    sft_losses=None,
+    timings: dict[str, float] | None = None,
+    min_label_accuracy: float = 0.9,
+) -> str:
     """The human-readable report."""
     ok = stage1_labels.accuracy >= min_label_accuracy
-    lines = ["SOLO CPU demo: report", "",
-             "stage 1 (ImageNet-style labels + text):",
-             f"  loss (first → last logged): {_losses(stage1_losses)}",
-             f"  held-out label accuracy: {_pct(stage1_labels.accuracy)} of {stage1_labels.n} "
-             f"(colour {_pct(stage1_labels.colour_accuracy)}, shape {_pct(stage1_labels.shape_accuracy)}) "
-             f"[{'PASS' if ok else 'FAIL'}: the goal is ≥ {_pct(min_label_accuracy)}]"]
+    lines = [
+        "SOLO CPU demo: report",
+        "",
+        "stage 1 (ImageNet-style labels + text):",
+        f"  loss (first → last logged): {_losses(stage1_losses)}",
+        f"  held-out label accuracy: {_pct(stage1_labels.accuracy)} of {stage1_labels.n} "
+        f"(colour {_pct(stage1_labels.colour_accuracy)}, shape {_pct(stage1_labels.shape_accuracy)}) "
+        f"[{'PASS' if ok else 'FAIL'}: the goal is ≥ {_pct(min_label_accuracy)}]",
+    ]
     lines += [f"    truth {t!r:>22} → answer {a!r}" for t, a in stage1_labels.examples]
     if captions is not None:
         attrs = ", ".join(f"{k} {_pct(v)}" for k, v in captions.attribute_accuracy.items())
-        lines += ["", "stage 2 (captions + labels + text, loading stage 1):",
-                  f"  loss (first → last logged): {_losses(stage2_losses)}",
-                  f"  held-out caption exact match: {_pct(captions.exact_match)} of {captions.n}",
-                  f"  per attribute: {attrs}"]
+        lines += [
+            "",
+            "stage 2 (captions + labels + text, loading stage 1):",
+            f"  loss (first → last logged): {_losses(stage2_losses)}",
+            f"  held-out caption exact match: {_pct(captions.exact_match)} of {captions.n}",
+            f"  per attribute: {attrs}",
+        ]
         if stage2_labels is not None:
             lines.append(f"  held-out label accuracy after stage 2: {_pct(stage2_labels.accuracy)}")
         lines += [f"    truth {t!r} → answer {a!r}" for t, a in captions.examples]
     if chat is not None:
         kinds = ", ".join(f"{k} {_pct(v)} of {chat.n_by_kind[k]}" for k, v in chat.by_kind.items())
-        lines += ["", "SFT (question-answer chats, loading stage 2; [INST] … [/INST], per-sample loss):",
-                  f"  loss per sample (first → last logged): {_losses(sft_losses)}",
-                  f"  held-out questions answered exactly: {_pct(chat.accuracy)} of {chat.n}",
-                  f"  by kind: {kinds}"]
+        lines += [
+            "",
+            "SFT (question-answer chats, loading stage 2; [INST] … [/INST], per-sample loss):",
+            f"  loss per sample (first → last logged): {_losses(sft_losses)}",
+            f"  held-out questions answered exactly: {_pct(chat.accuracy)} of {chat.n}",
+            f"  by kind: {kinds}",
+        ]
         lines += [f"    {q!r} → {a!r} (truth {t!r})" for q, t, a in chat.examples]
     if timings:
-        lines += ["", "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
-                  + f"; total {sum(timings.values()) / 60:.1f} min"]
+        lines += [
+            "",
+            "wall time: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+            + f"; total {sum(timings.values()) / 60:.1f} min",
+        ]
     return "\n".join(lines)
 
 
@@ -255,6 +291,20 @@ def read_timings(path: str | os.PathLike) -> dict[str, float]:
     return out
 
 
-__all__ = ["CaptionScore", "ChatScore", "LabelScore", "format_ablation", "format_report", "plot_runs",
-           "read_questions", "score_chat", "loss_summary", "plot_losses", "read_heldout",
-           "read_metrics", "read_timings", "score_captions", "score_labels"]
+__all__ = [
+    "CaptionScore",
+    "ChatScore",
+    "LabelScore",
+    "format_ablation",
+    "format_report",
+    "plot_runs",
+    "read_questions",
+    "score_chat",
+    "loss_summary",
+    "plot_losses",
+    "read_heldout",
+    "read_metrics",
+    "read_timings",
+    "score_captions",
+    "score_labels",
+]

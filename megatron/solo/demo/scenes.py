@@ -51,7 +51,7 @@ class Group:
     shape: str
 
     def phrase(self) -> str:
-        """"a green square", "two blue circles"."""
+        """ "a green square", "two blue circles"."""
         noun = self.shape + ("s" if self.count > 1 else "")
         return f"{COUNT_WORDS[self.count]} {self.colour} {noun}"
 
@@ -83,12 +83,11 @@ def parse_caption(text: str) -> dict[str, str]:
     :meth:`Scene.caption` on well-formed captions."""
     words = text.strip().rstrip(".").split()
     out: dict[str, str] = {}
-    found = [(i, rel) for i in range(len(words)) for rel in RELATIONS
-             if words[i:i + len(rel.split())] == rel.split()]
+    found = [(i, rel) for i in range(len(words)) for rel in RELATIONS if words[i : i + len(rel.split())] == rel.split()]
     parts = [words]
     if found:
         at, relation = found[0]
-        parts = [words[:at], words[at + len(relation.split()):]]
+        parts = [words[:at], words[at + len(relation.split()) :]]
         out["relation"] = relation
     for i, part in enumerate(parts, 1):
         if len(part) != 3:
@@ -132,7 +131,7 @@ def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
 
 
 def _name(group: Group) -> str:
-    """"red circle" / "red circles": a group named without its count."""
+    """ "red circle" / "red circles": a group named without its count."""
     return f"{group.colour} {group.shape}{'s' if group.count > 1 else ''}"
 
 
@@ -152,8 +151,9 @@ def _canvas(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image, Ima
     return img, ImageDraw.Draw(img)
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: str, colour: str, box: tuple[float, float, float, float],
-          rng: random.Random) -> None:
+def _draw(
+    draw: ImageDraw.ImageDraw, shape: str, colour: str, box: tuple[float, float, float, float], rng: random.Random
+) -> None:
     x0, y0, x1, y1 = (v * SUPERSAMPLE for v in box)
     rgb = tuple(max(0, min(255, v + rng.randint(-15, 15))) for v in COLOURS[colour])
     if shape == "circle":
@@ -205,6 +205,7 @@ def render_label(rng: random.Random, colour: str, shape: str) -> Image.Image:
 
 def random_scene(rng: random.Random, two_groups: float = 0.6) -> Scene:
     """A caption scene; two groups never share both colour and shape."""
+
     def group() -> Group:
         return Group(rng.randint(1, 3), rng.choice(list(COLOURS)), rng.choice(SHAPES))
 
@@ -247,5 +248,17 @@ def _regions(grid: Grid, relation: str | None) -> list[list[tuple[int, int]]]:
     return [cells]
 
 
-__all__ = ["COLOURS", "QUESTION_KINDS", "RELATIONS", "SHAPES", "Group", "Scene", "classes", "parse_caption",
-           "questions", "random_scene", "render_label", "render_scene"]
+__all__ = [
+    "COLOURS",
+    "QUESTION_KINDS",
+    "RELATIONS",
+    "SHAPES",
+    "Group",
+    "Scene",
+    "classes",
+    "parse_caption",
+    "questions",
+    "random_scene",
+    "render_label",
+    "render_scene",
+]

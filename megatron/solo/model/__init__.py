@@ -7,7 +7,16 @@ from megatron.solo.model.solo_model import SoloModel
 from megatron.solo.model.specs import RMSNorm, resolve_backend
 
 __all__ = [
-    "LOSS_AVERAGING", "sample_weights", "weighted_token_loss",
-    "RMSNorm", "SoloModel", "build_model", "document_ids", "make_transformer_config", "masked_token_loss",
-    "packed_causal_mask", "resolve_backend", "thd_packed_seq_params",
+    "LOSS_AVERAGING",
+    "sample_weights",
+    "weighted_token_loss",
+    "RMSNorm",
+    "SoloModel",
+    "build_model",
+    "document_ids",
+    "make_transformer_config",
+    "masked_token_loss",
+    "packed_causal_mask",
+    "resolve_backend",
+    "thd_packed_seq_params",
 ]

@@ -20,8 +20,9 @@ def document_ids(cu_seqlens: torch.Tensor, batch_size: int, seq_length: int) -> 
     return ids.view(batch_size, seq_length)
 
 
-def packed_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_length: int,
-                       sliding_window: int | None = None) -> torch.Tensor:
+def packed_causal_mask(
+    cu_seqlens: torch.Tensor, batch_size: int, seq_length: int, sliding_window: int | None = None
+) -> torch.Tensor:
     """bool [b, 1, s, s], True where query ``q`` must not see key ``k``.
 
     A query sees keys of its own document at ``k ≤ q`` and, with a window ``W``, ``q - k < W`` (HF Mistral's
@@ -39,5 +40,6 @@ def packed_causal_mask(cu_seqlens: torch.Tensor, batch_size: int, seq_length: in
 def thd_packed_seq_params(cu_seqlens: torch.Tensor, max_seqlen: int) -> PackedSeqParams:
     """Varlen attention over the flattened stream: every span attends only within itself."""
     cu = cu_seqlens.to(torch.int32)
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen)
+    )

@@ -83,5 +83,6 @@ def check_internals() -> None:
     if "compute_language_model_loss" not in dir(GPTModel):
         problems.append("GPTModel.compute_language_model_loss is gone")
     if problems:
-        raise MegatronCoreChanged("megatron-core's internals changed (megatron/solo/model/mcore_seam.py): "
-                                  + "; ".join(problems))
+        raise MegatronCoreChanged(
+            "megatron-core's internals changed (megatron/solo/model/mcore_seam.py): " + "; ".join(problems)
+        )

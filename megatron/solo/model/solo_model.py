@@ -23,13 +23,30 @@ from megatron.solo.model.specs import Backend, backend_of
 class SoloModel(GPTModel):
     """A Mistral decoder (RoPE, untied embeddings) with a patch projection on the first stage."""
 
-    def __init__(self, config: TransformerConfig, block_spec: ModuleSpec, *, vocab_size: int,
-                 max_sequence_length: int, patch_dim: int, rotary_base: float, sliding_window: int | None, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: int | None = None):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        block_spec: ModuleSpec,
+        *,
+        vocab_size: int,
+        max_sequence_length: int,
+        patch_dim: int,
+        rotary_base: float,
+        sliding_window: int | None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+    ):
         super().__init__(
-            config, block_spec, vocab_size=vocab_size, max_sequence_length=max_sequence_length,
-            pre_process=pre_process, post_process=post_process, position_embedding_type="rope",
-            rotary_base=rotary_base, share_embeddings_and_output_weights=False,
+            config,
+            block_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            position_embedding_type="rope",
+            rotary_base=rotary_base,
+            share_embeddings_and_output_weights=False,
             scatter_embedding_sequence_parallel=False,  # merge patches first, scatter after (forward)
             vp_stage=vp_stage,
         )
@@ -40,13 +57,15 @@ class SoloModel(GPTModel):
             # Where megatron-core puts its own weights: no device (CPU, or a torch.device context such as
             # meta) under use_cpu_initialization, else the current GPU.
             device = None if config.use_cpu_initialization else torch.cuda.current_device()
-            self.patch_embedding = torch.nn.Linear(patch_dim, config.hidden_size, bias=False,
-                                                   dtype=config.params_dtype, device=device)
+            self.patch_embedding = torch.nn.Linear(
+                patch_dim, config.hidden_size, bias=False, dtype=config.params_dtype, device=device
+            )
             if config.perform_initialization:
                 config.init_method(self.patch_embedding.weight)
 
-    def embed(self, tokens: torch.Tensor, patches: torch.Tensor | None,
-              patch_index: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self, tokens: torch.Tensor, patches: torch.Tensor | None, patch_index: torch.Tensor | None
+    ) -> torch.Tensor:
         """[s, b, h] decoder input: token embeddings, plus projected patches at their flat positions.
 
         tokens [b, s]; patches [p, patch_dim]; patch_index [p], flat ``row·s + col``.
@@ -81,8 +100,9 @@ class SoloModel(GPTModel):
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None, **kwargs):
         if labels is None or loss_mask is None or not self.post_process or self.config.mtp_num_layers:
-            return super()._postprocess(hidden_states, input_ids, position_ids, labels, *args,
-                                        loss_mask=loss_mask, **kwargs)
+            return super()._postprocess(
+                hidden_states, input_ids, position_ids, labels, *args, loss_mask=loss_mask, **kwargs
+            )
         return self._target_loss(hidden_states, labels, loss_mask)
 
     def _target_loss(self, hidden: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -103,9 +123,17 @@ class SoloModel(GPTModel):
         loss = self.compute_language_model_loss(picked_labels, logits)  # [1, n]
         return loss.new_zeros(s * b).index_copy(0, where, loss.reshape(-1)).view(s, b).t()
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                max_seqlen: int, patches: torch.Tensor | None = None, patch_index: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        patches: torch.Tensor | None = None,
+        patch_index: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Per-token loss [b, s] when ``labels`` are given, else logits [b, s, V/tp] (last pipeline stage).
 
         With ``loss_mask`` [b, s] as well, logits are computed only where it is non-zero and the loss is 0
@@ -127,8 +155,15 @@ class SoloModel(GPTModel):
         else:
             mask, packed = packed_causal_mask(cu_seqlens, b, s, self.sliding_window), None
         decoder_input = self.embed(tokens, patches, patch_index) if self.pre_process else None
-        out = super().forward(tokens, position_ids, mask, decoder_input=decoder_input, labels=labels,
-                              packed_seq_params=packed, loss_mask=loss_mask if labels is not None else None)
+        out = super().forward(
+            tokens,
+            position_ids,
+            mask,
+            decoder_input=decoder_input,
+            labels=labels,
+            packed_seq_params=packed,
+            loss_mask=loss_mask if labels is not None else None,
+        )
         if not self.post_process:
             return out  # hidden states [s, b, h] ([b·s, 1, h] under THD) for the next pipeline stage
         return out.reshape(b, s, *out.shape[2:])

@@ -55,8 +55,10 @@ def resolve_backend(backend: Backend | Literal["auto"], params_dtype: torch.dtyp
     if backend == "auto":
         return "te" if sixteen_bit and torch.cuda.is_available() and transformer_engine_available() else "local"
     if backend == "te" and not sixteen_bit:
-        raise ValueError(f"attention backend 'te': Transformer Engine's packed (THD) attention has no {params_dtype} "
-                         "kernel; train in bf16 (--bf16) or use the local backend (--transformer-impl local)")
+        raise ValueError(
+            f"attention backend 'te': Transformer Engine's packed (THD) attention has no {params_dtype} "
+            "kernel; train in bf16 (--bf16) or use the local backend (--transformer-impl local)"
+        )
     if backend == "te" and not transformer_engine_available():
         raise ValueError("attention backend 'te' needs transformer-engine (use an NGC PyTorch container)")
     return backend
@@ -73,8 +75,9 @@ def decoder_block_spec(config: TransformerConfig, backend: Backend, vp_stage: in
     if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 
-        return TransformerBlockSubmodules(layer_specs=[get_gpt_layer_with_transformer_engine_spec()] * num_layers,
-                                          layer_norm=TENorm)
+        return TransformerBlockSubmodules(
+            layer_specs=[get_gpt_layer_with_transformer_engine_spec()] * num_layers, layer_norm=TENorm
+        )
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm

@@ -19,8 +19,9 @@ import functools
 import math
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import Field, dataclass, field, fields
-from typing import Any, Callable, Literal, Sequence, Union
+from typing import Any, Literal, Union
 
 from megatron.solo.config import PRESETS, ModelConfig
 
@@ -44,8 +45,16 @@ def _flag(name: str) -> str:
 Check = Callable[[Any], "str | None"]  # a value → why it is wrong, or None; never called with None
 
 
-def option(default: Any = None, *, group: str, help: str | None = None, check: Check | None = None,
-           choices: Sequence[Any] | None = None, flag: str | None = None, metavar: str | None = None) -> Any:
+def option(
+    default: Any = None,
+    *,
+    group: str,
+    help: str | None = None,
+    check: Check | None = None,
+    choices: Sequence[Any] | None = None,
+    flag: str | None = None,
+    metavar: str | None = None,
+) -> Any:
     """A ``TrainConfig`` field and its command line.
 
     ``group``: the ``--help`` section; ``check``: the per-value rule (skipped for None, "not given");
@@ -80,8 +89,9 @@ def parse_data_path(values: Sequence[str]) -> list[tuple[float, str]]:
     if len(values) == 1:
         return [(1.0, values[0])]
     if len(values) % 2:
-        raise ConfigError(f"--data-path: expected a single prefix or weight/prefix pairs, got {len(values)} values "
-                          f"{values}")
+        raise ConfigError(
+            f"--data-path: expected a single prefix or weight/prefix pairs, got {len(values)} values {values}"
+        )
     blend = []
     for raw, prefix in zip(values[::2], values[1::2]):
         try:
@@ -109,77 +119,103 @@ class TrainConfig:
     tensor_model_parallel_size: int = option(1, group="parallelism", check=at_least(1))
     pipeline_model_parallel_size: int = option(1, group="parallelism", check=at_least(1))
     sequence_parallel: bool = option(False, group="parallelism")
-    use_distributed_optimizer: bool = option(False, group="parallelism",
-                                             help="shard optimizer state over data-parallel ranks (ZeRO-1)")
+    use_distributed_optimizer: bool = option(
+        False, group="parallelism", help="shard optimizer state over data-parallel ranks (ZeRO-1)"
+    )
     distributed_timeout_minutes: float = option(10.0, group="parallelism")
     # model
-    model_preset: str | None = option(group="model", choices=sorted(PRESETS),
-                                      help="architecture for a run from scratch (otherwise read from --load)")
+    model_preset: str | None = option(
+        group="model", choices=sorted(PRESETS), help="architecture for a run from scratch (otherwise read from --load)"
+    )
     transformer_impl: Literal["auto", "local", "transformer_engine"] = option(
-        "auto", group="model",
+        "auto",
+        group="model",
         help="transformer_engine: THD packed attention with cu_seqlens (GPU); local: megatron-core's "
-             "modules with a block-diagonal mask (CPU, tests); auto: TE when CUDA and TE are present")
+        "modules with a block-diagonal mask (CPU, tests); auto: TE when CUDA and TE are present",
+    )
     bf16: bool = option(False, group="model", help="bf16 weights and activations, fp32 main params and grads")
     recompute_granularity: Literal["full", "selective"] | None = option(group="model")
     recompute_method: Literal["uniform", "block"] | None = option(group="model")
     recompute_num_layers: int | None = option(group="model", check=at_least(1))
-    freeze_language_model: bool = option(False, group="model",
-                                         help="train only the patch projection (a warm-up before stage 1)")
-    tokenizer_model: str | None = option(group="model", help="SoloTokenizer (tokenizer.model or a directory) "
-                                                             "saved with the checkpoints; default: the one in --load")
+    freeze_language_model: bool = option(
+        False, group="model", help="train only the patch projection (a warm-up before stage 1)"
+    )
+    tokenizer_model: str | None = option(
+        group="model",
+        help="SoloTokenizer (tokenizer.model or a directory) saved with the checkpoints; default: the one in --load",
+    )
     # data
-    data_path: tuple[str, ...] = option((), group="data", metavar="W P",
-                                        help="preprocessed prefixes: PREFIX, or W1 PREFIX1 W2 PREFIX2 ... (weights "
-                                             "need not sum to 1)")
+    data_path: tuple[str, ...] = option(
+        (),
+        group="data",
+        metavar="W P",
+        help="preprocessed prefixes: PREFIX, or W1 PREFIX1 W2 PREFIX2 ... (weights need not sum to 1)",
+    )
     seq_length: int = option(4096, group="data", check=at_least(1))
     micro_batch_size: int = option(1, group="data", check=at_least(1))
-    global_batch_size: int | None = option(group="data", check=at_least(1),
-                                           help="default: micro-batch size × data-parallel size")
+    global_batch_size: int | None = option(
+        group="data", check=at_least(1), help="default: micro-batch size × data-parallel size"
+    )
     num_workers: int = option(2, group="data", check=at_least(0), help="data loader worker processes per rank")
     seed: int = option(1234, group="data")
     # optimisation
     train_iters: int = option(0, group="optimisation", check=at_least(0))
     lr: float = option(1e-4, group="optimisation", check=positive)
     min_lr: float = option(0.0, group="optimisation")
-    decoupled_lr: float | None = option(group="optimisation", check=positive,
-                                        help="learning rate of the input embedding and output layer (default: "
-                                             "--lr); they learn new words fastest")
+    decoupled_lr: float | None = option(
+        group="optimisation",
+        check=positive,
+        help="learning rate of the input embedding and output layer (default: --lr); they learn new words fastest",
+    )
     decoupled_min_lr: float | None = option(group="optimisation", help="their --min-lr (default: --min-lr)")
     lr_decay_style: Literal["cosine", "linear", "constant"] = option("cosine", group="optimisation")
     lr_warmup_iters: int = option(0, group="optimisation", check=at_least(0))
     lr_decay_iters: int | None = option(group="optimisation", check=at_least(1), help="default: --train-iters")
-    weight_decay: float = option(0.01, group="optimisation", check=at_least(0),
-                                 help="on ≥2-D weights; never on norms and biases")
-    clip_grad: float = option(1.0, group="optimisation", check=at_least(0, " (0 disables)"),
-                              help="global gradient-norm clip (0: off)")
+    weight_decay: float = option(
+        0.01, group="optimisation", check=at_least(0), help="on ≥2-D weights; never on norms and biases"
+    )
+    clip_grad: float = option(
+        1.0, group="optimisation", check=at_least(0, " (0 disables)"), help="global gradient-norm clip (0: off)"
+    )
     adam_beta1: float = option(0.9, group="optimisation", check=below_one)
     adam_beta2: float = option(0.999, group="optimisation", check=below_one)
     adam_eps: float = option(1e-8, group="optimisation", check=positive)
     loss_averaging: Literal["token", "sample"] = option(
-        "token", group="optimisation",
+        "token",
+        group="optimisation",
         help="token: one mean over the global batch's target tokens; sample: each sample's mean, then their mean "
-             "(SOLO's SFT recipe), exact under packing and any parallel layout")
+        "(SOLO's SFT recipe), exact under packing and any parallel layout",
+    )
     # checkpoints
-    save: str | None = option(group="checkpoints",
-                              help="checkpoint root; a run finding a checkpoint here resumes from it")
+    save: str | None = option(
+        group="checkpoints", help="checkpoint root; a run finding a checkpoint here resumes from it"
+    )
     save_interval: int | None = option(group="checkpoints", check=at_least(1))
-    load: str | None = option(group="checkpoints",
-                              help="checkpoint root to start from (a converted release, or a previous stage)")
-    finetune: bool = option(False, group="checkpoints", help="take only the weights from --load: iteration 0, "
-                                                             "fresh optimizer, schedule and data order")
+    load: str | None = option(
+        group="checkpoints", help="checkpoint root to start from (a converted release, or a previous stage)"
+    )
+    finetune: bool = option(
+        False,
+        group="checkpoints",
+        help="take only the weights from --load: iteration 0, fresh optimizer, schedule and data order",
+    )
     no_load_optim: bool = option(False, group="checkpoints")
     no_load_rng: bool = option(False, group="checkpoints")
     override_opt_param_scheduler: bool = option(
-        False, group="checkpoints",
-        help="on resume, use the flags' schedule instead of the checkpoint's (keeping its step)")
-    no_verify_checkpoint: bool = option(False, group="checkpoints",
-                                        help="load without checking the checkpoint's files against their checksums")
-    exit_signal_handler: bool = option(True, group="checkpoints", flag="--no-exit-signal-handler",
-                                       help="do not save and exit on SIGTERM/SIGINT")
-    exit_interval: int | None = option(group="checkpoints", check=at_least(1),
-                                       help="save and exit at the first iteration divisible by this")
-    exit_duration_in_mins: float | None = option(group="checkpoints",
-                                                 help="save and exit after this much wall time")
+        False,
+        group="checkpoints",
+        help="on resume, use the flags' schedule instead of the checkpoint's (keeping its step)",
+    )
+    no_verify_checkpoint: bool = option(
+        False, group="checkpoints", help="load without checking the checkpoint's files against their checksums"
+    )
+    exit_signal_handler: bool = option(
+        True, group="checkpoints", flag="--no-exit-signal-handler", help="do not save and exit on SIGTERM/SIGINT"
+    )
+    exit_interval: int | None = option(
+        group="checkpoints", check=at_least(1), help="save and exit at the first iteration divisible by this"
+    )
+    exit_duration_in_mins: float | None = option(group="checkpoints", help="save and exit after this much wall time")
     # logging
     log_interval: int = option(100, group="logging", check=at_least(1))
     tensorboard_dir: str | None = option(group="logging")
@@ -187,13 +223,18 @@ class TrainConfig:
     wandb_exp_name: str | None = option(group="logging")
     wandb_save_dir: str | None = option(group="logging")
     metrics_file: str | None = option(group="logging", help="append one JSON line of metrics per logged iteration")
-    peak_tflops: float | None = option(group="logging", help="per-device peak dense TFLOP/s for the MFU estimate "
-                                                             "(default: known GPUs; none on CPU)")
+    peak_tflops: float | None = option(
+        group="logging", help="per-device peak dense TFLOP/s for the MFU estimate (default: known GPUs; none on CPU)"
+    )
     # tooling
-    dry_run: bool = option(False, group="tooling", help="validate the configuration, print it resolved "
-                                                        "(name: value) and exit; no GPU needed")
-    world_size: int | None = option(group="tooling", check=at_least(1),
-                                    help="world size for --dry-run (default: $WORLD_SIZE or 1)")
+    dry_run: bool = option(
+        False,
+        group="tooling",
+        help="validate the configuration, print it resolved (name: value) and exit; no GPU needed",
+    )
+    world_size: int | None = option(
+        group="tooling", check=at_least(1), help="world size for --dry-run (default: $WORLD_SIZE or 1)"
+    )
 
     # --data-path parsed once, at construction: [(weight normalised to sum 1, prefix)]; () without data
     blend: tuple[tuple[float, str], ...] = field(init=False, repr=False, compare=False)
@@ -207,26 +248,50 @@ class TrainConfig:
     def _check_rules(self) -> None:
         """The rules between options; each error names the flag to change."""
         _require(0 <= self.min_lr <= self.lr, "--min-lr", f"{self.min_lr} must lie in [0, --lr={self.lr}]")
-        _require(self.decoupled_min_lr is None or (self.decoupled_lr is not None
-                                                   and 0 <= self.decoupled_min_lr <= self.decoupled_lr),
-                 "--decoupled-min-lr", f"{self.decoupled_min_lr} needs --decoupled-lr and must lie in [0, it]")
-        _require(self.lr_warmup_iters <= self.decay_iters or self.train_iters == 0, "--lr-warmup-iters",
-                 f"{self.lr_warmup_iters} exceeds --lr-decay-iters/--train-iters={self.decay_iters}")
-        _require(bool(self.data_path) or self.train_iters == 0 or self.dry_run, "--data-path",
-                 "required to train (Megatron-LM syntax: PREFIX, or W1 PREFIX1 W2 PREFIX2 ...)")
-        _require(self.model_preset is not None or self.load is not None or self.save is not None, "--model-preset",
-                 "give --model-preset or --load (where the architecture comes from)")
+        _require(
+            self.decoupled_min_lr is None
+            or (self.decoupled_lr is not None and 0 <= self.decoupled_min_lr <= self.decoupled_lr),
+            "--decoupled-min-lr",
+            f"{self.decoupled_min_lr} needs --decoupled-lr and must lie in [0, it]",
+        )
+        _require(
+            self.lr_warmup_iters <= self.decay_iters or self.train_iters == 0,
+            "--lr-warmup-iters",
+            f"{self.lr_warmup_iters} exceeds --lr-decay-iters/--train-iters={self.decay_iters}",
+        )
+        _require(
+            bool(self.data_path) or self.train_iters == 0 or self.dry_run,
+            "--data-path",
+            "required to train (Megatron-LM syntax: PREFIX, or W1 PREFIX1 W2 PREFIX2 ...)",
+        )
+        _require(
+            self.model_preset is not None or self.load is not None or self.save is not None,
+            "--model-preset",
+            "give --model-preset or --load (where the architecture comes from)",
+        )
         _require(not self.finetune or self.load is not None, "--finetune", "needs --load")
         _require(self.save_interval is None or self.save is not None, "--save-interval", "needs --save")
-        _require(self.recompute_granularity != "full" or self.recompute_method is not None, "--recompute-method",
-                 "required with --recompute-granularity full (uniform or block)")
-        _require(self.recompute_method is None or self.recompute_granularity == "full", "--recompute-method",
-                 "only applies to --recompute-granularity full")
-        _require(not self.sequence_parallel or self.tensor_model_parallel_size > 1, "--sequence-parallel",
-                 "needs --tensor-model-parallel-size > 1")
-        _require(self.transformer_impl != "transformer_engine" or self.bf16, "--transformer-impl",
-                 "transformer_engine's packed (THD) attention has no fp32 kernel: add --bf16 or use "
-                 "--transformer-impl local")
+        _require(
+            self.recompute_granularity != "full" or self.recompute_method is not None,
+            "--recompute-method",
+            "required with --recompute-granularity full (uniform or block)",
+        )
+        _require(
+            self.recompute_method is None or self.recompute_granularity == "full",
+            "--recompute-method",
+            "only applies to --recompute-granularity full",
+        )
+        _require(
+            not self.sequence_parallel or self.tensor_model_parallel_size > 1,
+            "--sequence-parallel",
+            "needs --tensor-model-parallel-size > 1",
+        )
+        _require(
+            self.transformer_impl != "transformer_engine" or self.bf16,
+            "--transformer-impl",
+            "transformer_engine's packed (THD) attention has no fp32 kernel: add --bf16 or use "
+            "--transformer-impl local",
+        )
 
     @property
     def decay_iters(self) -> int:
@@ -296,31 +361,45 @@ class Layout:
 def resolve_layout(cfg: TrainConfig, world_size: int) -> Layout:
     """Data-parallel size and micro-batches per step; ``ConfigError`` naming the flag when inconsistent."""
     tp, pp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size
-    _require(world_size % (tp * pp) == 0, "--tensor-model-parallel-size",
-             f"TP×PP = {tp}×{pp} does not divide the world size {world_size}")
+    _require(
+        world_size % (tp * pp) == 0,
+        "--tensor-model-parallel-size",
+        f"TP×PP = {tp}×{pp} does not divide the world size {world_size}",
+    )
     dp = world_size // (tp * pp)
     gbs = cfg.global_batch_size or cfg.micro_batch_size * dp
-    _require(gbs % (cfg.micro_batch_size * dp) == 0, "--global-batch-size",
-             f"{gbs} is not a multiple of --micro-batch-size × data-parallel size = {cfg.micro_batch_size}×{dp}")
+    _require(
+        gbs % (cfg.micro_batch_size * dp) == 0,
+        "--global-batch-size",
+        f"{gbs} is not a multiple of --micro-batch-size × data-parallel size = {cfg.micro_batch_size}×{dp}",
+    )
     return Layout(world_size, dp, gbs, gbs // (cfg.micro_batch_size * dp))
 
 
 def check_model(cfg: TrainConfig, model: ModelConfig, padded_vocab_size: int) -> None:
     """The architecture against the layout and sequence length (errors name the flag)."""
     try:
-        model.validate_parallel(tensor_parallel=cfg.tensor_model_parallel_size,
-                                pipeline_parallel=cfg.pipeline_model_parallel_size,
-                                sequence_parallel=cfg.sequence_parallel, seq_length=cfg.seq_length)
+        model.validate_parallel(
+            tensor_parallel=cfg.tensor_model_parallel_size,
+            pipeline_parallel=cfg.pipeline_model_parallel_size,
+            sequence_parallel=cfg.sequence_parallel,
+            seq_length=cfg.seq_length,
+        )
     except ValueError as err:
         field_name, _, message = str(err).partition(": ")
         raise ConfigError(f"{_flag(field_name)}: {message}") from None
-    _require(padded_vocab_size % cfg.tensor_model_parallel_size == 0, "--tensor-model-parallel-size",
-             f"{cfg.tensor_model_parallel_size} does not divide the checkpoint's padded vocabulary "
-             f"{padded_vocab_size}")
+    _require(
+        padded_vocab_size % cfg.tensor_model_parallel_size == 0,
+        "--tensor-model-parallel-size",
+        f"{cfg.tensor_model_parallel_size} does not divide the checkpoint's padded vocabulary {padded_vocab_size}",
+    )
     if cfg.recompute_num_layers is not None:
         per_stage = model.num_layers // cfg.pipeline_model_parallel_size
-        _require(cfg.recompute_num_layers <= per_stage, "--recompute-num-layers",
-                 f"{cfg.recompute_num_layers} exceeds the {per_stage} layers of a pipeline stage")
+        _require(
+            cfg.recompute_num_layers <= per_stage,
+            "--recompute-num-layers",
+            f"{cfg.recompute_num_layers} exceeds the {per_stage} layers of a pipeline stage",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,8 +409,10 @@ def check_model(cfg: TrainConfig, model: ModelConfig, padded_vocab_size: int) ->
 def build_parser() -> argparse.ArgumentParser:
     """One argument per option, in its group, in field order."""
     p = argparse.ArgumentParser(
-        prog="pretrain_solo.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Pre-train a SOLO model (launch with torchrun; flags follow Megatron-LM).")
+        prog="pretrain_solo.py",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Pre-train a SOLO model (launch with torchrun; flags follow Megatron-LM).",
+    )
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in options():
         name = f.metadata["group"]
@@ -394,7 +475,8 @@ def describe(cfg: TrainConfig, layout: Layout, model: ModelConfig, padded_vocab_
         "vision_patch_size": model.patch_size,
         "vocab_size": model.vocab_size,
         "padded_vocab_size": padded_vocab_size,
-        "num_parameters": model.num_parameters() + (padded_vocab_size - model.padded_vocab_size()) * 2 * model.hidden_size,
+        "num_parameters": model.num_parameters()
+        + (padded_vocab_size - model.padded_vocab_size()) * 2 * model.hidden_size,
     }
     values = {f.name: getattr(cfg, f.name) for f in options() if f.name not in derived}
     if cfg.blend:

@@ -41,31 +41,57 @@ def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size
     """
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     tc = make_transformer_config(
-        model_cfg, tensor_parallel=cfg.tensor_model_parallel_size, pipeline_parallel=cfg.pipeline_model_parallel_size,
-        sequence_parallel=cfg.sequence_parallel, params_dtype=dtype, backend=cfg.backend,
-        recompute_granularity=cfg.recompute_granularity, recompute_method=cfg.recompute_method,
-        recompute_num_layers=cfg.recompute_num_layers, gradient_accumulation_fusion=True,
+        model_cfg,
+        tensor_parallel=cfg.tensor_model_parallel_size,
+        pipeline_parallel=cfg.pipeline_model_parallel_size,
+        sequence_parallel=cfg.sequence_parallel,
+        params_dtype=dtype,
+        backend=cfg.backend,
+        recompute_granularity=cfg.recompute_granularity,
+        recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
+        gradient_accumulation_fusion=True,
     )
-    model = build_model(model_cfg, tc, padded_vocab_size=padded_vocab_size,
-                        pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage())
+    model = build_model(
+        model_cfg,
+        tc,
+        padded_vocab_size=padded_vocab_size,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())  # as Megatron-LM's get_model: every parameter, ours included
     if cfg.freeze_language_model:
         freeze_language_model(model)
     wrapped = Float16Module(tc, model) if cfg.bf16 else model
     ddp = DistributedDataParallel(
-        tc, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer,
-                                          overlap_grad_reduce=False), wrapped)
+        tc,
+        DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.use_distributed_optimizer, overlap_grad_reduce=False
+        ),
+        wrapped,
+    )
     tc.finalize_model_grads_func = finalize_model_grads  # DP all-reduce + per-token normalisation
     tc.no_sync_func = ddp.no_sync  # grads accumulate over micro-batches; reduced once per step
     install_distributed_optimizer_fixes()  # only where megatron-core wraps torch's Adam
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, decoupled_lr=cfg.decoupled_lr,
-        decoupled_min_lr=cfg.decoupled_min_lr, weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
-        bf16=cfg.bf16, params_dtype=dtype, use_distributed_optimizer=cfg.use_distributed_optimizer,
-    ), [ddp])  # megatron-core's default groups: no weight decay on 1-D params (norms) and biases
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            decoupled_lr=cfg.decoupled_lr,
+            decoupled_min_lr=cfg.decoupled_min_lr,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            adam_eps=cfg.adam_eps,
+            clip_grad=cfg.clip_grad,
+            bf16=cfg.bf16,
+            params_dtype=dtype,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+        ),
+        [ddp],
+    )  # megatron-core's default groups: no weight decay on 1-D params (norms) and biases
     if not torch.cuda.is_available():
         use_fused_cpu_adam(optimizer)
     return Components(model, ddp, tc, optimizer, build_scheduler(cfg, optimizer))
@@ -84,9 +110,17 @@ def build_scheduler(cfg: TrainConfig, optimizer) -> OptimizerParamScheduler:
     ``--override-opt-param-scheduler``.
     """
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=cfg.lr_warmup_iters,
-        lr_decay_steps=max(cfg.decay_iters, cfg.lr_warmup_iters + 1), lr_decay_style=cfg.lr_decay_style,
-        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=max(cfg.train_iters, 1),
-        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False,
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.lr_warmup_iters,
+        lr_decay_steps=max(cfg.decay_iters, cfg.lr_warmup_iters + 1),
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=max(cfg.train_iters, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
         override_opt_param_scheduler=cfg.override_opt_param_scheduler,
     )

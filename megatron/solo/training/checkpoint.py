@@ -91,8 +91,7 @@ def resolve_start(cfg: TrainConfig, allow_missing: bool = False) -> Start:
     if cfg.model_preset is None:
         raise ConfigError("--model-preset: needed when there is no checkpoint to start from")
     model = get_preset(cfg.model_preset)
-    return Start(model, model.padded_vocab_size(cfg.tensor_model_parallel_size), "scratch",
-                 warnings=tuple(warnings))
+    return Start(model, model.padded_vocab_size(cfg.tensor_model_parallel_size), "scratch", warnings=tuple(warnings))
 
 
 def _from_checkpoint(cfg: TrainConfig, root: str, iteration: int | None, kind: str) -> Start:
@@ -101,8 +100,10 @@ def _from_checkpoint(cfg: TrainConfig, root: str, iteration: int | None, kind: s
         preset = get_preset(cfg.model_preset)
         differ = [f.name for f in fields(ModelConfig) if getattr(preset, f.name) != getattr(metadata.model, f.name)]
         if differ:
-            raise ConfigError(f"--model-preset: {cfg.model_preset} differs from the checkpoint in {root} in "
-                              f"{', '.join(differ)} (drop --model-preset to use the checkpoint's architecture)")
+            raise ConfigError(
+                f"--model-preset: {cfg.model_preset} differs from the checkpoint in {root} in "
+                f"{', '.join(differ)} (drop --model-preset to use the checkpoint's architecture)"
+            )
     return Start(metadata.model, metadata.padded_vocab_size, kind, root, iteration)
 
 
@@ -111,8 +112,12 @@ def _from_checkpoint(cfg: TrainConfig, root: str, iteration: int | None, kind: s
 
 
 def _rng_states() -> dict[str, Any]:
-    states = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-              "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    states = {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state()
     return states
@@ -128,16 +133,21 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 
 def _layout() -> dict[str, int]:
-    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
-            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
-            "dp": parallel_state.get_data_parallel_world_size()}
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
 
 
 def _rng_sharded(states: dict[str, Any] | None) -> ShardedObject:
     """One entry per rank: RNG streams only make sense in the layout that made them."""
     layout = _layout()
-    offset = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
-              parallel_state.get_data_parallel_rank())
+    offset = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+    )
     return ShardedObject("rng_state", states, (layout["pp"], layout["tp"], layout["dp"]), offset, replica_id=0)
 
 
@@ -153,8 +163,9 @@ class TrainingState:
     consumed_samples: int = 0
 
 
-def save_training_checkpoint(root: str, state: TrainingState, *, model, optimizer, scheduler,
-                             metadata: CheckpointMetadata, cfg: TrainConfig) -> Path:
+def save_training_checkpoint(
+    root: str, state: TrainingState, *, model, optimizer, scheduler, metadata: CheckpointMetadata, cfg: TrainConfig
+) -> Path:
     """Collectively save the full training state at ``state.iteration`` (atomic; then marked latest).
 
     ``model`` is this rank's unwrapped ``SoloModel`` (one pipeline stage). Refuses non-finite weights.
@@ -194,8 +205,11 @@ def load_training_checkpoint(start: Start, cfg: TrainConfig, *, model, optimizer
         if same_layout and not cfg.no_load_rng:
             request["rng_state"] = _rng_sharded(None)
         elif not cfg.no_load_rng:
-            log.warning("parallel layout %s differs from the checkpoint's %s: RNG states start afresh from --seed",
-                        _layout(), common.get("layout"))
+            log.warning(
+                "parallel layout %s differs from the checkpoint's %s: RNG states start afresh from --seed",
+                _layout(),
+                common.get("layout"),
+            )
     loaded = load_sharded(start.root, request, start.iteration, verify=False)  # verified above
     load_model_state(model, loaded["model"])
     # Mixed-precision optimizers hold fp32 main copies of the weights, taken when they were built: refresh
@@ -210,8 +224,10 @@ def load_training_checkpoint(start: Start, cfg: TrainConfig, *, model, optimizer
     try:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     except AssertionError as err:
-        raise ConfigError(f"--override-opt-param-scheduler: the checkpoint's LR schedule differs from the flags "
-                          f"({err}); pass it to use the flags' schedule from the checkpoint's step") from None
+        raise ConfigError(
+            f"--override-opt-param-scheduler: the checkpoint's LR schedule differs from the flags "
+            f"({err}); pass it to use the flags' schedule from the checkpoint's step"
+        ) from None
     if "rng_state" in request:
         _set_rng_states(loaded["rng_state"])
     return TrainingState(int(loaded["iteration"]), int(loaded["consumed_samples"]))

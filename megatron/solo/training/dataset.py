@@ -6,7 +6,8 @@
 
 Order. Global sample ``i`` comes from dataset ``dataset_index[i]``, chosen like megatron-core's
 ``BlendedDataset``: the dataset whose count so far lags its target ``weight·(i+1)`` the most (ties: the
-earlier one; megatron-core's C++ helper compares with ``weight·max(i, 1)``, a step behind). Within a dataset, its k-th sample is pack ``perm_e[k mod n]`` of epoch ``e = k div n``, each
+earlier one; megatron-core's C++ helper compares with ``weight·max(i, 1)``, a step behind). Within a
+dataset, its k-th sample is pack ``perm_e[k mod n]`` of epoch ``e = k div n``, each
 epoch a fresh permutation drawn from (seed, dataset position, epoch). Both rules read only the past, so the
 first N samples do not change when ``num_samples`` grows, and nothing depends on the worker count.
 
@@ -100,8 +101,12 @@ def _open(prefix: str) -> PackedDataset:
 def _check_headers(datasets: list[PackedDataset], tokenizer: dict | None) -> None:
     first = datasets[0]
     for ds in datasets[1:]:
-        check_header(ds.header, first.header, f"--data-path prefix {ds.prefix!r} ({header_file(ds.prefix)})",
-                     f"--data-path prefix {first.prefix!r} of the same blend")
+        check_header(
+            ds.header,
+            first.header,
+            f"--data-path prefix {ds.prefix!r} ({header_file(ds.prefix)})",
+            f"--data-path prefix {first.prefix!r} of the same blend",
+        )
     if tokenizer is not None:
         for ds in datasets:
             ds.check_tokenizer(tokenizer, "the run's tokenizer (--tokenizer-model or the checkpoint's)")
@@ -122,8 +127,15 @@ class BlendedPackDataset(Dataset):
     ValueError names the prefix and the field otherwise. ``image_config`` is the blend's.
     """
 
-    def __init__(self, blend: list[tuple[float, str]], num_samples: int, seed: int, *, decode_patches: bool = True,
-                 tokenizer: dict | None = None):
+    def __init__(
+        self,
+        blend: list[tuple[float, str]],
+        num_samples: int,
+        seed: int,
+        *,
+        decode_patches: bool = True,
+        tokenizer: dict | None = None,
+    ):
         if not blend:
             raise ValueError("BlendedPackDataset: empty blend (no --data-path prefix)")
         if not (isinstance(num_samples, int) and num_samples >= 0):
@@ -169,9 +181,13 @@ class BlendedPackDataset(Dataset):
             raise IndexError(f"sample {i} out of range (0..{len(self) - 1})")
         try:
             view = self.datasets[int(self.dataset_index[i])][int(self.sample_index[i])]
-            return PackedExample(tokens=view.tokens.astype(np.int64), targets=view.targets,
-                                 doc_offsets=view.doc_offsets, patches=view.patches_uint8() if self.decode_patches
-                                 else None, patch_positions=view.patch_positions)
+            return PackedExample(
+                tokens=view.tokens.astype(np.int64),
+                targets=view.targets,
+                doc_offsets=view.doc_offsets,
+                patches=view.patches_uint8() if self.decode_patches else None,
+                patch_positions=view.patch_positions,
+            )
         except Exception as e:  # decode errors come as PIL/OSError/ValueError: name the pack whatever they are
             raise BadPackError(f"{self.where(i)}: {type(e).__name__}: {e}") from e
 
@@ -182,8 +198,10 @@ class BlendedPackDataset(Dataset):
     def describe(self) -> list[str]:
         """One line per prefix: weight, packs, samples drawn and the epochs they make."""
         drawn = np.bincount(self.dataset_index, minlength=len(self.datasets))
-        return [f"{prefix}: weight {w:.4f}, {len(ds):,} packs, {n:,} samples drawn = {n / len(ds):.2f} epochs"
-                for prefix, w, ds, n in zip(self.prefixes, self.weights, self.datasets, drawn.tolist())]
+        return [
+            f"{prefix}: weight {w:.4f}, {len(ds):,} packs, {n:,} samples drawn = {n / len(ds):.2f} epochs"
+            for prefix, w, ds, n in zip(self.prefixes, self.weights, self.datasets, drawn.tolist())
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +211,14 @@ class BlendedPackDataset(Dataset):
 class PretrainingBatchSampler(Sampler[list[int]]):
     """Megatron-LM's ``MegatronPretrainingSampler`` (drop_last): this rank's micro-batches of global indices."""
 
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
-                 data_parallel_size: int):
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+    ):
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
@@ -252,37 +276,68 @@ class _Collate:
         return f"micro-batch of {', '.join(w for w, _ in items)}: {error}"
 
 
-def _check_loader_args(dataset: BlendedPackDataset, seq_length: int, micro_batch_size: int, data_parallel_rank: int,
-                       data_parallel_size: int, consumed_samples: int, num_workers: int, patch_dim: int) -> None:
-    for name, value, low in (("seq_length", seq_length, 1), ("micro_batch_size", micro_batch_size, 1),
-                             ("data_parallel_size", data_parallel_size, 1), ("consumed_samples", consumed_samples, 0),
-                             ("num_workers", num_workers, 0)):
+def _check_loader_args(
+    dataset: BlendedPackDataset,
+    seq_length: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    consumed_samples: int,
+    num_workers: int,
+    patch_dim: int,
+) -> None:
+    for name, value, low in (
+        ("seq_length", seq_length, 1),
+        ("micro_batch_size", micro_batch_size, 1),
+        ("data_parallel_size", data_parallel_size, 1),
+        ("consumed_samples", consumed_samples, 0),
+        ("num_workers", num_workers, 0),
+    ):
         if not (isinstance(value, int) and value >= low):
             raise ValueError(f"build_train_loader: {name} must be an int >= {low}, got {value!r}")
     if not 0 <= data_parallel_rank < data_parallel_size:
-        raise ValueError(f"build_train_loader: data_parallel_rank {data_parallel_rank} outside "
-                         f"0..{data_parallel_size - 1}")
+        raise ValueError(
+            f"build_train_loader: data_parallel_rank {data_parallel_rank} outside 0..{data_parallel_size - 1}"
+        )
     chunk = micro_batch_size * data_parallel_size
     if consumed_samples % chunk:
-        raise ValueError(f"build_train_loader: consumed_samples={consumed_samples} is not a multiple of "
-                         f"micro_batch_size × data_parallel_size = {chunk}")
+        raise ValueError(
+            f"build_train_loader: consumed_samples={consumed_samples} is not a multiple of "
+            f"micro_batch_size × data_parallel_size = {chunk}"
+        )
     if consumed_samples > len(dataset):
-        raise ValueError(f"build_train_loader: consumed_samples={consumed_samples} exceeds the dataset's "
-                         f"{len(dataset)} samples (was --train-samples lowered?)")
+        raise ValueError(
+            f"build_train_loader: consumed_samples={consumed_samples} exceeds the dataset's "
+            f"{len(dataset)} samples (was --train-samples lowered?)"
+        )
     if patch_dim != dataset.patch_dim:
         cfg = dataset.image_config
-        raise ValueError(f"--data-path prefix {dataset.prefixes[0]!r}: patch_size is {cfg.patch_size} "
-                         f"({header_file(dataset.prefixes[0])}: patches of 3·{cfg.patch_size}² = {cfg.patch_dim} "
-                         f"values), but the model takes patches of {patch_dim} values")
+        raise ValueError(
+            f"--data-path prefix {dataset.prefixes[0]!r}: patch_size is {cfg.patch_size} "
+            f"({header_file(dataset.prefixes[0])}: patches of 3·{cfg.patch_size}² = {cfg.patch_dim} "
+            f"values), but the model takes patches of {patch_dim} values"
+        )
     for prefix, longest in zip(dataset.prefixes, dataset.max_pack_length()):
         if longest > seq_length:
-            raise ValueError(f"--data-path prefix {prefix!r} has packs of {longest} tokens, more than "
-                             f"seq_length={seq_length}: preprocess it for this sequence length")
+            raise ValueError(
+                f"--data-path prefix {prefix!r} has packs of {longest} tokens, more than "
+                f"seq_length={seq_length}: preprocess it for this sequence length"
+            )
 
 
-def build_train_loader(dataset: BlendedPackDataset, *, seq_length: int, micro_batch_size: int, data_parallel_rank: int,
-                       data_parallel_size: int, consumed_samples: int = 0, num_workers: int = 2, pad_id: int,
-                       patch_dim: int = DEFAULT_CONFIG.patch_dim, timeout: float = 0.0) -> Iterator[Batch]:
+def build_train_loader(
+    dataset: BlendedPackDataset,
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    consumed_samples: int = 0,
+    num_workers: int = 2,
+    pad_id: int,
+    patch_dim: int = DEFAULT_CONFIG.patch_dim,
+    timeout: float = 0.0,
+) -> Iterator[Batch]:
     """Micro-batches for one data-parallel rank, starting after ``consumed_samples`` global samples.
 
     ``num_workers`` processes (started now) read, decode and collate ahead; 0 does it in this process; the
@@ -290,10 +345,19 @@ def build_train_loader(dataset: BlendedPackDataset, *, seq_length: int, micro_ba
     (a last incomplete global batch is dropped). ``timeout``: seconds to wait for a worker's batch (0: for
     ever; ignored without workers). A bad pack raises :class:`BadPackError` naming its prefix and pack index.
     """
-    _check_loader_args(dataset, seq_length, micro_batch_size, data_parallel_rank, data_parallel_size,
-                       consumed_samples, num_workers, patch_dim)
-    sampler = PretrainingBatchSampler(len(dataset), consumed_samples, micro_batch_size, data_parallel_rank,
-                                      data_parallel_size)
+    _check_loader_args(
+        dataset,
+        seq_length,
+        micro_batch_size,
+        data_parallel_rank,
+        data_parallel_size,
+        consumed_samples,
+        num_workers,
+        patch_dim,
+    )
+    sampler = PretrainingBatchSampler(
+        len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
+    )
     loader = DataLoader(
         _Named(dataset),
         batch_sampler=sampler,

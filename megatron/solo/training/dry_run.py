@@ -24,15 +24,13 @@ def dry_run(cfg: TrainConfig, out: TextIO = sys.stdout, err: TextIO = sys.stderr
     for _, prefix in cfg.blend:
         missing = [p for p in output_files(prefix) if not os.path.isfile(p)]
         if missing:
-            print(f"warning: --data-path {prefix}: not found here ({os.path.basename(missing[0])} missing)",
-                  file=err)
+            print(f"warning: --data-path {prefix}: not found here ({os.path.basename(missing[0])} missing)", file=err)
     for warning in start.warnings:
         print(f"warning: {warning}", file=err)
     print("\n".join(describe(cfg, layout, start.model, start.padded_vocab_size)), file=out)
     if start.kind == "scratch" and cfg.load is not None:  # --load is not on this machine
         kind = "its weights" if cfg.finetune else "its weights (a release) or resume it (an iteration)"
-        print(f"start: --load {cfg.load}: {kind}; not present here, architecture checked from --model-preset",
-              file=out)
+        print(f"start: --load {cfg.load}: {kind}; not present here, architecture checked from --model-preset", file=out)
     else:
         print(f"start: {start.description}", file=out)
     return 0

@@ -11,9 +11,9 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -28,8 +28,7 @@ from megatron.solo.checksums import ChecksumError
 from megatron.solo.model import sample_weights
 from megatron.solo.parallel import init_distributed, initialize_model_parallel
 from megatron.solo.tokenizer import SoloTokenizer
-from megatron.solo.training.arguments import ConfigError, TrainConfig, check_model, parse_args
-from megatron.solo.training.arguments import Layout, resolve_layout
+from megatron.solo.training.arguments import ConfigError, Layout, TrainConfig, check_model, parse_args, resolve_layout
 from megatron.solo.training.build import Components, build_components
 from megatron.solo.training.checkpoint import (
     Start,
@@ -39,8 +38,15 @@ from megatron.solo.training.checkpoint import (
     save_training_checkpoint,
 )
 from megatron.solo.training.dataset import BlendedPackDataset, build_train_loader
-from megatron.solo.training.metrics import LOSS_KEYS, MetricSinks, Window, default_peak_tflops, loss_with_breakdown
-from megatron.solo.training.metrics import micro_batch_work, sum_micro_batches
+from megatron.solo.training.metrics import (
+    LOSS_KEYS,
+    MetricSinks,
+    Window,
+    default_peak_tflops,
+    loss_with_breakdown,
+    micro_batch_work,
+    sum_micro_batches,
+)
 
 # Mistral's EOS, the reference's pad. Padding is its own attention span and never a target, so the id only
 # has to exist; the tokenizer's own pad id wins when the run knows its tokenizer.
@@ -86,18 +92,26 @@ class Trainer:
         self.sinks = MetricSinks(cfg, enabled=_is_logging_rank())
         self.tokenizer = _resolve_tokenizer(cfg, self.start)
         # Data before the model: a wrong --data-path fails in seconds, not after building 7B parameters.
-        self.dataset = BlendedPackDataset(
-            list(cfg.blend), num_samples=max(cfg.train_iters, 1) * self.layout.global_batch_size,
-            seed=cfg.seed, decode_patches=parallel_state.is_pipeline_first_stage(),
-            tokenizer=self.tokenizer.fingerprint() if self.tokenizer is not None else None) if cfg.blend else None
+        self.dataset = (
+            BlendedPackDataset(
+                list(cfg.blend),
+                num_samples=max(cfg.train_iters, 1) * self.layout.global_batch_size,
+                seed=cfg.seed,
+                decode_patches=parallel_state.is_pipeline_first_stage(),
+                tokenizer=self.tokenizer.fingerprint() if self.tokenizer is not None else None,
+            )
+            if cfg.blend
+            else None
+        )
         if self.dataset is not None:
             _check_pack_lengths(self.dataset, cfg.seq_length)
         self.parts: Components = build_components(cfg, self.start.model, self.start.padded_vocab_size)
         self.metadata = CheckpointMetadata(self.start.model, self.start.padded_vocab_size)
         self.state = TrainingState()
         if self.start.kind != "scratch":
-            self.state = load_training_checkpoint(self.start, cfg, model=self.parts.model,
-                                                  optimizer=self.parts.optimizer, scheduler=self.parts.scheduler)
+            self.state = load_training_checkpoint(
+                self.start, cfg, model=self.parts.model, optimizer=self.parts.optimizer, scheduler=self.parts.scheduler
+            )
         self.stop_requested = False
         self.peak_tflops = cfg.peak_tflops or default_peak_tflops()
 
@@ -106,10 +120,12 @@ class Trainer:
     def _announce(self) -> None:
         cfg, layout = self.cfg, self.layout
         self.sinks.message(
-            f"SOLO pre-training: {self.start.description}; world {layout.world_size} = TP {cfg.tensor_model_parallel_size}"
-            f" × PP {cfg.pipeline_model_parallel_size} × DP {layout.data_parallel_size}; global batch "
+            f"SOLO pre-training: {self.start.description}; world {layout.world_size} = "
+            f"TP {cfg.tensor_model_parallel_size} × PP {cfg.pipeline_model_parallel_size} × "
+            f"DP {layout.data_parallel_size}; global batch "
             f"{layout.global_batch_size} × {cfg.seq_length} tokens ({layout.num_microbatches} micro-batches of "
-            f"{cfg.micro_batch_size}); iteration {self.state.iteration}/{cfg.train_iters}")
+            f"{cfg.micro_batch_size}); iteration {self.state.iteration}/{cfg.train_iters}"
+        )
         if self.dataset is not None:
             for line in self.dataset.describe():
                 self.sinks.message(f"  data: {line}")
@@ -125,11 +141,19 @@ class Trainer:
         signal.signal(signal.SIGINT, request_stop)
 
     def _batches(self) -> Iterator:
-        return iter(build_train_loader(
-            self.dataset, seq_length=self.cfg.seq_length, micro_batch_size=self.cfg.micro_batch_size,
-            data_parallel_rank=parallel_state.get_data_parallel_rank(),
-            data_parallel_size=self.layout.data_parallel_size, consumed_samples=self.state.consumed_samples,
-            num_workers=self.cfg.num_workers, pad_id=self.pad_id, patch_dim=self.start.model.patch_dim))
+        return iter(
+            build_train_loader(
+                self.dataset,
+                seq_length=self.cfg.seq_length,
+                micro_batch_size=self.cfg.micro_batch_size,
+                data_parallel_rank=parallel_state.get_data_parallel_rank(),
+                data_parallel_size=self.layout.data_parallel_size,
+                consumed_samples=self.state.consumed_samples,
+                num_workers=self.cfg.num_workers,
+                pad_id=self.pad_id,
+                patch_dim=self.start.model.patch_dim,
+            )
+        )
 
     @property
     def pad_id(self) -> int:
@@ -180,9 +204,14 @@ class Trainer:
         parts.optimizer.zero_grad()
         seq_length, micro_batch_size = parts.model.pipeline_shape(cfg.micro_batch_size, cfg.seq_length)
         outputs = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=batches, model=[parts.ddp],
-            num_microbatches=layout.num_microbatches, seq_length=seq_length,
-            micro_batch_size=micro_batch_size, forward_only=False)
+            forward_step_func=self._forward_step,
+            data_iterator=batches,
+            model=[parts.ddp],
+            num_microbatches=layout.num_microbatches,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=False,
+        )
         reduced = self._reduce(outputs)
         self._check_finite(reduced)
         _, grad_norm, _ = parts.optimizer.step()
@@ -202,11 +231,24 @@ class Trainer:
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         # uint8 patches cross to the device (a quarter of float32's bytes) and are normalised there
         batch = batch.to(device, non_blocking=True).normalized(self.dataset.image_config)
-        out = model(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, batch.patches,
-                    batch.patch_index, labels=batch.labels, loss_mask=batch.loss_mask)
-        return out, partial(loss_with_breakdown, batch.loss_mask, image_rows.to(device, non_blocking=True),
-                            work.to(device, non_blocking=True), samples.to(device, non_blocking=True),
-                            weights=None if weights is None else weights.to(device, non_blocking=True))
+        out = model(
+            batch.tokens,
+            batch.position_ids,
+            batch.cu_seqlens,
+            batch.max_seqlen,
+            batch.patches,
+            batch.patch_index,
+            labels=batch.labels,
+            loss_mask=batch.loss_mask,
+        )
+        return out, partial(
+            loss_with_breakdown,
+            batch.loss_mask,
+            image_rows.to(device, non_blocking=True),
+            work.to(device, non_blocking=True),
+            samples.to(device, non_blocking=True),
+            weights=None if weights is None else weights.to(device, non_blocking=True),
+        )
 
     def _reduce(self, outputs) -> torch.Tensor:
         """Sum the loss pairs over micro-batches (last stage) and data-parallel ranks; zeros elsewhere."""
@@ -228,7 +270,8 @@ class Trainer:
             raise NonFiniteLossError(
                 f"iteration {self.state.iteration + 1}: the loss is not finite; stopped before the optimizer step "
                 f"(weights untouched; checkpoint: {last}). Lower --lr, check --clip-grad, or inspect the "
-                f"samples after consumed sample {self.state.consumed_samples}.")
+                f"samples after consumed sample {self.state.consumed_samples}."
+            )
 
     def _main_lr(self) -> float:
         """The current --lr (not --decoupled-lr's embedding/output groups)."""
@@ -239,10 +282,13 @@ class Trainer:
         if not self.sinks.enabled:
             return
         metrics = window.summary(
-            iteration=self.state.iteration, consumed_samples=self.state.consumed_samples,
+            iteration=self.state.iteration,
+            consumed_samples=self.state.consumed_samples,
             lr=self._main_lr(),
             tokens_per_iteration=self.layout.global_batch_size * self.cfg.seq_length,
-            world_size=self.layout.world_size, peak_tflops=self.peak_tflops)
+            world_size=self.layout.world_size,
+            peak_tflops=self.peak_tflops,
+        )
         self.sinks.log(metrics, self.cfg.train_iters)
 
     def _maybe_save(self, saved_at: int | None) -> int | None:
@@ -254,17 +300,28 @@ class Trainer:
 
     def save(self) -> None:
         t0 = time.monotonic()
-        path = save_training_checkpoint(self.cfg.save, self.state, model=self.parts.model,
-                                        optimizer=self.parts.optimizer, scheduler=self.parts.scheduler,
-                                        metadata=self.metadata, cfg=self.cfg)
+        path = save_training_checkpoint(
+            self.cfg.save,
+            self.state,
+            model=self.parts.model,
+            optimizer=self.parts.optimizer,
+            scheduler=self.parts.scheduler,
+            metadata=self.metadata,
+            cfg=self.cfg,
+        )
         self.sinks.message(f"saved {path} in {time.monotonic() - t0:.1f} s")
 
     def _exit_reason(self, started: float) -> str | None:
         cfg = self.cfg
-        flags = torch.tensor([
-            float(self.stop_requested),
-            float(cfg.exit_duration_in_mins is not None and time.monotonic() - started > 60 * cfg.exit_duration_in_mins),
-        ])
+        flags = torch.tensor(
+            [
+                float(self.stop_requested),
+                float(
+                    cfg.exit_duration_in_mins is not None
+                    and time.monotonic() - started > 60 * cfg.exit_duration_in_mins
+                ),
+            ]
+        )
         if torch.cuda.is_available():
             flags = flags.cuda()
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # one rank's signal stops all of them at the same step
@@ -279,8 +336,11 @@ class Trainer:
 
 def _is_logging_rank() -> bool:
     """The rank that sees the reduced loss: last pipeline stage, first tensor and data-parallel rank."""
-    return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0)
+    return (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
 
 
 def _check_pack_lengths(dataset: BlendedPackDataset, seq_length: int) -> None:
@@ -288,9 +348,11 @@ def _check_pack_lengths(dataset: BlendedPackDataset, seq_length: int) -> None:
     loader would find out only when the first batch is asked for)."""
     for prefix, longest in zip(dataset.prefixes, dataset.max_pack_length()):
         if longest > seq_length:
-            raise ConfigError(f"--seq-length: {seq_length} is shorter than the packs of --data-path prefix "
-                              f"{prefix!r} (up to {longest} tokens): preprocess it for this sequence length, "
-                              f"or raise --seq-length")
+            raise ConfigError(
+                f"--seq-length: {seq_length} is shorter than the packs of --data-path prefix "
+                f"{prefix!r} (up to {longest} tokens): preprocess it for this sequence length, "
+                f"or raise --seq-length"
+            )
 
 
 def _resolve_tokenizer(cfg: TrainConfig, start: Start) -> SoloTokenizer | None:
@@ -302,6 +364,7 @@ def _resolve_tokenizer(cfg: TrainConfig, start: Start) -> SoloTokenizer | None:
     else:
         return None
     if tokenizer.vocab_size != start.model.vocab_size:
-        raise ConfigError(f"--tokenizer-model: {tokenizer.vocab_size} tokens, but the model has "
-                          f"vocab_size={start.model.vocab_size}")
+        raise ConfigError(
+            f"--tokenizer-model: {tokenizer.vocab_size} tokens, but the model has vocab_size={start.model.vocab_size}"
+        )
     return tokenizer

@@ -27,8 +27,15 @@ WORK_KEY = "work"  # [model FLOPs, real tokens] of the micro-batch (:func:`micro
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0}
 
 
-def loss_with_breakdown(loss_mask: torch.Tensor, image_rows: torch.Tensor, work: torch.Tensor,
-                        samples: torch.Tensor, per_token_loss: torch.Tensor, *, weights: torch.Tensor | None = None):
+def loss_with_breakdown(
+    loss_mask: torch.Tensor,
+    image_rows: torch.Tensor,
+    work: torch.Tensor,
+    samples: torch.Tensor,
+    per_token_loss: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
+):
     """The loss ([sum, count] for ``calculate_per_token_loss``) plus the same for image-bearing and text-only
     packs, the target counts and the work done.
 
@@ -64,8 +71,9 @@ def causal_pairs(lengths: np.ndarray, window: int | None) -> float:
     return float((inside * (inside + 1) / 2 + np.maximum(lengths - window, 0) * window).sum())
 
 
-def batch_work(cu_seqlens: torch.Tensor, pack_lengths: torch.Tensor, seq_length: int,
-               window: int | None) -> torch.Tensor:
+def batch_work(
+    cu_seqlens: torch.Tensor, pack_lengths: torch.Tensor, seq_length: int, window: int | None
+) -> torch.Tensor:
     """float32 [2]: (real tokens, attention pairs) of a micro-batch, padding spans left out.
 
     Host tensors in (cu_seqlens int32 [n + 1] over the flat b·s stream, pack_lengths int64 [b]): no device sync.
@@ -77,8 +85,14 @@ def batch_work(cu_seqlens: torch.Tensor, pack_lengths: torch.Tensor, seq_length:
     return torch.tensor([float(pack_lengths.sum()), causal_pairs(documents, window)], dtype=torch.float32)
 
 
-def model_flops(cfg: ModelConfig, tokens: float, attention_pairs: float, *, logit_tokens: float | None = None,
-                padded_vocab_size: int | None = None) -> float:
+def model_flops(
+    cfg: ModelConfig,
+    tokens: float,
+    attention_pairs: float,
+    *,
+    logit_tokens: float | None = None,
+    padded_vocab_size: int | None = None,
+) -> float:
     """Model FLOPs of a training step (forward + backward; recompute is not counted, as MFU's convention) over
     ``tokens`` real tokens whose attention computes ``attention_pairs`` (query, key) pairs (:func:`causal_pairs`):
     6 per weight and token in the decoder, 6·h·V per token that gets logits (``logit_tokens``, default every
@@ -88,16 +102,20 @@ def model_flops(cfg: ModelConfig, tokens: float, attention_pairs: float, *, logi
     per_layer = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_query_groups) + 3 * h * cfg.ffn_hidden_size
     logit_tokens = tokens if logit_tokens is None else logit_tokens
     output_layer = 6.0 * h * (padded_vocab_size or cfg.vocab_size) * logit_tokens  # the patch projection is noise
-    return (6.0 * cfg.num_layers * per_layer * tokens + output_layer
-            + 12.0 * cfg.num_layers * cfg.num_attention_heads * d * attention_pairs)
+    return (
+        6.0 * cfg.num_layers * per_layer * tokens
+        + output_layer
+        + 12.0 * cfg.num_layers * cfg.num_attention_heads * d * attention_pairs
+    )
 
 
 def micro_batch_work(batch, cfg: ModelConfig, padded_vocab_size: int) -> torch.Tensor:
     """float32 [2]: (model FLOPs, real tokens) of a host ``Batch`` as the trainer runs it (logits at the loss
     targets only), computed before the copy to the device: no device sync."""
     tokens, pairs = batch_work(batch.cu_seqlens, batch.pack_lengths, batch.tokens.shape[1], cfg.sliding_window).tolist()
-    flops = model_flops(cfg, tokens, pairs, logit_tokens=float(batch.loss_mask.sum()),
-                        padded_vocab_size=padded_vocab_size)
+    flops = model_flops(
+        cfg, tokens, pairs, logit_tokens=float(batch.loss_mask.sum()), padded_vocab_size=padded_vocab_size
+    )
     return torch.tensor([flops, tokens], dtype=torch.float32)
 
 
@@ -124,8 +142,16 @@ class Window:
         if grad_norm is not None:
             self.grad_norm = float(grad_norm)
 
-    def summary(self, *, iteration: int, consumed_samples: int, lr: float, tokens_per_iteration: int,
-                world_size: int, peak_tflops: float | None) -> dict:
+    def summary(
+        self,
+        *,
+        iteration: int,
+        consumed_samples: int,
+        lr: float,
+        tokens_per_iteration: int,
+        world_size: int,
+        peak_tflops: float | None,
+    ) -> dict:
         """Averages over the window; losses are means per target token (or per sample, as the run averages)."""
         sums = self.sums.double()
         out = {"iteration": iteration, "consumed_samples": consumed_samples, "lr": lr}
@@ -148,12 +174,14 @@ def format_line(m: dict, train_iters: int) -> str:
     def num(value, fmt):
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
 
-    return (f" iteration {m['iteration']:>7}/{train_iters} | consumed samples {m['consumed_samples']} | "
-            f"ms/iter {m['ms_per_iteration']:.1f} | lr {m['lr']:.3e} | lm loss {num(m['lm_loss'], '.5f')} | "
-            f"img {num(m['img_lm_loss'], '.5f')} | txt {num(m['txt_lm_loss'], '.5f')} | "
-            f"target tokens {m['target_tokens']} | tokens/s {m['tokens_per_s']:.4g} | "
-            f"grad norm {num(m['grad_norm'], '.4f')} | TFLOP/s/device {m['tflops_per_device']:.3g} | "
-            f"MFU {num(None if m['mfu'] is None else 100 * m['mfu'], '.1f')}%")
+    return (
+        f" iteration {m['iteration']:>7}/{train_iters} | consumed samples {m['consumed_samples']} | "
+        f"ms/iter {m['ms_per_iteration']:.1f} | lr {m['lr']:.3e} | lm loss {num(m['lm_loss'], '.5f')} | "
+        f"img {num(m['img_lm_loss'], '.5f')} | txt {num(m['txt_lm_loss'], '.5f')} | "
+        f"target tokens {m['target_tokens']} | tokens/s {m['tokens_per_s']:.4g} | "
+        f"grad norm {num(m['grad_norm'], '.4f')} | TFLOP/s/device {m['tflops_per_device']:.3g} | "
+        f"MFU {num(None if m['mfu'] is None else 100 * m['mfu'], '.1f')}%"
+    )
 
 
 class MetricSinks:
@@ -176,8 +204,13 @@ class MetricSinks:
                 import wandb
             except ImportError as err:
                 raise ImportError(f"--wandb-project needs the wandb package ({err})") from None
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_exp_name, dir=cfg.wandb_save_dir,
-                                    config=cfg.to_dict(), resume="allow")
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                name=cfg.wandb_exp_name,
+                dir=cfg.wandb_save_dir,
+                config=cfg.to_dict(),
+                resume="allow",
+            )
         if self.metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(self.metrics_file)), exist_ok=True)
 
