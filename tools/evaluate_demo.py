@@ -2,7 +2,8 @@
 """Evaluate the CPU demo: greedy answers on held-out images, the report, the loss-curve PNG.
 
     python tools/evaluate_demo.py --data demo_run/raw --stage1 demo_run/ckpt/stage1 --stage2 demo_run/ckpt/stage2 \
-        --metrics demo_run/stage1.metrics.jsonl demo_run/stage2.metrics.jsonl --out demo_run [--timings FILE]
+        --metrics demo_run/stage1.metrics.jsonl demo_run/stage2.metrics.jsonl demo_run/sft.metrics.jsonl \
+        [--sft demo_run/ckpt/sft] --out demo_run [--timings FILE]
 
 Writes ``OUT/report.txt`` (also printed), ``OUT/report.json`` and ``OUT/loss_curves.png``. Exits 1 when the
 stage-1 held-out label accuracy is below ``--min-label-accuracy`` (default 0.9), so a demo that did not
@@ -26,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, type=Path, help="tools/make_demo_data.py --out")
     p.add_argument("--stage1", required=True, type=Path, help="stage-1 checkpoint")
     p.add_argument("--stage2", type=Path, default=None, help="stage-2 checkpoint (captions)")
+    p.add_argument("--sft", type=Path, default=None, help="SFT checkpoint (question-answer chats)")
     p.add_argument("--metrics", nargs="+", type=Path, default=[], help="--metrics-file of each stage, in order")
     p.add_argument("--timings", type=Path, default=None, help="'step seconds' lines to report")
     p.add_argument("--out", required=True, type=Path)
@@ -56,20 +58,32 @@ def main(argv=None) -> int:
         stage2_labels = ev.score_labels([t for _, t in labels], answer_all(gen2, labels, args.batch_size))
         caps = ev.read_heldout(args.data / "captions" / "heldout.jsonl", "caption")
         captions = ev.score_captions([t for _, t in caps], answer_all(gen2, caps, args.batch_size))
+    chat = None
+    if args.sft is not None:
+        questions = ev.read_questions(args.data / "sft" / "heldout.jsonl", args.data / "captions")
+        answers = Generator(args.sft)(
+            [([q["image"]], q["question"]) for q in questions],
+            template="mistral",
+            max_new_tokens=6,
+            batch_size=args.batch_size,
+        )
+        chat = ev.score_chat(questions, answers)
     metrics = [ev.read_metrics(p) for p in args.metrics]
-    names = ["stage 1", "stage 2"][: len(metrics)]
+    names = ["stage 1", "stage 2", "SFT"][: len(metrics)]
     args.out.mkdir(parents=True, exist_ok=True)
     if metrics:
         ev.plot_losses(list(zip(names, metrics)), args.out / "loss_curves.png")
     timings = ev.read_timings(args.timings) if args.timings else {}
     timings["evaluate"] = time.perf_counter() - start
-    summaries = [ev.loss_summary(m) for m in metrics] + [None, None]
+    summaries = [ev.loss_summary(m) for m in metrics] + [None, None, None]
     report = ev.format_report(
         stage1_labels=stage1,
         stage1_losses=summaries[0],
         stage2_labels=stage2_labels,
         captions=captions,
         stage2_losses=summaries[1],
+        chat=chat,
+        sft_losses=summaries[2],
         timings=timings,
         min_label_accuracy=args.min_label_accuracy,
     )
@@ -83,6 +97,7 @@ def main(argv=None) -> int:
                     "stage1_labels": dataclasses.asdict(stage1),
                     "stage2_labels": dataclasses.asdict(stage2_labels) if stage2_labels else None,
                     "captions": dataclasses.asdict(captions) if captions else None,
+                    "sft": dataclasses.asdict(chat) if chat else None,
                     "losses": summaries[: len(metrics)],
                     "timings": timings,
                 },

@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--captions", type=int, default=d.captions, help="stage-2 training scenes")
     p.add_argument("--heldout-captions", type=int, default=d.heldout_captions)
     p.add_argument("--text-documents", type=int, default=d.text_documents)
+    p.add_argument("--sft-chats", type=int, default=d.sft_chats, help="SFT chats (one per caption image at most)")
+    p.add_argument("--sft-heldout", type=int, default=d.sft_heldout, help="held-out scenes asked questions")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--workers", type=int, default=None, help="processes (default: all CPUs; same bytes for any)")
     return p.parse_args(argv)
@@ -44,6 +46,8 @@ def main(argv=None) -> int:
             captions=args.captions,
             heldout_captions=args.heldout_captions,
             text_documents=args.text_documents,
+            sft_chats=args.sft_chats,
+            sft_heldout=args.sft_heldout,
             seed=args.seed,
         )
     except ValueError as e:

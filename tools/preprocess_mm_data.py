@@ -2,9 +2,9 @@
 """Preprocess multimodal data into packed, indexed binaries for SOLO pre-training.
 
     python tools/preprocess_mm_data.py --input 'data/captions-*.jsonl.zst' --output-prefix out/captions \\
-        [--input-format auto|chat|llava|caption|webdataset|imagenet|text] [--image-root DIR] \\
+        [--input-format auto|chat|llava|sft|caption|webdataset|imagenet|text] [--image-root DIR] \\
         [--allow-outside-root] [--class-names FILE] [--shuffle-seed N | --no-shuffle] [--tokenizer-model PATH] \\
-        [--seq-length 32768] [--workers N] [--resume] [--strict]
+        [--seq-length 32768] [--max-sample-length N] [--workers N] [--resume] [--strict]
 
 Writes OUT.bin/.idx (tokens), OUT.pack.bin/.idx (targets, document boundaries, images),
 OUT.errors.jsonl and OUT.stats.json; see megatron/solo/data/packed_format.py for the layout.
@@ -74,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenizer.model or a directory holding one (default: Mistral-7B-v0.1's, from mistral-common)",
     )
     g.add_argument("--seq-length", type=int, default=packing.DEFAULT_SEQ_LENGTH, help="tokens per pack (default 32768)")
+    g.add_argument(
+        "--max-sample-length",
+        type=int,
+        default=None,
+        help="cut each sample to at most N tokens (SFT: 4096, the recipe's); each cut is counted in "
+        "OUT.stats.json (truncated_samples) and listed in OUT.errors.jsonl as 'truncated' (default: no limit)",
+    )
     g.add_argument(
         "--pack-buffer-size",
         type=int,
@@ -145,6 +152,7 @@ def config_from_args(args: argparse.Namespace):
             chat_template=args.chat_template,
             append_eod=args.append_eod,
             max_aspect_distortion=args.max_aspect_distortion or None,
+            max_sample_length=args.max_sample_length,
         ),
         pack=packing.PackConfig(seq_length=args.seq_length, buffer_size=args.pack_buffer_size),
         workers=default_workers() if args.workers is None else args.workers,
@@ -179,7 +187,8 @@ def main(argv=None) -> int:
     skipped = sum(stats["skipped"].values())
     print(
         f"{config.output_prefix}: {stats['packs']:,} packs of ≤ {stats['seq_length']:,} tokens from "
-        f"{stats['documents']:,} documents ({skipped:,} samples skipped, see {config.output_prefix}.errors.jsonl); "
+        f"{stats['documents']:,} documents ({skipped:,} samples skipped, "
+        f"{stats.get('truncated_samples', 0):,} truncated, see {config.output_prefix}.errors.jsonl); "
         f"padding {100 * stats['padding_fraction']:.2f}%, {stats['bytes_per_vision_token']:.0f} bytes per vision token",
         file=sys.stderr,
     )

@@ -10,8 +10,10 @@
 # 2. tools/preprocess_mm_data.py: each dataset → packed indexed binaries, with the real Mistral tokenizer;
 # 3. pretrain_solo.py stage 1: labels + text, from scratch (the tiny preset);
 # 4. pretrain_solo.py stage 2: captions + labels + text, loading stage 1 (--finetune);
-# 5. tools/evaluate_demo.py: greedy generation (tools/generate.py's code) on held-out images, the report
-#    (demo_run/report.txt, report.json) and the loss curves (demo_run/loss_curves.png).
+# 5. pretrain_solo.py SFT: question-answer chats about the shapes in SOLO's released SFT layout, loading
+#    stage 2, [INST] … [/INST], loss on the answers averaged per sample (--loss-averaging sample);
+# 6. tools/evaluate_demo.py: greedy generation (tools/generate.py's code) on held-out images and questions,
+#    the report (demo_run/report.txt, report.json) and the loss curves (demo_run/loss_curves.png).
 #
 # Steps and seeds are fixed: another machine makes the same run up to floating-point differences.
 set -euo pipefail
@@ -22,7 +24,7 @@ SMOKE=0
 for arg in "$@"; do
   case $arg in
     --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -51,11 +53,12 @@ echo "demo: using $PYTHON"
 # Short packs (256 tokens): on CPU attention is a dense masked matrix, so its cost grows with the pack length;
 # one pack per step: many small steps learn fastest here.
 if [ "$SMOKE" = 1 ]; then
-  DATA_ARGS=(--per-class 4 --heldout-per-class 1 --captions 40 --heldout-captions 6 --text-documents 40)
-  ITERS1=16; ITERS2=16; WARMUP=1; LOG=1
+  DATA_ARGS=(--per-class 4 --heldout-per-class 1 --captions 40 --heldout-captions 6 --text-documents 40
+             --sft-chats 40 --sft-heldout 4)
+  ITERS1=16; ITERS2=16; ITERS3=8; WARMUP=1; LOG=1
 else
   DATA_ARGS=()
-  ITERS1=2500; ITERS2=2500; WARMUP=10; LOG=25
+  ITERS1=2500; ITERS2=2500; ITERS3=${DEMO_SFT_ITERS:-800}; WARMUP=10; LOG=25
 fi
 SEQ=256; GBS=1
 
@@ -92,6 +95,9 @@ preprocess_all() {
   preprocess labels --input "$OUT/raw/labels/train" --class-names "$OUT/raw/labels/classes.txt"
   preprocess captions --input "$OUT/raw/captions/train.jsonl"
   preprocess text --input "$OUT/raw/text/corpus.jsonl" --workers 0  # text is quick: no worker start-up
+  # the released SFT layout; every chat fits a pack (the real recipe cuts at 4096: examples/solo/sft.sh)
+  preprocess sft --input "$OUT/raw/sft/train.jsonl" --input-format sft --image-root "$OUT/raw/captions" \
+      --max-sample-length "$SEQ"
 }
 step preprocess preprocess_all
 
@@ -108,8 +114,15 @@ step stage2 "$PYTHON" pretrain_solo.py "${TRAIN[@]}" --load "$OUT/ckpt/stage1" -
     --train-iters "$ITERS2" --lr 8e-4 --min-lr 1e-4 --decoupled-lr 2e-3 --decoupled-min-lr 2e-4 \
     --save "$OUT/ckpt/stage2" --metrics-file "$OUT/stage2.metrics.jsonl"
 
-EVAL=(--data "$OUT/raw" --stage1 "$OUT/ckpt/stage1" --stage2 "$OUT/ckpt/stage2" --metrics "$OUT/stage1.metrics.jsonl"
-      "$OUT/stage2.metrics.jsonl" --out "$OUT")
+# SFT, the recipe's shape in miniature (examples/solo/sft.sh): linear decay, weight decay 0.05, per-sample
+# loss; a higher learning rate than its 1e-5, for a 64-wide model and 800 steps.
+step sft "$PYTHON" pretrain_solo.py "${TRAIN[@]}" --load "$OUT/ckpt/stage2" --finetune \
+    --data-path "$OUT/data/sft" --loss-averaging sample \
+    --train-iters "$ITERS3" --lr 5e-4 --min-lr 0 --lr-decay-style linear --weight-decay 0.05 --clip-grad 1.0 \
+    --save "$OUT/ckpt/sft" --metrics-file "$OUT/sft.metrics.jsonl"
+
+EVAL=(--data "$OUT/raw" --stage1 "$OUT/ckpt/stage1" --stage2 "$OUT/ckpt/stage2" --sft "$OUT/ckpt/sft"
+      --metrics "$OUT/stage1.metrics.jsonl" "$OUT/stage2.metrics.jsonl" "$OUT/sft.metrics.jsonl" --out "$OUT")
 [ "$SMOKE" = 1 ] && EVAL+=(--min-label-accuracy 0)
 echo "demo: evaluate"
 "$PYTHON" tools/evaluate_demo.py "${EVAL[@]}" --timings "$TIMINGS"  # times itself; exits 1 below the label goal

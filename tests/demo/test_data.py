@@ -28,16 +28,34 @@ def pixels_digest(path) -> str:
 def test_counts_and_layout(tree):
     root, counts = tree
     n_classes = len(scenes.classes())
+    asked = counts.pop("sft_heldout_questions")
     assert counts == {
         "label_train": 3 * n_classes,
         "label_heldout": 2 * n_classes,
         "caption_train": 12,
         "caption_heldout": 5,
         "text_documents": 7,
-    }
+        "sft_chats": 12,
+    }  # chats: one per caption image
+    assert len((root / "sft" / "heldout.jsonl").read_text().splitlines()) == asked >= 5  # ≥ 1 per held-out scene
     assert not root.with_name("raw.partial").exists()
     assert len(list((root / "labels" / "train").glob("*/*.png"))) == 3 * n_classes
     assert len((root / "text" / "corpus.jsonl").read_text().splitlines()) == 7
+
+
+def test_sft_chats_are_in_the_released_layout_and_ask_about_their_own_image(tree):
+    root, _ = tree
+    captions = [json.loads(line) for line in (root / "captions" / "train.jsonl").read_text().splitlines()]
+    chats = [json.loads(line) for line in (root / "sft" / "train.jsonl").read_text().splitlines()]
+    assert sources.classify(chats[0]) == "llava"  # dict turns only: preprocess with --input-format sft
+    for chat, caption in zip(chats, captions):
+        assert chat["image"] == caption["image"]
+        turns = chat["conversations"]
+        assert turns[0]["value"].startswith("<image>\n") and len(turns) % 2 == 0
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        for question, answer in zip(turns[0::2], turns[1::2]):
+            if question["value"].startswith(("<image>\nWhat colour", "What colour")):
+                assert answer["value"] in caption["caption"]
 
 
 def test_label_tree_reads_as_imagenet_with_its_class_names(tree):

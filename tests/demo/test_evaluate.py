@@ -72,3 +72,36 @@ def test_report_says_pass_or_fail_and_sums_times(tmp_path):
 def test_read_heldout_resolves_paths(tmp_path):
     (tmp_path / "h.jsonl").write_text(json.dumps({"image": "a/b.png", "label": "red circle"}) + "\n")
     assert ev.read_heldout(tmp_path / "h.jsonl", "label") == [(str(tmp_path / "a/b.png"), "red circle")]
+
+
+def test_chat_scores_by_kind_and_examples(tmp_path):
+    questions = [
+        {"kind": "count", "question": "How many?", "answer": "two"},
+        {"kind": "count", "question": "How many now?", "answer": "one"},
+        {"kind": "relation", "question": "Left?", "answer": "yes"},
+    ]
+    s = ev.score_chat(questions, ["Two.", "three", "yes"])
+    assert s.accuracy == pytest.approx(2 / 3) and s.by_kind == {"count": 0.5, "relation": 1.0}
+    assert s.n_by_kind == {"count": 2, "relation": 1}
+    assert s.examples == [("How many?", "two", "Two."), ("How many now?", "one", "three"), ("Left?", "yes", "yes")]
+    summary = ev.loss_summary(metrics(3, 9.0))
+    report = ev.format_report(
+        stage1_labels=ev.score_labels(["a b"], ["a b"]), stage1_losses=summary, chat=s, sft_losses=summary
+    )
+    assert "answered exactly: 66.7% of 3" in report and "count 50.0% of 2, relation 100.0% of 1" in report
+    (tmp_path / "q.jsonl").write_text(json.dumps({"image": "heldout/1.png", **questions[0]}) + "\n")
+    assert ev.read_questions(tmp_path / "q.jsonl", tmp_path / "c")[0]["image"] == str(tmp_path / "c/heldout/1.png")
+
+
+def test_ablation_report_and_plot(tmp_path):
+    a = ev.score_captions(["a red circle", "two blue squares"], ["a red circle", "two red squares"])
+    b = ev.score_captions(["a red circle", "two blue squares"], ["a red square", "a blue circle"])
+    report = ev.format_ablation(
+        [("after stage 1", a, ev.loss_summary(metrics(3, 9.0))), ("from scratch", b, ev.loss_summary(metrics(3, 8.0)))],
+        {"after_stage1": 120},
+    )
+    assert "after stage 1:" in report and "exact match: 50.0% of 2" in report and "exact match: 0.0% of 2" in report
+    assert "colour 50.0%" in report and "colour 100.0%" in report and "total 2.0 min" in report
+    ev.plot_runs([("after stage 1", metrics(5, 9.0)), ("from scratch", metrics(5, 8.0))], tmp_path / "a.png", "t")
+    with Image.open(tmp_path / "a.png") as img:
+        assert img.format == "PNG" and img.width > 400

@@ -87,3 +87,25 @@ def test_label_images_hold_one_shape_of_their_class():
         fill = mask.sum() / ((np.ptp(xs) + 1) * (np.ptp(ys) + 1))  # of the bounding box
         expected = {"square": 1.0, "circle": np.pi / 4, "triangle": 0.5}[shape]
         assert abs(fill - expected) < 0.12, (name, fill)
+
+
+def test_questions_are_answered_by_the_scene():
+    scene = Scene((Group(2, "blue", "circle"), Group(1, "green", "circle")), "left of")
+    qa = {kind: (q, a) for kind, q, a in scenes.questions(scene, random.Random(0))}
+    assert qa["count"] == ("How many circles are there?", "three")  # both groups are circles
+    assert "colour" not in qa  # "the circle" would be ambiguous
+    assert qa["shape"][1] == "circle"
+    rng = random.Random(1)
+    answers = set()
+    for _ in range(200):
+        scene = random_scene(rng)
+        for kind, question, answer in scenes.questions(scene, rng):
+            if kind == "relation":
+                first, second = (g for g in scene.groups)
+                where = [question.index(f"{g.colour} {g.shape}") for g in (first, second)]
+                asked_in_order = where[0] < where[1]
+                assert (answer == "yes") == (asked_in_order and scene.relation in question), (scene, question)
+                answers.add(answer)
+            elif kind == "colour":
+                assert answer in COLOURS and answer in scene.caption()
+    assert answers == {"yes", "no"}

@@ -6,6 +6,7 @@ the launches are few: one per stage, one bad override, one simulated SLURM job.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -187,6 +188,58 @@ def test_stage_dry_run_is_the_paper_recipe(launcher, tmp_path):
         "--master-port",
         "29500",
     ]
+
+
+# The released SFT recipe (reference spec §8.3) as sft.sh translates it.
+SFT_RECIPE = {
+    "lr": "1e-05",
+    "min_lr": "0.0",
+    "lr_decay_style": "linear",
+    "lr_warmup_iters": "6",
+    "weight_decay": "0.05",
+    "clip_grad": "1.0",
+    "bf16": "True",
+    "loss_averaging": "sample",
+    "finetune": "True",
+    "adam_beta1": "0.9",
+    "adam_beta2": "0.999",
+    "adam_eps": "1e-08",
+    "seq_length": "32768",
+    "tensor_model_parallel_size": "2",
+    "data_parallel_size": "4",
+    "micro_batch_size": "1",
+}
+
+
+@pytest.mark.parametrize("stats", [None, {"documents": 10_000, "packs": 800}])
+def test_sft_dry_run_resolves_the_recipe(stats, tmp_path):
+    """Without the prefix's stats: the documented defaults (16 samples per pack); with them: ≈ 512 samples per
+    step as a whole number of micro-batches per DP rank, and one epoch of packs."""
+    (tmp_path / "data").mkdir()
+    if stats is not None:
+        (tmp_path / "data" / "sft.stats.json").write_text(json.dumps(stats))
+    proc = run(["bash", str(EXAMPLES / "sft.sh"), "--dry-run"], clean_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    shell, resolved = parse(proc.stdout)
+    for name, value in SFT_RECIPE.items():
+        assert resolved[name] == value, (name, resolved[name], value)
+    # 12.5 samples per pack: 512 / 12.5 = 41 packs → 40 (a multiple of DP 4), 500 samples; 800 // 40 steps
+    gbs, iters = (32, 2207) if stats is None else (40, 20)
+    assert resolved["global_batch_size"] == str(gbs) and resolved["train_iters"] == str(iters)
+    assert shell["SAMPLES_PER_PACK"] == ("16.00" if stats is None else "12.50")
+    assert ("sft.stats.json not found" in proc.stderr) == (stats is None)
+    ckpt = tmp_path / "ckpt"
+    assert resolved["load"] == str(ckpt / "stage3") and resolved["save"] == str(ckpt / "sft")
+    assert blend_of(resolved["data_path"]) == {"sft": (1.0, str(tmp_path / "data" / "sft"))}
+    check_command_matches(resolved["command"], resolved, world_size=8)
+    if stats is not None:  # the environment wins over the derived values
+        overridden = run(
+            ["bash", str(EXAMPLES / "sft.sh"), "--dry-run"],
+            clean_env(tmp_path, GLOBAL_BATCH_SIZE="64", TRAIN_ITERS="50"),
+        )
+        assert overridden.returncode == 0, overridden.stderr
+        assert parse(overridden.stdout)[1]["global_batch_size"] == "64"
+        assert parse(overridden.stdout)[1]["train_iters"] == "50"
 
 
 def test_sequence_parallel_follows_tensor_parallel_and_can_be_turned_off(tmp_path):

@@ -48,16 +48,21 @@ def test_a_window_caps_long_documents_and_padding_is_not_work():
 
 def test_window_summary_adds_up_and_reports_model_flops():
     window = Window()
-    # Two iterations of reduced sums: [lm, img, txt] × [loss sum, target count], then [model FLOPs, tokens].
+    # Two iterations of reduced sums: [lm, img, txt] × [loss sum, count], [target tokens, samples], then
+    # [model FLOPs, tokens].
     for _ in range(2):
-        window.add(torch.tensor([[30.0, 10.0], [20.0, 4.0], [10.0, 6.0], [3e12, 96.0]]), seconds=0.5, grad_norm=1.5)
+        window.add(
+            torch.tensor([[30.0, 10.0], [20.0, 4.0], [10.0, 6.0], [10.0, 3.0], [3e12, 96.0]]),
+            seconds=0.5,
+            grad_norm=1.5,
+        )
     m = window.summary(
         iteration=2, consumed_samples=8, lr=1e-3, tokens_per_iteration=128, world_size=2, peak_tflops=2.0
     )
     assert m["lm_loss"] == pytest.approx(3.0) and m["img_lm_loss"] == pytest.approx(5.0)
     assert m["txt_lm_loss"] == pytest.approx(10 / 6)
     assert m["lm_loss"] * 10 == pytest.approx(m["img_lm_loss"] * 4 + m["txt_lm_loss"] * 6)  # the parts add up
-    assert m["target_tokens"] == 10 and m["grad_norm"] == 1.5
+    assert m["target_tokens"] == 10 and m["samples"] == 3 and m["grad_norm"] == 1.5
     assert m["tokens_per_s"] == pytest.approx(192 / 1.0) and m["padding"] == pytest.approx(0.25)
     assert m["tflops_per_device"] == pytest.approx(6e12 / 1.0 / 2 / 1e12)
     assert m["mfu"] == pytest.approx(m["tflops_per_device"] / 2.0)

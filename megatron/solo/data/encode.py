@@ -14,6 +14,10 @@ Document layout (``chat_template="mistral"``, the default)::
   markers, no per-turn ``</s>``. Single-assistant-turn samples (captions, labels, text) are the same in both.
 * ``target[i] = 1``: token i is to be predicted (text of assistant turns and their ``</s>``). Patch tokens
   and the vision specials are never targets. The final EOS is a target iff the token before it is.
+* ``max_sample_length`` (SFT: the recipe's 4096) cuts a longer document at that many tokens, or before an
+  image the cut would split; the cut document keeps no EOS (it did not end), records how many tokens it
+  lost (``Document.truncated``: the driver counts and lists it), and is refused (``too_long``) when
+  nothing to learn is left.
 * Each text part is tokenized on its own (SentencePiece adds its word-boundary prefix to each), as the
   reference does; an image becomes ``tokenizer.image_layout_ids(rows, cols)`` and its pixels are stored
   after the size rule, encoded by :mod:`~megatron.solo.data.codec`.
@@ -53,6 +57,8 @@ class EncodeConfig:
     """End each document with EOS (a target iff the token before it is)."""
     max_aspect_distortion: float | None = 4.0
     """Refuse images (reason ``sliver``) whose aspect ratio the size rule changes by more than this factor."""
+    max_sample_length: int | None = None
+    """Cut each document to at most this many tokens (None: no limit; the packer still fits ``seq_length``)."""
 
     def __post_init__(self):
         if self.image_format not in codec.CODECS:
@@ -68,6 +74,12 @@ class EncodeConfig:
         if self.max_aspect_distortion is not None and not self.max_aspect_distortion >= 1:
             raise ValueError(
                 f"EncodeConfig.max_aspect_distortion must be >= 1 or None, got {self.max_aspect_distortion!r}"
+            )
+        if self.max_sample_length is not None and not (
+            isinstance(self.max_sample_length, int) and self.max_sample_length >= 8
+        ):
+            raise ValueError(
+                f"EncodeConfig.max_sample_length must be an int >= 8 or None, got {self.max_sample_length!r}"
             )
 
 
@@ -101,6 +113,8 @@ class Document:
     origin: Origin
     continuation: bool = field(default=False)
     """A chunk after the first of a split text document (it starts mid-text, without BOS)."""
+    truncated: int = field(default=0)
+    """Tokens cut off the end by ``EncodeConfig.max_sample_length`` (0: whole)."""
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -132,10 +146,41 @@ def encode_sample(sample: Sample, tokenizer, config: EncodeConfig) -> Document:
     tokens, targets, images = encode_turns(sample.turns, tokenizer, config, sample.origin)
     if config.append_eod:
         tokens = np.append(tokens, np.int32(tokenizer.eos_id))
-        targets = np.append(targets, targets[-1])
+        targets = np.append(targets, targets[-1] or _ends_with_answer(sample.turns, config.chat_template))
     if not targets.any():
         raise SampleError("no_targets", sample.origin, "no assistant text to learn (loss would be empty)")
-    return Document(tokens, targets, images, sample.origin)
+    doc = Document(tokens, targets, images, sample.origin)
+    if config.max_sample_length is not None and len(doc) > config.max_sample_length:
+        doc = _truncate(doc, config.max_sample_length)
+    return doc
+
+
+def _ends_with_answer(turns: tuple[Turn, ...], template: str) -> bool:
+    """Whether the final ``</s>`` closes a text answer under the mistral template: then it is learnt even
+    after an empty answer (an ``sft`` row's ``""``), as every other answer's ``</s>`` is."""
+    last = next((t for t in reversed(turns) if t.parts), None)
+    return (
+        template == "mistral"
+        and last is not None
+        and last.role == "assistant"
+        and any(isinstance(p, str) for p in last.parts)
+    )
+
+
+def _truncate(doc: Document, limit: int) -> Document:
+    """The first ``limit`` tokens (fewer if an image straddles the cut); ``too_long`` if nothing to learn is left."""
+    cut = limit
+    for im in doc.images:
+        if im.position < cut < im.position + im.num_tokens:
+            cut = im.position
+    head = doc.head(cut)
+    if not head.targets[1:].any():  # the first token of a document is never predicted
+        raise SampleError(
+            "too_long",
+            doc.origin,
+            f"{len(doc)} tokens > --max-sample-length {limit}, and nothing to learn is left in the first {cut}",
+        )
+    return Document(head.tokens, head.targets, head.images, doc.origin, truncated=len(doc) - cut)
 
 
 def encode_turns(

@@ -31,9 +31,12 @@ REASONS = ImageError.REASONS + (
     "unknown_class",  # ImageNet: a class folder missing from the class-names file
     "unreadable_input",  # an input file (or its compressed stream / tar archive) that cannot be read on
     "corrupt_input",  # a sample of a compressed input whose checksum (or stream) fails: none of it is trusted
-    "too_long",  # a document that cannot fit in seq_length even truncated after an image
+    "too_long",  # a document with nothing to learn left once cut to seq_length / --max-sample-length
     "bad_record",  # any other failure while processing one record (the detail names the exception)
 )
+# Not a skip: a sample kept but cut to --max-sample-length; listed in PREFIX.errors.jsonl under this reason
+# and counted in the stats (truncated_samples), never in "skipped".
+TRUNCATED = "truncated"
 # An OSError with one of these numbers is the record's (a bad path); any other (EIO, ENOSPC, …) is the disk's.
 _RECORD_ERRNOS = {
     errno.ENOENT: "missing_file",
@@ -123,4 +126,4 @@ def _where(e: BaseException) -> str:
     return f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
 
 
-__all__ = ["REASONS", "InputError", "Origin", "SampleError", "printable", "record_failure"]
+__all__ = ["REASONS", "TRUNCATED", "InputError", "Origin", "SampleError", "printable", "record_failure"]

@@ -2,7 +2,8 @@
 
 Outputs for ``output_prefix=OUT`` (see :mod:`~megatron.solo.data.packed_format` for the byte layout):
 ``OUT.bin/.idx``, ``OUT.pack.bin/.idx``, ``OUT.errors.jsonl`` (one line per skipped sample: file, line or
-key, reason, detail) and ``OUT.stats.json`` (renamed into place last: its presence means complete).
+key, reason, detail; and one per sample cut to ``--max-sample-length``, reason ``truncated``) and
+``OUT.stats.json`` (renamed into place last: its presence means complete).
 
 Everything is built in the work directory ``OUT.partial/`` (:mod:`~megatron.solo.data.workdir`) and
 renamed into place only when complete. Every ``checkpoint_interval`` seconds the driver
@@ -30,7 +31,7 @@ from typing import TextIO
 from megatron.solo import faults
 from megatron.solo.data import packed_format, sources
 from megatron.solo.data.encode import Document, EncodeConfig
-from megatron.solo.data.errors import SampleError
+from megatron.solo.data.errors import TRUNCATED, SampleError
 from megatron.solo.data.packing import Pack, PackConfig, Packer
 from megatron.solo.data.progress import Progress, ordered_map
 from megatron.solo.data.workdir import WorkDir, read_stats, write_atomic
@@ -90,6 +91,12 @@ class PreprocessConfig:
             )
         if not (isinstance(self.workers, int) and self.workers >= 0):
             raise ValueError(f"PreprocessConfig.workers must be an int >= 0, got {self.workers!r}")
+        limit = self.encode.max_sample_length
+        if limit is not None and limit > self.pack.seq_length:
+            raise ValueError(
+                f"--max-sample-length {limit} exceeds --seq-length {self.pack.seq_length}: a sample "
+                "would be split over packs"
+            )
         for name in ("checkpoint_interval", "log_interval"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"PreprocessConfig.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -113,6 +120,9 @@ class Stats:
     record_bytes: int = 0
     encoded_tokens: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    truncated_samples: int = 0
+    """Samples cut to --max-sample-length (kept; each listed in errors.jsonl as ``truncated``)."""
+    truncated_sample_tokens: int = 0
 
     def add_pack(self, pack: Pack, record_bytes: int) -> None:
         self.packs += 1
@@ -146,6 +156,8 @@ class Stats:
             "image_bytes": self.image_bytes,
             "bytes_per_patch": self.image_bytes / self.patch_tokens if self.patch_tokens else 0.0,
             "record_bytes": self.record_bytes,
+            "truncated_samples": self.truncated_samples,
+            "truncated_sample_tokens": self.truncated_sample_tokens,
             "truncated_documents": packer.truncated_documents,
             "truncated_tokens": packer.truncated_tokens,
             "split_documents": packer.split_documents,
@@ -240,6 +252,7 @@ def _metadata(config: PreprocessConfig, fmt: str, files: list[str], tokenizer: S
         "image_quality": config.encode.image_quality,
         "chat_template": config.encode.chat_template,
         "append_eod": config.encode.append_eod,
+        "max_sample_length": config.encode.max_sample_length,
         "pack_buffer_size": config.pack.buffer_size,
         "tokenizer_sha256": tokenizer.metadata()["tokenizer_model_sha256"],
         "vocab_size": tokenizer.vocab_size,
@@ -344,6 +357,8 @@ class _Run:
         stats.samples += 1
         if isinstance(result, Document):
             stats.encoded_tokens += len(result)
+            if result.truncated:
+                self._note_truncation(result)
             try:
                 packs = self.state.packer.add(result)
             except SampleError as e:
@@ -358,6 +373,19 @@ class _Run:
             stats.skipped[result.reason] = stats.skipped.get(result.reason, 0) + 1
             self.errors.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
         self._update_progress()
+
+    def _note_truncation(self, doc: Document) -> None:
+        """Count a sample cut to --max-sample-length and name it in errors.jsonl (kept, so not "skipped")."""
+        stats = self.state.stats
+        stats.truncated_samples += 1
+        stats.truncated_sample_tokens += doc.truncated
+        limit = self.config.encode.max_sample_length
+        line = {
+            **doc.origin.to_json(),
+            "reason": TRUNCATED,
+            "detail": f"{len(doc) + doc.truncated} tokens > --max-sample-length {limit}: kept the first {len(doc)}",
+        }
+        self.errors.write(json.dumps(line, ensure_ascii=False) + "\n")
 
     def _write(self, pack: Pack) -> None:
         self.state.stats.add_pack(pack, self.writer.write(pack))

@@ -15,6 +15,12 @@ format         input                                                            
                "image_url": {"url"}}`` (file path or base64 data URL)
 ``llava``      JSON/JSONL: ``{"image": path | [paths], "conversations":             human → user, gpt → assistant;
                [{"from", "value"}]}``, ``<image>`` tags mark where images go      images at their tags
+``sft``        SOLO's released SFT layout (reference spec §8.3): JSONL/JSON        user, assistant, user, …;
+               ``{"image": path (optional), "conversations": [{"from",           the image first in the
+               "value"} | "text", …]}``; roles by parity (even = user, odd =     first user turn
+               assistant, ``from`` is not read), ``<image>`` tags removed from
+               the first user turn, empty answers kept (their ``</s>`` is learnt),
+               a last unanswered question dropped
 ``caption``    JSONL/JSON: ``{"image" | "image_path", "caption" | "text"}``       assistant: [image, caption]
 ``webdataset`` tar shards (img2dataset): ``key.jpg|jpeg|png|webp`` + ``key.txt``  assistant: [image, caption]
                or ``key.json`` (``caption``/``text``)
@@ -94,9 +100,13 @@ def parse_record(
         turns = _imagenet_turns(payload, ctx)
     else:
         obj = _json_payload(payload, origin)
-        turns = {"chat": _chat_turns, "llava": _llava_turns, "caption": _caption_turns, "text": _text_turns}[fmt](
-            obj, ctx
-        )
+        turns = {
+            "chat": _chat_turns,
+            "llava": _llava_turns,
+            "sft": _sft_turns,
+            "caption": _caption_turns,
+            "text": _text_turns,
+        }[fmt](obj, ctx)
     if not any(p for t in turns for p in t.parts):
         raise SampleError("empty_text", origin, "the sample has neither text nor images")
     return Sample(tuple(turns), origin)
@@ -270,6 +280,42 @@ def _llava_turns(obj: Any, ctx: _Ctx) -> list[Turn]:
         first = next((t for t in turns if t[0] == "user"), turns[0])
         first[1][:0] = refs
     return [Turn(role, _clean_parts(parts)) for role, parts in turns]
+
+
+def _sft_turns(obj: Any, ctx: _Ctx) -> list[Turn]:
+    """SOLO's SFT rows, read as its collator does: roles by parity, one image before the first question.
+
+    Empty texts stay as ``""`` parts (not dropped as elsewhere): an empty answer still ends in a learnt
+    ``</s>``, as in the recipe. A last question without an answer teaches nothing and is dropped."""
+    if not isinstance(obj, dict):
+        raise ctx.error("bad_field", f"an SFT record must be an object, got {_short(obj)}")
+    conversations = ctx.field(obj, "conversations")
+    if not isinstance(conversations, list) or not conversations:
+        raise ctx.error("bad_field", f"'conversations' must be a non-empty list, got {_short(conversations)}")
+    texts = [_sft_text(entry, i, ctx) for i, entry in enumerate(conversations)]
+    if len(texts) < 2:
+        raise ctx.error("no_targets", "one turn (a question) and no answer")
+    texts = texts[: len(texts) // 2 * 2]
+    image = obj.get("image")
+    first: list[str | ImageRef] = [] if image is None else [ctx.image(image)]
+    turns = []
+    for i, text in enumerate(texts):
+        if i == 0:
+            text = text.replace(IMAGE_TAG + "\n", "").replace("\n" + IMAGE_TAG, "").replace(IMAGE_TAG, "")
+        parts = (*first, text.strip()) if i == 0 else (text.strip(),)
+        turns.append(Turn("user" if i % 2 == 0 else "assistant", parts))
+    return turns
+
+
+def _sft_text(entry: Any, index: int, ctx: _Ctx) -> str:
+    """A turn of an SFT row: a plain string or ``{"from", "value"}`` (only ``value`` is read)."""
+    if isinstance(entry, str):
+        return entry
+    if not isinstance(entry, dict):
+        raise ctx.error("bad_field", f"conversations[{index}] must be a string or an object, got {_short(entry)}")
+    if "value" not in entry:
+        raise ctx.error("missing_field", f"conversations[{index}] has no 'value' field")
+    return ctx.string(entry["value"], f"conversations[{index}]['value']")
 
 
 def _caption_turns(obj: Any, ctx: _Ctx) -> list[Turn]:

@@ -45,7 +45,7 @@ import zstandard
 
 from megatron.solo.data.errors import InputError, Origin, SampleError, record_failure
 
-FORMATS = ("chat", "llava", "caption", "webdataset", "imagenet", "text")
+FORMATS = ("chat", "llava", "sft", "caption", "webdataset", "imagenet", "text")
 IMAGENET_EXTS = (".jpeg", ".jpg", ".png", ".webp")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 COMPRESSED_SUFFIXES = (".gz", ".tgz", ".zst", ".bz2", ".xz")
@@ -116,6 +116,8 @@ def classify(obj: Any) -> str | None:
     if "messages" in obj or ("role" in obj and "content" in obj):
         return "chat"
     conversations = obj.get("conversations")
+    if isinstance(conversations, list) and any(isinstance(turn, str) for turn in conversations):
+        return "sft"  # plain-string turns: only SOLO's SFT layout has them (dict-only rows: pass --input-format sft)
     if isinstance(conversations, list) and conversations and isinstance(conversations[0], dict):
         return "llava" if "from" in conversations[0] else "chat" if "role" in conversations[0] else None
     has_image = "image" in obj or "image_path" in obj

@@ -7,6 +7,11 @@
     root/captions/train.jsonl (+ train/*.png)                      stage 2, caption JSONL {"image", "caption"}
     root/captions/heldout.jsonl (+ heldout/*.png)                  {"image", "caption"}: held-out scenes
     root/text/corpus.jsonl                                          text-only documents {"text"}
+    root/sft/train.jsonl                                            SFT chats about the caption training
+                                                                    images, in SOLO's released SFT layout
+    root/sft/heldout.jsonl                                          {"image", "kind", "question", "answer"}:
+                                                                    questions about held-out scenes
+                                                                    (images relative to root/captions)
 
 Train and held-out images come from independent seeds: no held-out image is in the training data.
 Files are written to ``root.partial`` and renamed into place, so an interrupted run leaves no half tree.
@@ -41,10 +46,22 @@ class DemoDataConfig:
     captions: int = 3000
     heldout_captions: int = 150
     text_documents: int = 600
+    sft_chats: int = 3000
+    """SFT chats (1-3 questions each), one per caption training image (at most ``captions``)."""
+    sft_heldout: int = 60
+    """Held-out scenes asked one question of each kind they allow (at most ``heldout_captions``)."""
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("per_class", "heldout_per_class", "captions", "heldout_captions", "text_documents"):
+        for name in (
+            "per_class",
+            "heldout_per_class",
+            "captions",
+            "heldout_captions",
+            "text_documents",
+            "sft_chats",
+            "sft_heldout",
+        ):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"DemoDataConfig.{name} must be a positive int, got {getattr(self, name)!r}")
 
@@ -81,6 +98,7 @@ def write_demo_data(
         tmp / "captions" / "train",
         tmp / "captions" / "heldout",
         tmp / "text",
+        tmp / "sft",
     ]:
         folder.mkdir(parents=True)
     workers = workers if workers is not None else (os.cpu_count() or 1)
@@ -109,6 +127,7 @@ def write_demo_data(
     (tmp / "text" / "corpus.jsonl").write_text(
         "".join(json.dumps({"text": text_document(rng)}) + "\n" for _ in range(config.text_documents)), encoding="utf-8"
     )
+    chats, asked = _write_sft(tmp / "sft", config)
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)
     return {
@@ -117,7 +136,36 @@ def write_demo_data(
         "caption_train": config.captions,
         "caption_heldout": config.heldout_captions,
         "text_documents": config.text_documents,
+        "sft_chats": chats,
+        "sft_heldout_questions": asked,
     }
+
+
+def _scene(seed: int, split: str, k: int) -> scenes.Scene:
+    """The scene of caption image ``k`` (the first draw of its generator, as :func:`_render_one` makes it)."""
+    return scenes.random_scene(random.Random(f"{seed}/scene/{split}/0/{k}"))
+
+
+def _write_sft(folder: Path, config: DemoDataConfig) -> tuple[int, int]:
+    """SFT chats about the caption training images (released SFT layout: ``<image>`` tag in the first
+    question, ``from``/``value`` turns) and held-out questions; returns (chats, held-out questions)."""
+    rng = random.Random(f"{config.seed}/sft")
+    rows = []
+    for k in range(min(config.sft_chats, config.captions)):
+        qa = scenes.questions(_scene(config.seed, "train", k), rng)
+        rng.shuffle(qa)
+        turns = []
+        for _, question, answer in qa[: rng.randint(1, 3)]:
+            turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        turns[0]["value"] = "<image>\n" + turns[0]["value"]
+        rows.append({"id": f"shapes-{k}", "image": f"train/{k:05d}.png", "conversations": turns})
+    heldout = []
+    for k in range(min(config.sft_heldout, config.heldout_captions)):
+        for kind, question, answer in scenes.questions(_scene(config.seed, "heldout", k), rng):
+            heldout.append({"image": f"heldout/{k:05d}.png", "kind": kind, "question": question, "answer": answer})
+    for name, items in (("train", rows), ("heldout", heldout)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+    return len(rows), len(heldout)
 
 
 def _render_one(job) -> tuple[str, str]:

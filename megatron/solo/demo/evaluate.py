@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron.solo.data.workdir import write_atomic
-from megatron.solo.demo.scenes import parse_caption
+from megatron.solo.demo.scenes import QUESTION_KINDS, parse_caption
 
 
 def read_heldout(path: str | os.PathLike, key: str) -> list[tuple[str, str]]:
@@ -78,6 +78,42 @@ def score_captions(truths: Sequence[str], answers: Sequence[str], n_examples: in
     return CaptionScore(exact, attrs, len(pairs), pairs[:n_examples])
 
 
+@dataclass
+class ChatScore:
+    accuracy: float
+    by_kind: dict[str, float]
+    """count / colour / shape / relation → fraction of those questions answered exactly."""
+    n_by_kind: dict[str, int]
+    n: int
+    examples: list[tuple[str, str, str]] = field(default_factory=list)
+    """(question, truth, answer): one right and one wrong per kind where there are."""
+
+
+def read_questions(path: str | os.PathLike, image_root: str | os.PathLike) -> list[dict]:
+    """Held-out questions ({"image", "kind", "question", "answer"}), images made absolute against ``image_root``."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [{**r, "image": str(Path(image_root) / r["image"])} for r in rows]
+
+
+def score_chat(questions: Sequence[dict], answers: Sequence[str]) -> ChatScore:
+    """Exact one-word answers (after :func:`_norm`), per question kind."""
+    right, total, examples = Counter(), Counter(), {}
+    for q, a in zip(questions, answers, strict=True):
+        ok = _norm(a) == _norm(q["answer"])
+        right[q["kind"]] += ok
+        total[q["kind"]] += 1
+        examples.setdefault((q["kind"], ok), (q["question"], q["answer"], a))
+    kinds = [k for k in QUESTION_KINDS if total[k]]
+    shown = [examples[(k, ok)] for k in kinds for ok in (True, False) if (k, ok) in examples]
+    return ChatScore(
+        sum(right.values()) / max(sum(total.values()), 1),
+        {k: right[k] / total[k] for k in kinds},
+        {k: total[k] for k in kinds},
+        sum(total.values()),
+        shown,
+    )
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The trainer's ``--metrics-file`` (one JSON object per logged iteration)."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -128,6 +164,55 @@ def plot_losses(stages: Sequence[tuple[str, list[dict]]], out: str | os.PathLike
     write_atomic(str(out), png.getvalue())
 
 
+def plot_runs(runs: Sequence[tuple[str, list[dict]]], out: str | os.PathLike, title: str) -> None:
+    """A PNG of several runs over the same iterations: loss on image-bearing (solid) and text-only (dashed) packs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for (name, metrics), colour in zip(runs, ("tab:blue", "tab:green", "tab:red", "tab:purple")):
+        for key, style, what in (("img_lm_loss", "-", "caption packs"), ("txt_lm_loss", "--", "text packs")):
+            points = [(m["iteration"], m[key]) for m in metrics if m.get(key) is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, style, color=colour, label=f"{name}: {what}", linewidth=1.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss per target token")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    plt.close(fig)
+    write_atomic(str(out), png.getvalue())
+
+
+def format_ablation(runs: Sequence[tuple[str, CaptionScore, dict]], timings: dict[str, float] | None = None) -> str:
+    """The ablation's report: per run, the loss (first → last logged) and the held-out caption scores."""
+    lines = ["SOLO CPU demo: curriculum ablation (stage 2 at equal compute, after stage 1 vs from scratch)", ""]
+    for name, score, losses in runs:
+        attrs = ", ".join(f"{k} {_pct(v)}" for k, v in score.attribute_accuracy.items())
+        lines += [
+            f"{name}:",
+            f"  loss (first → last logged): {_losses(losses)}",
+            f"  held-out caption exact match: {_pct(score.exact_match)} of {score.n}",
+            f"  per attribute: {attrs}",
+        ]
+        lines += [f"    truth {t!r} → answer {a!r}" for t, a in score.examples[:3]]
+        lines.append("")
+    if timings:
+        lines.append(
+            "wall time: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+            + f"; total {sum(timings.values()) / 60:.1f} min"
+        )
+    return "\n".join(lines).rstrip()
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -147,6 +232,8 @@ def format_report(
     stage2_labels: LabelScore | None = None,
     captions: CaptionScore | None = None,
     stage2_losses=None,
+    chat: ChatScore | None = None,
+    sft_losses=None,
     timings: dict[str, float] | None = None,
     min_label_accuracy: float = 0.9,
 ) -> str:
@@ -174,6 +261,16 @@ def format_report(
         if stage2_labels is not None:
             lines.append(f"  held-out label accuracy after stage 2: {_pct(stage2_labels.accuracy)}")
         lines += [f"    truth {t!r} → answer {a!r}" for t, a in captions.examples]
+    if chat is not None:
+        kinds = ", ".join(f"{k} {_pct(v)} of {chat.n_by_kind[k]}" for k, v in chat.by_kind.items())
+        lines += [
+            "",
+            "SFT (question-answer chats, loading stage 2; [INST] … [/INST], per-sample loss):",
+            f"  loss per sample (first → last logged): {_losses(sft_losses)}",
+            f"  held-out questions answered exactly: {_pct(chat.accuracy)} of {chat.n}",
+            f"  by kind: {kinds}",
+        ]
+        lines += [f"    {q!r} → {a!r} (truth {t!r})" for q, t, a in chat.examples]
     if timings:
         lines += [
             "",
@@ -196,8 +293,13 @@ def read_timings(path: str | os.PathLike) -> dict[str, float]:
 
 __all__ = [
     "CaptionScore",
+    "ChatScore",
     "LabelScore",
+    "format_ablation",
     "format_report",
+    "plot_runs",
+    "read_questions",
+    "score_chat",
     "loss_summary",
     "plot_losses",
     "read_heldout",

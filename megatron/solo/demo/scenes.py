@@ -98,6 +98,43 @@ def parse_caption(text: str) -> dict[str, str]:
     return out
 
 
+QUESTION_KINDS = ("count", "colour", "shape", "relation")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six")
+
+
+def questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """(kind, question, one-word answer) about ``scene``, one per kind that has an unambiguous question:
+    how many of a shape; the colour of a shape that only one group has; the shape of a colour that only
+    one group has; whether the first group is left of / above the second (asked either way round)."""
+    groups = scene.groups
+    out = []
+    g = rng.choice(groups)
+    total = sum(x.count for x in groups if x.shape == g.shape)
+    out.append(("count", f"How many {g.shape}s are there?", NUMBERS[total]))
+    unique_shape = [x for x in groups if sum(y.shape == x.shape for y in groups) == 1]
+    if unique_shape:
+        g = rng.choice(unique_shape)
+        verb, noun = ("are", g.shape + "s") if g.count > 1 else ("is", g.shape)
+        out.append(("colour", f"What colour {verb} the {noun}?", g.colour))
+    unique_colour = [x for x in groups if sum(y.colour == x.colour for y in groups) == 1]
+    if unique_colour:
+        g = rng.choice(unique_colour)
+        verb, noun = ("are", "ones") if g.count > 1 else ("is", "one")
+        out.append(("shape", f"What shape {verb} the {g.colour} {noun}?", g.shape))
+    if scene.relation:
+        first, second = groups if rng.random() < 0.5 else groups[::-1]
+        relation = rng.choice(RELATIONS)
+        right = first is groups[0] and relation == scene.relation
+        verb = "Are" if first.count > 1 else "Is"
+        out.append(("relation", f"{verb} the {_name(first)} {relation} the {_name(second)}?", "yes" if right else "no"))
+    return out
+
+
+def _name(group: Group) -> str:
+    """ "red circle" / "red circles": a group named without its count."""
+    return f"{group.colour} {group.shape}{'s' if group.count > 1 else ''}"
+
+
 def _size(rng: random.Random, low: int, high: int) -> tuple[int, int]:
     """(width, height): a third each wide, tall and near-square."""
     long_side = rng.randint((low + high) // 2, high)
@@ -213,12 +250,14 @@ def _regions(grid: Grid, relation: str | None) -> list[list[tuple[int, int]]]:
 
 __all__ = [
     "COLOURS",
+    "QUESTION_KINDS",
     "RELATIONS",
     "SHAPES",
     "Group",
     "Scene",
     "classes",
     "parse_caption",
+    "questions",
     "random_scene",
     "render_label",
     "render_scene",

@@ -180,6 +180,12 @@ class TrainConfig:
     adam_beta1: float = option(0.9, group="optimisation", check=below_one)
     adam_beta2: float = option(0.999, group="optimisation", check=below_one)
     adam_eps: float = option(1e-8, group="optimisation", check=positive)
+    loss_averaging: Literal["token", "sample"] = option(
+        "token",
+        group="optimisation",
+        help="token: one mean over the global batch's target tokens; sample: each sample's mean, then their mean "
+        "(SOLO's SFT recipe), exact under packing and any parallel layout",
+    )
     # checkpoints
     save: str | None = option(
         group="checkpoints", help="checkpoint root; a run finding a checkpoint here resumes from it"

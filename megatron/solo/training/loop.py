@@ -25,6 +25,7 @@ from megatron.solo.backend import install_cpu_backend_if_needed
 from megatron.solo.backend.mcore_fixes import own_checkpoint_writer_queue
 from megatron.solo.checkpointing import CheckpointMetadata, NonFiniteParametersError
 from megatron.solo.checksums import ChecksumError
+from megatron.solo.model import sample_weights
 from megatron.solo.parallel import init_distributed, initialize_model_parallel
 from megatron.solo.tokenizer import SoloTokenizer
 from megatron.solo.training.arguments import ConfigError, Layout, TrainConfig, check_model, parse_args, resolve_layout
@@ -224,6 +225,9 @@ class Trainer:
             raise RuntimeError("the data loader ran out before --train-iters (a bug: it is sized to the run)") from None
         work = micro_batch_work(batch, self.start.model, self.start.padded_vocab_size)  # host: no device sync
         image_rows = batch.image_rows()  # rows holding patches, from patch_index (complete on every stage)
+        # per-sample weights on the host too: documents are spans of cu_seqlens; TP ranks compute the same
+        weights, samples = sample_weights(batch.loss_mask, batch.cu_seqlens)
+        weights = weights if self.cfg.loss_averaging == "sample" else None
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         # uint8 patches cross to the device (a quarter of float32's bytes) and are normalised there
         batch = batch.to(device, non_blocking=True).normalized(self.dataset.image_config)
@@ -242,12 +246,14 @@ class Trainer:
             batch.loss_mask,
             image_rows.to(device, non_blocking=True),
             work.to(device, non_blocking=True),
+            samples.to(device, non_blocking=True),
+            weights=None if weights is None else weights.to(device, non_blocking=True),
         )
 
     def _reduce(self, outputs) -> torch.Tensor:
         """Sum the loss pairs over micro-batches (last stage) and data-parallel ranks; zeros elsewhere."""
         if not parallel_state.is_pipeline_last_stage():
-            return torch.zeros(len(LOSS_KEYS) + 1, 2)
+            return torch.zeros(len(LOSS_KEYS) + 2, 2)
         sums = sum_micro_batches(outputs)
         if torch.cuda.is_available():
             sums = sums.cuda()

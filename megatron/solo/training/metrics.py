@@ -1,7 +1,9 @@
 """What a training step reports: losses split by pack kind, throughput, an MFU estimate, and where it goes.
 
 Losses travel as ``[sum, count]`` pairs from the loss function, are summed over micro-batches and
-data-parallel ranks, and only then divided, so every target token of the global batch weighs the same.
+data-parallel ranks, and only then divided: so every target token of the global batch weighs the same
+(``--loss-averaging token``), or every sample does (``sample``: the count is samples, each token weighs
+1 / its sample's target tokens).
 """
 
 from __future__ import annotations
@@ -16,34 +18,47 @@ import numpy as np
 import torch
 
 from megatron.solo.config import ModelConfig
-from megatron.solo.model import masked_token_loss
+from megatron.solo.model import weighted_token_loss
 
 LOSS_KEYS = ("lm loss", "img lm loss", "txt lm loss")
+COUNT_KEY = "targets"  # [target tokens, samples with a target] of the micro-batch, whatever the averaging
 WORK_KEY = "work"  # [model FLOPs, real tokens] of the micro-batch (:func:`micro_batch_work`)
 # Dense bf16 peak per device (vendor datasheets), for the MFU estimate when --peak-tflops is not given.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0}
 
 
 def loss_with_breakdown(
-    loss_mask: torch.Tensor, image_rows: torch.Tensor, work: torch.Tensor, per_token_loss: torch.Tensor
+    loss_mask: torch.Tensor,
+    image_rows: torch.Tensor,
+    work: torch.Tensor,
+    samples: torch.Tensor,
+    per_token_loss: torch.Tensor,
+    *,
+    weights: torch.Tensor | None = None,
 ):
-    """``masked_token_loss`` plus [sum, count] for image-bearing and text-only packs, and the work done.
+    """The loss ([sum, count] for ``calculate_per_token_loss``) plus the same for image-bearing and text-only
+    packs, the target counts and the work done.
 
-    loss_mask, per_token_loss [b, s]; image_rows bool [b]; work [2] from :func:`micro_batch_work`.
+    loss_mask, per_token_loss [b, s]; image_rows bool [b]; work [2] from :func:`micro_batch_work`; samples
+    int []: documents with a target. ``weights`` [b, s] from ``model.sample_weights`` (its count is
+    ``samples``) average per sample; None: per target token.
     """
-    total, count, logs = masked_token_loss(loss_mask, per_token_loss)
-    per_row = (per_token_loss.detach().float() * loss_mask.float()).sum(1)  # [b]
-    rows = loss_mask.float().sum(1)
+    mask = loss_mask.float()
+    weights, count = (mask, mask.sum().to(torch.int)) if weights is None else (weights, samples)
+    total, count, logs = weighted_token_loss(weights, count, per_token_loss)
+    per_row = (per_token_loss.detach().float() * weights).sum(1)  # [b]
+    rows = weights.sum(1)  # target tokens, or samples, per row
     img = image_rows.to(per_row.dtype)
     logs["img lm loss"] = torch.stack([(per_row * img).sum(), (rows * img).sum()])
     logs["txt lm loss"] = torch.stack([(per_row * (1 - img)).sum(), (rows * (1 - img)).sum()])
+    logs[COUNT_KEY] = torch.stack([mask.sum(), samples.float()])
     logs[WORK_KEY] = work
     return total, count, logs
 
 
 def sum_micro_batches(outputs: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-    """[len(LOSS_KEYS) + 1, 2]: every logged pair summed over this rank's micro-batches."""
-    keys = (*LOSS_KEYS, WORK_KEY)
+    """[len(LOSS_KEYS) + 2, 2]: every logged pair summed over this rank's micro-batches."""
+    keys = (*LOSS_KEYS, COUNT_KEY, WORK_KEY)
     return torch.stack([torch.stack([out[k].float() for out in outputs]).sum(0) for k in keys])
 
 
@@ -137,12 +152,14 @@ class Window:
         world_size: int,
         peak_tflops: float | None,
     ) -> dict:
-        """Averages over the window; losses are target-token means."""
+        """Averages over the window; losses are means per target token (or per sample, as the run averages)."""
         sums = self.sums.double()
         out = {"iteration": iteration, "consumed_samples": consumed_samples, "lr": lr}
         for key, (total, count) in zip(LOSS_KEYS, sums[: len(LOSS_KEYS)].tolist()):
             out[key.replace(" ", "_")] = total / count if count else None
-        out["target_tokens"] = int(sums[0, 1].item() / self.iterations)
+        targets, samples = sums[len(LOSS_KEYS)].tolist()
+        out["target_tokens"] = int(targets / self.iterations)
+        out["samples"] = int(samples / self.iterations)
         out["ms_per_iteration"] = 1000.0 * self.seconds / self.iterations
         flops, tokens = sums[-1].tolist()
         out["tokens_per_s"] = tokens / self.seconds  # real tokens: padding is not work
