@@ -153,7 +153,7 @@ def plot_losses(stages: Sequence[tuple[str, list[dict]]], out: str | os.PathLike
         offset = end
     ax.set_yscale("log")
     ax.set_xlabel("iteration (stages one after another)")
-    ax.set_ylabel("loss per target token")
+    ax.set_ylabel("loss per target token (SFT: per sample)")
     ax.set_title("SOLO CPU demo: training loss on image-bearing vs text-only packs")
     ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.9))
     ax.grid(alpha=0.3)
