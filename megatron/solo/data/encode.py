@@ -123,6 +123,11 @@ class Document:
         """Whether [0, n) / [n, len) leaves every image whole on one side."""
         return all(not (im.position < n < im.position + im.num_tokens) for im in self.images)
 
+    def cut_before(self, limit: int) -> int:
+        """The largest cut ≤ ``limit`` that leaves every image whole: ``limit``, or the start of the image
+        straddling it."""
+        return next((im.position for im in self.images if im.position < limit < im.position + im.num_tokens), limit)
+
     def head(self, n: int) -> Document:
         """The first ``n`` tokens (an image may not straddle the cut)."""
         assert self.cut_allowed(n), n
@@ -169,10 +174,7 @@ def _ends_with_answer(turns: tuple[Turn, ...], template: str) -> bool:
 
 def _truncate(doc: Document, limit: int) -> Document:
     """The first ``limit`` tokens (fewer if an image straddles the cut); ``too_long`` if nothing to learn is left."""
-    cut = limit
-    for im in doc.images:
-        if im.position < cut < im.position + im.num_tokens:
-            cut = im.position
+    cut = doc.cut_before(limit)
     head = doc.head(cut)
     if not head.targets[1:].any():  # the first token of a document is never predicted
         raise SampleError(

@@ -108,10 +108,7 @@ class Packer:
         seq = self.config.seq_length
         if len(doc) <= seq or not doc.images:
             return doc
-        cut = seq
-        for im in doc.images:
-            if im.position < cut < im.position + im.num_tokens:
-                cut = im.position
+        cut = doc.cut_before(seq)
         head = doc.head(cut)
         if not head.targets[1:].any():  # the first token of a document is never predicted
             raise SampleError(
