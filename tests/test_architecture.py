@@ -22,7 +22,7 @@ ALLOWED = {
     "model": {"config", "batch"},
     "parallel": {"backend"},
     "checkpointing": {"checksums", "config", "model", "parallel", "io"},
-    "convert": {"checkpointing", "config", "model", "parallel", "tokenizer", "io"},
+    "convert": {"checkpointing", "config", "image", "model", "parallel", "tokenizer", "io"},
     "inference": FOUNDATION | {"checkpointing", "data"},
     "training": FOUNDATION | {"backend", "checkpointing", "data", "model", "parallel", "faults"},
     "demo": FOUNDATION | {"data"},

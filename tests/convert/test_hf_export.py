@@ -127,6 +127,9 @@ def test_export_layout(export_dir):
             "config.json",
             "configuration_solo.py",
             "modeling_solo.py",
+            "processing_solo.py",
+            "processor_config.json",
+            "chat_template.jinja",
             "generation_config.json",
             "model.safetensors",
             "tokenizer.model",
@@ -142,6 +145,7 @@ def test_export_layout(export_dir):
     assert config["auto_map"] == {
         "AutoConfig": "configuration_solo.SoloConfig",
         "AutoModelForCausalLM": "modeling_solo.SoloForCausalLM",
+        "AutoProcessor": "processing_solo.SoloProcessor",
     }
     assert config["vocab_size"] == SOLO_VOCAB and config["vision_patch_size"] == 4
     generation = json.loads((export_dir / "generation_config.json").read_text())

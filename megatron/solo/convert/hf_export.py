@@ -2,9 +2,12 @@
 
 An export (``write_hf_export``) holds::
 
-    config.json                  model_type "solo", architectures, auto_map → the two files below
-    configuration_solo.py        copies of megatron/solo/convert/hf_solo/*: the model loads with
+    config.json                  model_type "solo", architectures, auto_map → the three files below
+    configuration_solo.py        copies of megatron/solo/convert/hf_solo/*: the model and processor load with
     modeling_solo.py             trust_remote_code=True where solo-megatron is not installed
+    processing_solo.py
+    processor_config.json        SoloProcessor's settings (patch size, image end token, …) and its auto_map
+    chat_template.jinja          the Mistral [INST] … [/INST] template (processor and tokenizer read it)
     generation_config.json       bos/eos/pad ids; the five vision ids are suppressed (they carry no patch)
     model.safetensors            or model-0000k-of-0000n.safetensors + model.safetensors.index.json
     tokenizer.model              SoloTokenizer.save_pretrained: the SentencePiece model, unchanged,
@@ -32,7 +35,9 @@ from torch import Tensor
 
 from megatron.solo.convert.hf_solo import AUTO_MAP, MODELING_FILES, SoloConfig
 from megatron.solo.convert.name_table import ConversionError, hf_shapes, model_config_from_hf
-from megatron.solo.tokenizer import SoloTokenizer
+from megatron.solo.image import DEFAULT_CONFIG as DEFAULT_IMAGE_CONFIG
+from megatron.solo.image import ImageConfig
+from megatron.solo.tokenizer import VISION_END, SoloTokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
@@ -54,14 +59,24 @@ def write_hf_export(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    image_config: ImageConfig | None = None,
+    image_end_token: str = VISION_END,
 ) -> Path:
     """Write an HF SOLO directory (see the module docstring) from a full HF state dict; returns ``out_dir``.
 
     The state dict must hold exactly the tensors of ``solo_config`` (names and shapes of ``hf_shapes``);
     tensors are cast to ``dtype``. Above ``max_shard_bytes`` the weights are sharded with an index.
+    ``image_config`` (default: SOLO's, at the model's patch size) and ``image_end_token`` (``"<vision>"``
+    for the released SOLO-7B's quirk) are the processor's settings.
     """
     out_dir = Path(out_dir)
     _check_export_inputs(hf_state_dict, solo_config, tokenizer, dtype)
+    image_config = image_config or _default_image_config(solo_config.vision_patch_size)
+    if image_config.patch_size != solo_config.vision_patch_size:
+        raise ValueError(
+            f"image_config.patch_size {image_config.patch_size} != solo_config.vision_patch_size "
+            f"{solo_config.vision_patch_size}"
+        )
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -71,7 +86,7 @@ def write_hf_export(
         _write_config(tmp, solo_config, tokenizer, dtype)
         for source in MODELING_FILES:
             shutil.copyfile(source, tmp / source.name)
-        _write_tokenizer(tmp, tokenizer)
+        _write_tokenizer(tmp, tokenizer, image_config, image_end_token)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -174,10 +189,27 @@ def _write_config(directory: Path, solo_config: SoloConfig, tokenizer: SoloToken
     generation.save_pretrained(directory)
 
 
-def _write_tokenizer(directory: Path, tokenizer: SoloTokenizer) -> None:
+def _default_image_config(patch_size: int) -> ImageConfig:
+    """SOLO's front end at ``patch_size``: the long side capped near 1024 px (a multiple of the patch)."""
+    return ImageConfig(patch_size=patch_size, max_size=patch_size * max(1, DEFAULT_IMAGE_CONFIG.max_size // patch_size))
+
+
+def _write_tokenizer(directory: Path, tokenizer: SoloTokenizer, image_config: ImageConfig, end_token: str) -> None:
+    """The HF tokenizer, ``SoloProcessor`` around it (processor_config.json, chat_template.jinja), and
+    SoloTokenizer's own files."""
+    from megatron.solo.convert.hf_solo import SoloProcessor
     from megatron.solo.convert.hf_tokenizer import build_hf_tokenizer
 
-    build_hf_tokenizer(tokenizer).save_pretrained(directory)
+    processor = SoloProcessor(
+        build_hf_tokenizer(tokenizer),
+        image_end_token=end_token,
+        patch_size=image_config.patch_size,
+        max_size=image_config.max_size,
+        image_mean=image_config.mean,
+        image_std=image_config.std,
+        max_pixels=image_config.max_pixels,
+    )
+    processor.save_pretrained(directory)
     tokenizer.save_pretrained(directory)  # after HF's files: tokenizer.model must be SoloTokenizer's bytes
 
 
