@@ -40,5 +40,26 @@ setup(
         "demo": ["mistral-common>=1.5", "matplotlib>=3.7"],
         # SoloConfig is a transformers-5 dataclass config; 5.23 is the version the HF side is tested with.
         "hf": ["transformers>=5.23", "safetensors>=0.4"],
+        # Benchmarks through lmms-eval (tools/evaluate.py, README "Evaluation"). lmms-eval itself is installed
+        # apart, `pip install --no-deps lmms-eval==0.7.3` (the pin: megatron/solo/evaluation/__init__.py):
+        # its own requirements pull torchvision, whose PyPI wheel is built for the CUDA torch and, beside the
+        # CPU torch, breaks `import transformers`; and a wandb, yt-dlp, openai, … that scoring never imports.
+        # These are what its evaluator, its task loader and the tasks named in the README import.
+        "eval": [
+            "transformers>=5.23",
+            "safetensors>=0.4",
+            "accelerate>=0.29.1",
+            "datasets>=2.19",
+            "evaluate>=0.4",
+            "loguru>=0.7",
+            "sacrebleu>=1.5",
+            "pytz",
+            "tenacity>=8.3",
+            "pyyaml>=6",
+            "jinja2>=3",
+            "tqdm>=4.60",
+        ],
     },
+    # lmms-eval finds `--model solo` here (its registry loads this group's manifests).
+    entry_points={"lmms_eval.models": ["solo = megatron.solo.evaluation.lmms_plugin:manifests"]},
 )

@@ -1,0 +1,183 @@
+"""Batched generation and log-likelihood scoring on an HF SOLO export: what the lmms-eval model calls.
+
+Everything goes through the export's own ``AutoProcessor`` and ``AutoModelForCausalLM`` (remote code), as a
+user of the export would: a request is images (PIL images, paths or bytes) with a text;
+``template="mistral"`` wraps it in the export's chat template (``[INST] … [/INST]``, instruction-tuned
+checkpoints), ``template="none"`` continues the pretraining format (a label or caption follows the image
+directly). The processor lays a batch out left-padded (``input_ids``, ``attention_mask``, ``vision_patches``,
+``vision_patch_indices``) with the ids preprocessing gives the same sample.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TEMPLATES = ("none", "mistral")
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt: its images and its text. Images go where the text has ``<image>`` (one per image) or,
+    without placeholders, before the text."""
+
+    images: Sequence
+    text: str
+
+
+def prompt_text(processor, request: Request, template: str) -> str:
+    """The processor's text for ``request``: as is (``none``) or rendered by the export's chat template."""
+    if template == "none":
+        return request.text
+    if template != "mistral":
+        raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    if request.text.count(IMAGE_PLACEHOLDER) == len(request.images) and request.images:
+        content = request.text  # the task placed its images itself
+    else:
+        text = request.text.replace(IMAGE_PLACEHOLDER, " ").strip()
+        content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}])
+
+
+def continuation_scores(
+    logits: torch.Tensor, tokens: torch.Tensor, start: Sequence[int], length: Sequence[int]
+) -> list[tuple[float, bool]]:
+    """(log-likelihood, greedy) of ``tokens[row, start:start+length]`` per row.
+
+    logits ``[b, s, V]`` (position t predicts token t+1), tokens ``[b, s]``; the span must not begin at 0.
+    """
+    out = []
+    for row, (a, n) in enumerate(zip(start, length, strict=True)):
+        if a < 1 or n < 1 or a + n > tokens.shape[1]:
+            raise ValueError(f"row {row}: span [{a}, {a + n}) is not inside 1..{tokens.shape[1]}")
+        logp = torch.log_softmax(logits[row, a - 1 : a + n - 1].float(), dim=-1)  # [n, V]
+        target = tokens[row, a : a + n]
+        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        out.append((float(picked.sum()), bool((logp.argmax(-1) == target).all())))
+    return out
+
+
+def append_right(batch: dict[str, torch.Tensor], continuations: Sequence[Sequence[int]], pad_id: int):
+    """A left-padded prompt batch with each row's continuation appended after its last column (rows with
+    shorter continuations padded on the right); adds ``position_ids`` (0 at each row's first real token)."""
+    b, s = batch["input_ids"].shape
+    width = max(len(c) for c in continuations)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for row, cont in enumerate(continuations):
+        ids[row, : len(cont)] = torch.tensor(list(cont), dtype=torch.long)
+        mask[row, : len(cont)] = 1
+    out = dict(batch)
+    out["input_ids"] = torch.cat([batch["input_ids"], ids], dim=1)
+    out["attention_mask"] = torch.cat([batch["attention_mask"], mask], dim=1)
+    out["vision_patch_indices"] = torch.cat(
+        [batch["vision_patch_indices"], torch.full((b, width), -1, dtype=torch.long)], dim=1
+    )
+    out["position_ids"] = (out["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return out
+
+
+class SoloRunner:
+    """An HF export loaded for evaluation: ``generate`` and ``loglikelihood`` over batches of requests."""
+
+    def __init__(
+        self,
+        pretrained: str | os.PathLike,
+        *,
+        template: str = "mistral",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        image_end_token: str | None = None,
+    ):
+        from transformers import AutoModelForCausalLM, AutoProcessor
+
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+        pretrained = Path(pretrained)
+        if not (pretrained / "config.json").is_file():
+            raise FileNotFoundError(f"{pretrained}: no config.json; pretrained= must be an HF SOLO export directory")
+        self.template = template
+        self.image_end_token = image_end_token
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=True)
+        self.model = AutoModelForCausalLM.from_pretrained(pretrained, trust_remote_code=True, dtype=dtype or "auto")
+        self.model.to(self.device).eval()
+        tok = self.processor.tokenizer
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _encode(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
+        texts = [prompt_text(self.processor, r, self.template) for r in requests]
+        batch = self.processor(
+            images=[list(r.images) for r in requests], text=texts, image_end_token=self.image_end_token
+        )
+        return {k: v for k, v in batch.items()}
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {k: v.to(self.device) for k, v in batch.items()}
+        out["vision_patches"] = out["vision_patches"].to(self.model.dtype)
+        return out
+
+    @torch.no_grad()
+    def generate(
+        self,
+        requests: Sequence[Request],
+        *,
+        max_new_tokens: int = 32,
+        until: Sequence[str] = (),
+        temperature: float = 0.0,
+        top_p: float | None = None,
+    ) -> list[str]:
+        """Answers, in order: greedy (``temperature`` 0) or sampled, up to EOS, cut before any of ``until``."""
+        batch = self._to_device(self._encode(requests))
+        sample = temperature > 0
+        out = self.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            **({"temperature": temperature, "top_p": top_p} if sample else {}),
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )
+        answers = []
+        for ids in out[:, batch["input_ids"].shape[1] :].tolist():
+            if self.eos_id in ids:
+                ids = ids[: ids.index(self.eos_id)]
+            answers.append(cut_at(self.processor.decode(ids).strip(), until))
+        return answers
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: Sequence[Request], continuations: Sequence[str]) -> list[tuple[float, bool]]:
+        """(log P(continuation | prompt), whether greedy decoding yields it) per request.
+
+        The continuation is stripped and tokenized on its own, as preprocessing tokenizes an answer after its
+        prompt (the processor tokenizes each text piece the same way).
+        """
+        tok = self.processor.tokenizer
+        conts = []
+        for text in continuations:
+            ids = tok(text.strip(), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            if not ids:
+                raise ValueError(f"empty continuation {text!r}: nothing to score")
+            conts.append(ids)
+        prompts = self._encode(requests)
+        s = prompts["input_ids"].shape[1]
+        batch = self._to_device(append_right(prompts, conts, self.pad_id))
+        logits = self.model(**batch).logits
+        return continuation_scores(logits, batch["input_ids"], [s] * len(conts), [len(c) for c in conts])
+
+
+def cut_at(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the first occurrence of any stop string."""
+    for stop in until:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text
+
+
+__all__ = ["Request", "SoloRunner", "append_right", "continuation_scores", "cut_at", "prompt_text"]
