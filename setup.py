@@ -55,6 +55,8 @@ setup(
             "sacrebleu>=1.5",
             "pytz",
             "tenacity>=8.3",
+            "filelock>=3.16,<4",  # lmms-eval 0.7.3's evaluator patches filelock._api, gone in filelock 4
+            "pytablewriter>=1",  # the results table lmms-eval prints
             "pyyaml>=6",
             "jinja2>=3",
             "tqdm>=4.60",
