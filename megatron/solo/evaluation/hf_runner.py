@@ -45,11 +45,16 @@ def prompt_text(processor, request: Request, template: str) -> str:
 
 
 def continuation_scores(
-    logits: torch.Tensor, tokens: torch.Tensor, start: Sequence[int], length: Sequence[int]
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    start: Sequence[int],
+    length: Sequence[int],
+    suppressed: Sequence[int] = (),
 ) -> list[tuple[float, bool]]:
     """(log-likelihood, greedy) of ``tokens[row, start:start+length]`` per row.
 
     logits ``[b, s, V]`` (position t predicts token t+1), tokens ``[b, s]``; the span must not begin at 0.
+    ``greedy``: every token is the argmax among the ids generation may emit (not ``suppressed``).
     """
     out = []
     for row, (a, n) in enumerate(zip(start, length, strict=True)):
@@ -58,7 +63,9 @@ def continuation_scores(
         logp = torch.log_softmax(logits[row, a - 1 : a + n - 1].float(), dim=-1)  # [n, V]
         target = tokens[row, a : a + n]
         picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        out.append((float(picked.sum()), bool((logp.argmax(-1) == target).all())))
+        allowed = logp.clone()
+        allowed[:, list(suppressed)] = float("-inf")
+        out.append((float(picked.sum()), bool((allowed.argmax(-1) == target).all())))
     return out
 
 
@@ -169,7 +176,8 @@ class SoloRunner:
         s = prompts["input_ids"].shape[1]
         batch = self._to_device(append_right(prompts, conts, self.pad_id))
         logits = self.model(**batch).logits
-        return continuation_scores(logits, batch["input_ids"], [s] * len(conts), [len(c) for c in conts])
+        suppressed = self.model.generation_config.suppress_tokens or []  # the vision ids: never generated
+        return continuation_scores(logits, batch["input_ids"], [s] * len(conts), [len(c) for c in conts], suppressed)
 
 
 def cut_at(text: str, until: Sequence[str]) -> str:

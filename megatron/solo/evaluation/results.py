@@ -112,7 +112,7 @@ def markdown(table: list[Row], title: str) -> str:
 
 def read_lmms_results(output_path: str | os.PathLike) -> tuple[dict, list[Path]]:
     """The newest ``*_results.json`` lmms-eval wrote under ``output_path`` and its ``*_samples_*.jsonl``."""
-    found = sorted(Path(output_path).rglob("*_results.json"), key=lambda p: p.stat().st_mtime)
+    found = sorted(Path(output_path).rglob("*_results.json"), key=lambda p: p.name)  # names start with a timestamp
     if not found:
         raise FileNotFoundError(f"{output_path}: lmms-eval wrote no *_results.json")
     newest = found[-1]
