@@ -3,7 +3,7 @@
 
     python tools/evaluate_demo.py --data demo_run/raw --stage1 demo_run/ckpt/stage1 --stage2 demo_run/ckpt/stage2 \
         --metrics demo_run/stage1.metrics.jsonl demo_run/stage2.metrics.jsonl demo_run/sft.metrics.jsonl \
-        [--sft demo_run/ckpt/sft] --out demo_run [--timings FILE]
+        [--sft demo_run/ckpt/sft] [--lmms demo_run/lmms/*/results.json] --out demo_run [--timings FILE]
 
 Writes ``OUT/report.txt`` (also printed), ``OUT/report.json`` and ``OUT/loss_curves.png``. Exits 1 when the
 stage-1 held-out label accuracy is below ``--min-label-accuracy`` (default 0.9), so a demo that did not
@@ -30,6 +30,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sft", type=Path, default=None, help="SFT checkpoint (question-answer chats)")
     p.add_argument("--metrics", nargs="+", type=Path, default=[], help="--metrics-file of each stage, in order")
     p.add_argument("--timings", type=Path, default=None, help="'step seconds' lines to report")
+    p.add_argument("--lmms", nargs="+", type=Path, default=[], help="tools/evaluate.py results.json files to report")
+    p.add_argument(
+        "--lmms-task-labels",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "examples/solo/lmms_tasks/solo_shapes/data/labels.jsonl",
+        help="the local task's labels.jsonl (to match lmms-eval's label answers to the held-out images)",
+    )
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--min-label-accuracy", type=float, default=0.9)
     p.add_argument("--batch-size", type=int, default=32)
@@ -51,7 +58,11 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     labels = ev.read_heldout(args.data / "labels" / "heldout.jsonl", "label")
     gen1 = Generator(args.stage1)
-    stage1 = ev.score_labels([t for _, t in labels], answer_all(gen1, labels, args.batch_size))
+    stage1_answers = answer_all(gen1, labels, args.batch_size)
+    stage1 = ev.score_labels([t for _, t in labels], stage1_answers)
+    lmms = None
+    if args.lmms:
+        lmms = ev.read_lmms(args.lmms, task_labels=args.lmms_task_labels, heldout=labels, answers=stage1_answers)
     stage2_labels = captions = None
     if args.stage2 is not None:
         gen2 = Generator(args.stage2)
@@ -86,6 +97,7 @@ def main(argv=None) -> int:
         sft_losses=summaries[2],
         timings=timings,
         min_label_accuracy=args.min_label_accuracy,
+        lmms=lmms,
     )
     print(report)
     write_atomic(str(args.out / "report.txt"), (report + "\n").encode())
@@ -98,6 +110,7 @@ def main(argv=None) -> int:
                     "stage2_labels": dataclasses.asdict(stage2_labels) if stage2_labels else None,
                     "captions": dataclasses.asdict(captions) if captions else None,
                     "sft": dataclasses.asdict(chat) if chat else None,
+                    "lmms_eval": dataclasses.asdict(lmms) if lmms else None,
                     "losses": summaries[: len(metrics)],
                     "timings": timings,
                 },

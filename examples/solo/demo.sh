@@ -12,8 +12,10 @@
 # 4. pretrain_solo.py stage 2: captions + labels + text, loading stage 1 (--finetune);
 # 5. pretrain_solo.py SFT: question-answer chats about the shapes in SOLO's released SFT layout, loading
 #    stage 2, [INST] … [/INST], loss on the answers averaged per sample (--loss-averaging sample);
-# 6. tools/evaluate_demo.py: greedy generation (tools/generate.py's code) on held-out images and questions,
-#    the report (demo_run/report.txt, report.json) and the loss curves (demo_run/loss_curves.png).
+# 6. tools/evaluate.py: lmms-eval scores stage 1 and SFT on the local task examples/solo/lmms_tasks/solo_shapes
+#    (python -m lmms_eval --model solo on a temporary HF export: held-out labels, questions, multiple choice);
+# 7. tools/evaluate_demo.py: greedy generation (tools/generate.py's code) on held-out images and questions,
+#    the report (demo_run/report.txt, report.json, with lmms-eval's scores) and the loss curves (loss_curves.png).
 #
 # Steps and seeds are fixed: another machine makes the same run up to floating-point differences.
 set -euo pipefail
@@ -24,7 +26,7 @@ SMOKE=0
 for arg in "$@"; do
   case $arg in
     --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -33,18 +35,20 @@ OUT=${DEMO_DIR:-$ROOT/demo_run}
 VENV=${VENV:-$ROOT/.venv}
 
 # --- environment: $PYTHON, python3 or .venv if one has everything, else install into .venv like CI ------
-has_all() { "$1" -c "import megatron.solo.demo, megatron.core, mistral_common, matplotlib" 2>/dev/null; }
+has_all() { "$1" -c "import megatron.solo.demo, megatron.core, mistral_common, matplotlib, lmms_eval" 2>/dev/null; }
 for candidate in ${PYTHON:-} python3 "$VENV/bin/python"; do
   if command -v "$candidate" >/dev/null && has_all "$candidate"; then PYTHON=$candidate; break; fi
   PYTHON=
 done
 if [ -z "$PYTHON" ]; then
-  echo "demo: installing into $VENV (torch 2.13.0 CPU, megatron-core 0.16.1, this package with its demo extra)"
+  echo "demo: installing into $VENV (torch 2.13.0 CPU, megatron-core 0.16.1, this package's demo and eval extras)"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   export PIP_DISABLE_PIP_VERSION_CHECK=1
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q torch==2.13.0  # pinned first: the CPU wheel here (a bare torch pulls CUDA)
-  "$VENV/bin/python" -m pip install -q -e ".[demo]"
+  "$VENV/bin/python" -m pip install -q -e ".[demo,eval]"
+  # without its own requirements: they pull PyPI's torchvision (CUDA), which breaks transformers here (README)
+  "$VENV/bin/python" -m pip install -q --no-deps "lmms-eval==0.7.3"
   PYTHON=$VENV/bin/python
 fi
 echo "demo: using $PYTHON"
@@ -56,9 +60,11 @@ if [ "$SMOKE" = 1 ]; then
   DATA_ARGS=(--per-class 4 --heldout-per-class 1 --captions 40 --heldout-captions 6 --text-documents 40
              --sft-chats 40 --sft-heldout 4)
   ITERS1=16; ITERS2=16; ITERS3=8; WARMUP=1; LOG=1
+  LMMS_QA=(--limit 8)
 else
   DATA_ARGS=()
   ITERS1=2500; ITERS2=2500; ITERS3=${DEMO_SFT_ITERS:-800}; WARMUP=10; LOG=25
+  LMMS_QA=()
 fi
 SEQ=256; GBS=1
 
@@ -121,8 +127,20 @@ step sft "$PYTHON" pretrain_solo.py "${TRAIN[@]}" --load "$OUT/ckpt/stage2" --fi
     --train-iters "$ITERS3" --lr 5e-4 --min-lr 0 --lr-decay-style linear --weight-decay 0.05 --clip-grad 1.0 \
     --save "$OUT/ckpt/sft" --metrics-file "$OUT/sft.metrics.jsonl"
 
+# lmms-eval on the local task: stage 1 names the held-out label images (the task's first rows are the demo's
+# held-out set), SFT answers the task's questions, generated and as multiple choice.
+LMMS=(--include-path examples/solo/lmms_tasks --offline --batch-size 16)
+lmms_all() {
+  "$PYTHON" tools/evaluate.py --load "$OUT/ckpt/stage1" --tasks solo_shapes_label --template none \
+      --limit "$(wc -l < "$OUT/raw/labels/heldout.jsonl")" "${LMMS[@]}" --output "$OUT/lmms/stage1"
+  "$PYTHON" tools/evaluate.py --load "$OUT/ckpt/sft" --tasks solo_shapes_qa,solo_shapes_mc \
+      ${LMMS_QA[@]+"${LMMS_QA[@]}"} "${LMMS[@]}" --output "$OUT/lmms/sft"
+}
+step lmms lmms_all
+
 EVAL=(--data "$OUT/raw" --stage1 "$OUT/ckpt/stage1" --stage2 "$OUT/ckpt/stage2" --sft "$OUT/ckpt/sft"
-      --metrics "$OUT/stage1.metrics.jsonl" "$OUT/stage2.metrics.jsonl" "$OUT/sft.metrics.jsonl" --out "$OUT")
+      --metrics "$OUT/stage1.metrics.jsonl" "$OUT/stage2.metrics.jsonl" "$OUT/sft.metrics.jsonl" --out "$OUT"
+      --lmms "$OUT/lmms/stage1/results.json" "$OUT/lmms/sft/results.json")
 [ "$SMOKE" = 1 ] && EVAL+=(--min-label-accuracy 0)
 echo "demo: evaluate"
 "$PYTHON" tools/evaluate_demo.py "${EVAL[@]}" --timings "$TIMINGS"  # times itself; exits 1 below the label goal

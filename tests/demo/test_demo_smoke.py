@@ -21,15 +21,10 @@ pytestmark = pytest.mark.timeout(900)
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    # The demo extra has no transformers/safetensors (the test extra does): hide them, as on a demo-only install.
-    hide = tmp_path_factory.mktemp("hide")
-    for name in ("transformers", "safetensors"):
-        (hide / f"{name}.py").write_text(f"raise ImportError('{name} is not in the demo extra')\n")
     env = {
         **os.environ,
         "DEMO_DIR": str(out),
-        "PYTHON": sys.executable,  # this Python has everything: no install
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(hide), os.environ.get("PYTHONPATH")])),
+        "PYTHON": sys.executable,  # this Python has everything (the demo and eval extras): no install
     }
     proc = run_in_session(["bash", "examples/solo/demo.sh", "--smoke"], timeout=840, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
@@ -42,7 +37,7 @@ def read_jsonl(path):
 
 def test_every_step_ran_and_wrote_its_outputs(smoke):
     out, log = smoke
-    for step in ("data", "preprocess", "stage1", "stage2", "sft", "evaluate"):
+    for step in ("data", "preprocess", "stage1", "stage2", "sft", "lmms", "evaluate"):
         assert f"demo: {step}" in log
     for name in ("labels", "captions", "text", "sft"):
         stats = json.loads((out / "data" / f"{name}.stats.json").read_text())
@@ -59,6 +54,7 @@ def test_every_step_ran_and_wrote_its_outputs(smoke):
         "stage1",
         "stage2",
         "sft",
+        "lmms",
     ]
 
 
@@ -82,11 +78,28 @@ def test_report_scores_every_heldout_image(smoke):
     report = json.loads((out / "report.json").read_text())
     assert report["stage1_labels"]["n"] == len(scenes.classes())  # one held-out image per class
     assert report["captions"]["n"] == 6
-    assert set(report["timings"]) == {"data", "preprocess", "stage1", "stage2", "sft", "evaluate"}
+    assert set(report["timings"]) == {"data", "preprocess", "stage1", "stage2", "sft", "lmms", "evaluate"}
     questions = [json.loads(line) for line in (out / "raw" / "sft" / "heldout.jsonl").read_text().splitlines()]
     assert report["sft"]["n"] == len(questions) >= 4 and set(report["sft"]["by_kind"]) <= set(scenes.QUESTION_KINDS)
     for truth, answer in report["captions"]["examples"]:
         assert scenes.parse_caption(truth) and isinstance(answer, str)
+
+
+def test_lmms_eval_scores_agree_with_the_demos_own_evaluator(smoke):
+    """The demo's last step: lmms-eval's label accuracy on the held-out images is the report's stage-1 accuracy,
+    answer for answer; the SFT model's question scores are there too."""
+    out, _ = smoke
+    report = json.loads((out / "report.json").read_text())
+    lmms = report["lmms_eval"]
+    rows = {r["task"]: r for r in lmms["rows"]}
+    assert set(rows) == {"solo_shapes_label", "solo_shapes_qa", "solo_shapes_mc"}
+    assert rows["solo_shapes_label"]["n"] == report["stage1_labels"]["n"] == len(scenes.classes())
+    assert rows["solo_shapes_label"]["value"] == pytest.approx(100 * report["stage1_labels"]["accuracy"])
+    assert lmms["same_label_answers"] == lmms["compared"] == len(scenes.classes())
+    assert rows["solo_shapes_qa"]["n"] == rows["solo_shapes_mc"]["n"] == 8
+    assert all(0 <= rows[t]["value"] <= 100 for t in rows)
+    assert "lmms-eval (python -m lmms_eval --model solo" in (out / "report.txt").read_text()
+    assert not list((out / "lmms").rglob("*.safetensors"))  # the temporary exports are removed
 
 
 def test_generate_tool_answers_from_the_demo_checkpoint(smoke):

@@ -114,6 +114,44 @@ def score_chat(questions: Sequence[dict], answers: Sequence[str]) -> ChatScore:
     )
 
 
+@dataclass
+class LmmsScore:
+    """The demo's checkpoints scored through lmms-eval (``tools/evaluate.py`` on the local task solo_shapes)."""
+
+    rows: list[dict]
+    """One per task: task, metric, value (%), n, checkpoint (from each run's results.json)."""
+    same_label_answers: int | None = None
+    """Held-out label images where lmms-eval's answer is the demo evaluator's, of ``compared``."""
+    compared: int | None = None
+
+
+def read_lmms(
+    results: Sequence[str | os.PathLike],
+    *,
+    task_labels: str | os.PathLike | None = None,
+    heldout: Sequence[tuple[str, str]] = (),
+    answers: Sequence[str] = (),
+) -> LmmsScore:
+    """``tools/evaluate.py``'s results.json files → their rows; with the task's labels.jsonl and the demo
+    evaluator's (image, truth) pairs and answers, how many of those images got the same answer from lmms-eval
+    (images matched by file name: the task's label images are the demo's held-out ones)."""
+    rows, same, compared = [], None, None
+    for path in results:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+        rows += [{**row, "checkpoint": report["checkpoint"]} for row in report["rows"]]
+        label_samples = [s for s in report.get("samples", []) if s.endswith("_samples_solo_shapes_label.jsonl")]
+        if label_samples and task_labels is not None and heldout:
+            docs = Path(task_labels).read_text(encoding="utf-8").splitlines()
+            by_name = {}
+            for line in Path(label_samples[0]).read_text(encoding="utf-8").splitlines():
+                sample = json.loads(line)
+                by_name[Path(json.loads(docs[sample["doc_id"]])["image"]).name] = sample["filtered_resps"]
+            pairs = [(by_name.get(Path(image).name), a) for (image, _), a in zip(heldout, answers, strict=True)]
+            compared = sum(lmms is not None for lmms, _ in pairs)
+            same = sum(lmms is not None and _norm(lmms) == _norm(a) for lmms, a in pairs)
+    return LmmsScore(rows, same, compared)
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The trainer's ``--metrics-file`` (one JSON object per logged iteration)."""
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -236,6 +274,7 @@ def format_report(
     sft_losses=None,
     timings: dict[str, float] | None = None,
     min_label_accuracy: float = 0.9,
+    lmms: LmmsScore | None = None,
 ) -> str:
     """The human-readable report."""
     ok = stage1_labels.accuracy >= min_label_accuracy
@@ -271,6 +310,16 @@ def format_report(
             f"  by kind: {kinds}",
         ]
         lines += [f"    {q!r} → {a!r} (truth {t!r})" for q, t, a in chat.examples]
+    if lmms is not None:
+        lines += ["", "lmms-eval (python -m lmms_eval --model solo, local task examples/solo/lmms_tasks/solo_shapes):"]
+        for row in lmms.rows:
+            value = "—" if row["value"] is None else f"{row['value']:.1f}%"
+            lines.append(f"  {row['task']} ({Path(row['checkpoint']).name}): {row['metric']} {value} of {row['n']}")
+        if lmms.compared:
+            lines.append(
+                f"  same label answer as this report's stage-1 evaluation on {lmms.same_label_answers} of "
+                f"{lmms.compared} held-out images"
+            )
     if timings:
         lines += [
             "",
@@ -293,6 +342,7 @@ def read_timings(path: str | os.PathLike) -> dict[str, float]:
 
 __all__ = [
     "CaptionScore",
+    "LmmsScore",
     "ChatScore",
     "LabelScore",
     "format_ablation",
@@ -303,6 +353,7 @@ __all__ = [
     "loss_summary",
     "plot_losses",
     "read_heldout",
+    "read_lmms",
     "read_metrics",
     "read_timings",
     "score_captions",
