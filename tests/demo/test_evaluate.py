@@ -105,3 +105,26 @@ def test_ablation_report_and_plot(tmp_path):
     ev.plot_runs([("after stage 1", metrics(5, 9.0)), ("from scratch", metrics(5, 8.0))], tmp_path / "a.png", "t")
     with Image.open(tmp_path / "a.png") as img:
         assert img.format == "PNG" and img.width > 400
+
+
+def test_lmms_results_are_read_and_label_answers_matched_by_image(tmp_path):
+    """tools/evaluate.py's results.json + lmms-eval's per-sample log → rows and the per-image agreement."""
+    labels = tmp_path / "labels.jsonl"  # the task's rows: doc_id → image
+    labels.write_text("".join(json.dumps({"image": f"images/heldout/{n}.png", "label": "x"}) + "\n" for n in "abc"))
+    samples = tmp_path / "20260101_000000_samples_solo_shapes_label.jsonl"
+    samples.write_text(
+        "".join(
+            json.dumps({"doc_id": i, "filtered_resps": r}) + "\n" for i, r in enumerate(["red circle", "blue", "z"])
+        )
+    )
+    results = tmp_path / "results.json"
+    row = {"task": "solo_shapes_label", "metric": "label_accuracy", "value": 50.0, "n": 3, "reported": None}
+    results.write_text(json.dumps({"checkpoint": "/r/ckpt/stage1", "rows": [row], "samples": [str(samples)]}))
+    heldout = [("/raw/labels/heldout/b.png", "blue square"), ("/raw/labels/heldout/a.png", "red circle")]
+    got = ev.read_lmms([results], task_labels=labels, heldout=heldout, answers=["Blue.", "red square"])
+    assert got.rows == [{**row, "checkpoint": "/r/ckpt/stage1"}]
+    assert (got.same_label_answers, got.compared) == (1, 2)  # b: "blue" = "Blue."; a: "red circle" ≠ "red square"
+    summary = ev.loss_summary(metrics(3, 9.0))
+    report = ev.format_report(stage1_labels=ev.score_labels(["a"], ["a"]), stage1_losses=summary, lmms=got)
+    assert "solo_shapes_label (stage1): label_accuracy 50.0% of 3" in report
+    assert "same label answer as this report's stage-1 evaluation on 1 of 2 held-out images" in report
