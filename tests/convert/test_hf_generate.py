@@ -165,6 +165,18 @@ def test_sampling_with_a_mixed_batch(hf, images, tokenizer):
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
 
 
+def test_an_image_free_batch_generates_as_plain_text(hf, tokenizer):
+    processor, hf_model = hf
+    batch = processor(text=["Two plus two is", "The capital of France is a city"])
+    assert batch["vision_patches"].shape[0] == 0
+    with torch.no_grad():
+        got = hf_model.generate(**batch, max_new_tokens=NEW, do_sample=False)
+        plain = hf_model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=NEW, do_sample=False
+        )
+    assert torch.equal(got, plain)
+
+
 def test_exported_checkpoint_answers_as_tools_generate_does(tmp_path, megatron_world, images, tokenizer, capsys):
     """One Megatron checkpoint (made by tools/convert_checkpoint.py from an HF Mistral), read by
     tools/generate.py's Generator and, exported by megatron-to-hf, by AutoProcessor + generate()."""

@@ -176,6 +176,12 @@ def test_solo7b_image_end_quirk_is_a_config_field_and_a_call_switch(processor, t
     rows, cols = process_image(photo).n_rows, process_image(photo).n_cols
     assert quirk[1 : 1 + rows * cols + rows + 1] == tokenizer.image_layout_ids(rows, cols, end_token="<vision>")
 
+    # the released demo's whole prompt (reference spec §8.1): the image block before BOS, closed by <vision>
+    demo = processor(images=photo, text="<image><s>[INST] What is it? [/INST]", image_end_token="<vision>")
+    layout = tokenizer.image_layout_ids(rows, cols, end_token="<vision>")
+    assert demo["input_ids"][0].tolist() == layout + tokenizer.encode("[INST] What is it? [/INST]", bos=True)
+    assert demo["vision_patch_indices"][0][: len(layout)].ge(0).sum() == rows * cols
+
     from transformers import AutoProcessor
 
     assert json.loads((export_dir / "processor_config.json").read_text())["image_end_token"] == "</vision>"

@@ -73,7 +73,8 @@ class SoloProcessor(ProcessorMixin):
       whose text has no ``<image>`` gets its images right after BOS, before its text (the pretraining layout:
       ``processor(images=photo, text="A photo of")`` continues a caption). A flat list is shared out over the
       samples' placeholders in order, or one image per sample when no text has a placeholder.
-    * Text: BOS first (unless the text starts with ``<s>``); the text is cut at ``<image>``, ``<s>``, ``</s>``,
+    * Text: BOS first, unless ``<s>`` comes before any text (``"<image><s>[INST] q [/INST]"`` is the released
+      SOLO-7B demo's layout, image before BOS); the text is cut at ``<image>``, ``<s>``, ``</s>``,
       ``[INST]`` and ``[/INST]``, each piece is stripped and tokenized on its own (``<s>``/``</s>`` are BOS/EOS),
       exactly as preprocessing tokenizes a sample's parts. Literal vision-token text (``"<vision>"``) stays text.
     * An image becomes ``<vision>`` rows of ``<vpatch>`` separated by ``<vrow_sep>``, then ``</vision>`` — or
@@ -162,7 +163,8 @@ class SoloProcessor(ProcessorMixin):
         if n_slots and n_slots != len(images):
             raise ValueError(f"sample {sample}: its text has {n_slots} {IMAGE_PLACEHOLDER} but {len(images)} images")
         stripped = [p.strip() for p in pieces if p.strip()]
-        if not stripped or stripped[0] != tok.bos_token:
+        first_text = next((p for p in stripped if p != IMAGE_PLACEHOLDER), None)
+        if first_text != tok.bos_token:
             stripped.insert(0, tok.bos_token)
         if not n_slots and images:
             stripped[1:1] = [IMAGE_PLACEHOLDER] * len(images)
