@@ -137,6 +137,10 @@ def test_image_free_batch_and_flat_image_lists(processor, sample_photos):
         processor(images=[a, b, a], text=["<image> x", "<image> y"])
     with pytest.raises(ValueError, match="sample 0: its text has 2 <image> but 1 images"):
         processor(images=[[a]], text=["<image><image>"])
+    with pytest.raises(ValueError, match="sample 1: image 1: .*identify"):
+        processor(images=[[a], [b, b"not an image"]], text=["x", "y"])
+    with pytest.raises(ValueError, match="sample 0: image 0: .*No such file"):
+        processor(images="missing.png", text="x")
 
 
 def test_every_image_source_and_mode_gives_preprocessings_patches(processor, sample_photos, tmp_path):
