@@ -158,7 +158,7 @@ class SoloProcessor(ProcessorMixin):
     def _encode(self, text: str, images: list, end_token: str, sample: int):
         """One sample → (ids, patch index per id (-1 for text), list of [n, 3·P·P] float32 arrays)."""
         tok = self.tokenizer
-        pieces = [p for p in _SEGMENT.split(text)]
+        pieces = _SEGMENT.split(text)
         n_slots = pieces.count(IMAGE_PLACEHOLDER)
         if n_slots and n_slots != len(images):
             raise ValueError(f"sample {sample}: its text has {n_slots} {IMAGE_PLACEHOLDER} but {len(images)} images")
@@ -172,6 +172,7 @@ class SoloProcessor(ProcessorMixin):
         index: list[int] = []
         patches: list[np.ndarray] = []
         pending = iter(images)
+        patch_id = self.tokenizer.convert_tokens_to_ids(VISION_PATCH)
         for piece in stripped:
             if piece == IMAGE_PLACEHOLDER:
                 try:
@@ -182,7 +183,7 @@ class SoloProcessor(ProcessorMixin):
                 first = sum(len(p) for p in patches)
                 counter = iter(range(first, first + len(image_patches)))
                 ids += layout
-                index += [next(counter) if t == self._patch_id else -1 for t in layout]
+                index += [next(counter) if t == patch_id else -1 for t in layout]
                 patches.append(image_patches)
             elif piece in (tok.bos_token, tok.eos_token):
                 ids.append(tok.convert_tokens_to_ids(piece))
@@ -192,10 +193,6 @@ class SoloProcessor(ProcessorMixin):
                 ids += piece_ids
                 index += [-1] * len(piece_ids)
         return ids, index, patches
-
-    @property
-    def _patch_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids(VISION_PATCH)
 
     def _layout_ids(self, n_rows: int, n_cols: int, end_token: str) -> list[int]:
         start, patch, sep, end = self.tokenizer.convert_tokens_to_ids(
