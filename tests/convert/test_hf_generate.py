@@ -1,17 +1,29 @@
 """HF generate() on an export: the tokens of megatron.solo.inference on the same weights, batched with left padding
 over any mix of images; the KV cache changes nothing but the work done (patches are embedded once, at prefill)."""
 
+import shutil
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_models import random_mistral
 
 from megatron.solo.config import get_preset
 from megatron.solo.convert.checkpoint import solo_config_from_model_config
 from megatron.solo.convert.hf_export import write_hf_export
 from megatron.solo.convert.name_table import megatron_to_hf
-from megatron.solo.inference import allowed_ids, build_prompt, greedy_generate
+from megatron.solo.inference import Generator, allowed_ids, build_prompt, greedy_generate
 from megatron.solo.model import build_model, make_transformer_config
+from megatron.solo.tokenizer import default_tokenizer_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import convert_checkpoint  # noqa: E402
+import generate  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
 
 NEW = 8
 WEIGHT_STD = 0.2
@@ -151,3 +163,51 @@ def test_sampling_with_a_mixed_batch(hf, images, tokenizer):
     assert not set(sampled.flatten().tolist()) & set(tokenizer.vision_token_ids)  # suppressed in sampling too
     texts = processor.batch_decode(sampled)
     assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+
+
+def test_an_image_free_batch_generates_as_plain_text(hf, tokenizer):
+    processor, hf_model = hf
+    batch = processor(text=["Two plus two is", "The capital of France is a city"])
+    assert batch["vision_patches"].shape[0] == 0
+    with torch.no_grad():
+        got = hf_model.generate(**batch, max_new_tokens=NEW, do_sample=False)
+        plain = hf_model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=NEW, do_sample=False
+        )
+    assert torch.equal(got, plain)
+
+
+def test_exported_checkpoint_answers_as_tools_generate_does(tmp_path, megatron_world, images, tokenizer, capsys):
+    """One Megatron checkpoint (made by tools/convert_checkpoint.py from an HF Mistral), read by
+    tools/generate.py's Generator and, exported by megatron-to-hf, by AutoProcessor + generate()."""
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    mistral = random_mistral(vocab_size=32000, max_position_embeddings=512)
+    mistral.save_pretrained(tmp_path / "mistral")
+    shutil.copyfile(default_tokenizer_model(), tmp_path / "mistral" / "tokenizer.model")
+    ckpt, export = tmp_path / "ckpt", tmp_path / "hf"
+    assert convert_checkpoint.main(["hf-to-megatron", "--hf-model", str(tmp_path / "mistral"), "--out", str(ckpt)]) == 0
+    assert convert_checkpoint.main(["megatron-to-hf", "--load", str(ckpt), "--out", str(export)]) == 0
+    processor = AutoProcessor.from_pretrained(export)
+    hf_model = AutoModelForCausalLM.from_pretrained(export, dtype="auto").eval()
+
+    reqs = requests(images)
+    generator = Generator(ckpt)
+    want = generator.generate_ids(
+        [build_prompt(generator.tokenizer, imgs, text, template) for imgs, text, template in reqs], NEW
+    )
+    batch = hf_batch(processor, reqs)
+    with torch.no_grad():
+        got = new_tokens(hf_model.generate(**batch, max_new_tokens=NEW), batch, tokenizer.eos_id)
+    assert got == want
+
+    # the command line: one prompt asked of each image, one answer per line
+    capsys.readouterr()
+    argv = ["--load", str(ckpt), "--each", "--image", images[0], "--image", images[3], "--prompt", "It shows"]
+    assert generate.main(argv + ["--max-new-tokens", str(NEW)]) == 0
+    printed = [line.split("\t", 1)[1] for line in capsys.readouterr().out.splitlines()]
+    batch = processor(images=[images[0], images[3]], text=["It shows", "It shows"])
+    with torch.no_grad():
+        out = hf_model.generate(**batch, max_new_tokens=NEW)
+    answers = [text.strip() for text in processor.batch_decode(out[:, batch["input_ids"].shape[1] :])]
+    assert printed == answers and all(printed)

@@ -137,6 +137,10 @@ def test_image_free_batch_and_flat_image_lists(processor, sample_photos):
         processor(images=[a, b, a], text=["<image> x", "<image> y"])
     with pytest.raises(ValueError, match="sample 0: its text has 2 <image> but 1 images"):
         processor(images=[[a]], text=["<image><image>"])
+    with pytest.raises(ValueError, match="sample 1: image 1: .*identify"):
+        processor(images=[[a], [b, b"not an image"]], text=["x", "y"])
+    with pytest.raises(ValueError, match="sample 0: image 0: .*No such file"):
+        processor(images="missing.png", text="x")
 
 
 def test_every_image_source_and_mode_gives_preprocessings_patches(processor, sample_photos, tmp_path):
@@ -175,6 +179,12 @@ def test_solo7b_image_end_quirk_is_a_config_field_and_a_call_switch(processor, t
     assert quirk == preprocessed(tokenizer, turns, end_token="<vision>")[0] and tokenizer.vision_end_id not in quirk
     rows, cols = process_image(photo).n_rows, process_image(photo).n_cols
     assert quirk[1 : 1 + rows * cols + rows + 1] == tokenizer.image_layout_ids(rows, cols, end_token="<vision>")
+
+    # the released demo's whole prompt (reference spec §8.1): the image block before BOS, closed by <vision>
+    demo = processor(images=photo, text="<image><s>[INST] What is it? [/INST]", image_end_token="<vision>")
+    layout = tokenizer.image_layout_ids(rows, cols, end_token="<vision>")
+    assert demo["input_ids"][0].tolist() == layout + tokenizer.encode("[INST] What is it? [/INST]", bos=True)
+    assert demo["vision_patch_indices"][0][: len(layout)].ge(0).sum() == rows * cols
 
     from transformers import AutoProcessor
 

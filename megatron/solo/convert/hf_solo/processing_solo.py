@@ -73,7 +73,8 @@ class SoloProcessor(ProcessorMixin):
       whose text has no ``<image>`` gets its images right after BOS, before its text (the pretraining layout:
       ``processor(images=photo, text="A photo of")`` continues a caption). A flat list is shared out over the
       samples' placeholders in order, or one image per sample when no text has a placeholder.
-    * Text: BOS first (unless the text starts with ``<s>``); the text is cut at ``<image>``, ``<s>``, ``</s>``,
+    * Text: BOS first, unless ``<s>`` comes before any text (``"<image><s>[INST] q [/INST]"`` is the released
+      SOLO-7B demo's layout, image before BOS); the text is cut at ``<image>``, ``<s>``, ``</s>``,
       ``[INST]`` and ``[/INST]``, each piece is stripped and tokenized on its own (``<s>``/``</s>`` are BOS/EOS),
       exactly as preprocessing tokenizes a sample's parts. Literal vision-token text (``"<vision>"``) stays text.
     * An image becomes ``<vision>`` rows of ``<vpatch>`` separated by ``<vrow_sep>``, then ``</vision>`` — or
@@ -157,12 +158,13 @@ class SoloProcessor(ProcessorMixin):
     def _encode(self, text: str, images: list, end_token: str, sample: int):
         """One sample → (ids, patch index per id (-1 for text), list of [n, 3·P·P] float32 arrays)."""
         tok = self.tokenizer
-        pieces = [p for p in _SEGMENT.split(text)]
+        pieces = _SEGMENT.split(text)
         n_slots = pieces.count(IMAGE_PLACEHOLDER)
         if n_slots and n_slots != len(images):
             raise ValueError(f"sample {sample}: its text has {n_slots} {IMAGE_PLACEHOLDER} but {len(images)} images")
         stripped = [p.strip() for p in pieces if p.strip()]
-        if not stripped or stripped[0] != tok.bos_token:
+        first_text = next((p for p in stripped if p != IMAGE_PLACEHOLDER), None)
+        if first_text != tok.bos_token:
             stripped.insert(0, tok.bos_token)
         if not n_slots and images:
             stripped[1:1] = [IMAGE_PLACEHOLDER] * len(images)
@@ -170,6 +172,7 @@ class SoloProcessor(ProcessorMixin):
         index: list[int] = []
         patches: list[np.ndarray] = []
         pending = iter(images)
+        patch_id = self.tokenizer.convert_tokens_to_ids(VISION_PATCH)
         for piece in stripped:
             if piece == IMAGE_PLACEHOLDER:
                 try:
@@ -180,7 +183,7 @@ class SoloProcessor(ProcessorMixin):
                 first = sum(len(p) for p in patches)
                 counter = iter(range(first, first + len(image_patches)))
                 ids += layout
-                index += [next(counter) if t == self._patch_id else -1 for t in layout]
+                index += [next(counter) if t == patch_id else -1 for t in layout]
                 patches.append(image_patches)
             elif piece in (tok.bos_token, tok.eos_token):
                 ids.append(tok.convert_tokens_to_ids(piece))
@@ -190,10 +193,6 @@ class SoloProcessor(ProcessorMixin):
                 ids += piece_ids
                 index += [-1] * len(piece_ids)
         return ids, index, patches
-
-    @property
-    def _patch_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids(VISION_PATCH)
 
     def _layout_ids(self, n_rows: int, n_cols: int, end_token: str) -> list[int]:
         start, patch, sep, end = self.tokenizer.convert_tokens_to_ids(
