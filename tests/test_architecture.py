@@ -26,7 +26,7 @@ ALLOWED = {
     "inference": FOUNDATION | {"checkpointing", "data"},
     "training": FOUNDATION | {"backend", "checkpointing", "data", "model", "parallel", "faults"},
     "demo": FOUNDATION | {"data"},
-    "evaluation": {"backend", "convert", "io"},
+    "evaluation": {"backend", "convert"},
     "faults": set(),
 }
 
