@@ -77,7 +77,7 @@ class Solo(lmms):
         for v in visuals if isinstance(visuals, (list, tuple)) else [visuals]:
             if not isinstance(v, Image.Image):
                 raise ValueError(f"solo: task {task} doc {doc_id}: only images are supported, got {type(v).__name__}")
-            out.append(v.convert("RGB"))
+            out.append(v)  # as given: the processor converts any mode as preprocessing does (alpha on white)
         return out
 
     # -- lmms-eval's interface -----------------------------------------------------------------

@@ -13,7 +13,8 @@ DATA = Path(__file__).resolve().parent / "data"
 
 def doc_to_visual(doc):
     with Image.open(DATA / doc["image"]) as img:
-        return [img.convert("RGB")]
+        img.load()  # read before the file closes; the model's processor converts the mode
+        return [img]
 
 
 def label_prompt(doc):
