@@ -6,7 +6,8 @@ A checkpoint root looks like Megatron-LM's::
       latest_checkpointed_iteration.txt   "release" (a converted model) or the last saved iteration
       release/ | iter_0000050/            megatron-core dist_checkpointing (torch_dist), layout-free:
                                           loads at any TP/PP/DP (the optimizer as "fully_reshardable")
-      solo_config.json                    architecture (ModelConfig) + padded vocabulary size
+      solo_config.json                    architecture (ModelConfig, or a family's subclass: its "family"
+                                          field picks the model) + padded vocabulary size
       tokenizer.model, solo_tokenizer.json   the SoloTokenizer the model was trained with
 
 The padded vocabulary is a property of the checkpoint (33152 from TP=1, 33280 from TP=2): a model loading
@@ -31,8 +32,9 @@ from megatron.core import dist_checkpointing
 
 from megatron.solo.checksums import MANIFEST, verify_manifest, write_manifest
 from megatron.solo.config import ModelConfig
+from megatron.solo.families import build_model, config_from_dict
 from megatron.solo.io import write_atomic
-from megatron.solo.model import build_model, make_transformer_config
+from megatron.solo.model import make_transformer_config
 from megatron.solo.parallel import ensure_model_parallel_of_one
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ class CheckpointMetadata:
         data = json.loads(path.read_text())
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
-        return cls(ModelConfig.from_dict(data["model"]), int(data["padded_vocab_size"]))
+        return cls(config_from_dict(data["model"]), int(data["padded_vocab_size"]))
 
     def write(self, root: str | os.PathLike) -> None:
         write_atomic(Path(root) / METADATA_FILE, self.to_json())

@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, Literal, Union
 
-from megatron.solo.config import PRESETS, ModelConfig
+from megatron.solo.config import ModelConfig
+from megatron.solo.families import PRESETS
 
 
 class ConfigError(ValueError):

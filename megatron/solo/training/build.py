@@ -15,7 +15,8 @@ from megatron.core.transformer.module import Float16Module
 from megatron.solo.backend.cpu import use_fused_cpu_adam
 from megatron.solo.backend.mcore_fixes import install_distributed_optimizer_fixes
 from megatron.solo.config import ModelConfig
-from megatron.solo.model import SoloModel, build_model, make_transformer_config
+from megatron.solo.families import build_model
+from megatron.solo.model import SoloModel, make_transformer_config
 from megatron.solo.training.arguments import TrainConfig
 
 PATCH_PARAMETERS = "patch_embedding."
@@ -25,7 +26,7 @@ PATCH_PARAMETERS = "patch_embedding."
 class Components:
     """One rank's share of the run: its pipeline stage of the model and what trains it."""
 
-    model: SoloModel  # unwrapped: checkpoints and tools use this
+    model: SoloModel  # unwrapped (a HaploModel is a SoloModel): checkpoints and tools use this
     ddp: DistributedDataParallel  # what the schedule runs (wraps Float16Module under --bf16)
     config: TransformerConfig
     optimizer: object  # megatron-core MegatronOptimizer

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +41,8 @@ from megatron.solo.checkpointing import (
     save_sharded,
     verify_checkpoint,
 )
-from megatron.solo.config import ModelConfig, get_preset
+from megatron.solo.config import ModelConfig
+from megatron.solo.families import get_preset
 from megatron.solo.training.arguments import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ def _from_checkpoint(cfg: TrainConfig, root: str, iteration: int | None, kind: s
     metadata = CheckpointMetadata.read(root)
     if cfg.model_preset is not None:
         preset = get_preset(cfg.model_preset)
-        differ = [f.name for f in fields(ModelConfig) if getattr(preset, f.name) != getattr(metadata.model, f.name)]
+        saved, wanted = metadata.model.to_dict(), preset.to_dict()
+        differ = [name for name in sorted(set(saved) | set(wanted)) if saved.get(name) != wanted.get(name)]
         if differ:
             raise ConfigError(
                 f"--model-preset: {cfg.model_preset} differs from the checkpoint in {root} in "

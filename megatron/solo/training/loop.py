@@ -240,6 +240,8 @@ class Trainer:
             batch.patch_index,
             labels=batch.labels,
             loss_mask=batch.loss_mask,
+            image_block_ids=batch.image_block_ids,  # HaploVL's mask and position table (SOLO ignores them)
+            patch_table_index=batch.patch_table_index,
         )
         return out, partial(
             loss_with_breakdown,
