@@ -27,7 +27,7 @@ ALLOWED = {
     "training": FOUNDATION | {"backend", "checkpointing", "data", "model", "parallel", "faults"},
     "demo": FOUNDATION | {"data"},
     "faults": set(),
-    "haplo": {"model"},
+    "haplo": {"image", "model"},
 }
 
 
