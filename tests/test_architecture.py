@@ -29,6 +29,7 @@ ALLOWED = {
     "training": FOUNDATION | {"backend", "checkpointing", "data", "families", "haplo", "model", "parallel", "faults"},
     "demo": FOUNDATION | {"data"},
     "faults": set(),
+    "haplo": {"image", "model"},
 }
 
 
