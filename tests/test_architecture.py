@@ -29,7 +29,6 @@ ALLOWED = {
     "training": FOUNDATION | {"backend", "checkpointing", "data", "families", "haplo", "model", "parallel", "faults"},
     "demo": FOUNDATION | {"data"},
     "faults": set(),
-    "haplo": {"image", "model"},
 }
 
 

@@ -27,14 +27,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from megatron.solo.config import ModelConfig, _require
+from megatron.solo.haplo.anyres import DEFAULT_PINPOINTS
 from megatron.solo.haplo.pre_decoder import PreDecoderConfig
 
 LlmBias = Literal["none", "qkv", "all"]
-
-# The released model config's default grid (spec §3.1): every 336-multiple canvas of at most 6 tiles.
-DEFAULT_PINPOINTS: tuple[tuple[int, int], ...] = tuple(
-    (336 * h, 336 * w) for h in range(1, 7) for w in range(1, 7) if h * w <= 6
-)
 
 
 @dataclass(frozen=True, kw_only=True)
