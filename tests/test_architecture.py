@@ -18,7 +18,7 @@ ALLOWED = {
     "backend": set(),
     "tokenizer": {"image", "io"},
     "config": {"image", "tokenizer"},
-    "data": FOUNDATION | {"faults"},
+    "data": FOUNDATION | {"faults", "haplo"},  # haplo.anyres only: HaploVL's tiling (numpy/PIL)
     "model": {"config", "batch"},
     "haplo": {"config", "batch", "image", "model"},
     "families": {"config", "model", "haplo"},

@@ -201,7 +201,7 @@ def test_released_geometry_counts(megatron_world):
         assert sum(p.numel() for p in m.parameters()) == cfg.num_parameters()
         assert (m.decoder.layers[0].self_attention.linear_proj.bias is not None) == (bias == "all")
     assert abs(HAPLO_PRESETS["haplo-vicuna-7b"].num_parameters() - 7.05e9) < 0.01e9
-    assert len(CFG.image_grid_pinpoints) == 4 and len(HAPLO_PRESETS["haplo-llama3-8b"].image_grid_pinpoints) == 14
+    assert len(CFG.image_grid_pinpoints) == 14 and len(HAPLO_PRESETS["haplo-llama3-8b"].image_grid_pinpoints) == 14
 
 
 def test_transformer_engine_backend_is_refused_with_the_reason(megatron_world):

@@ -183,8 +183,7 @@ HAPLO_PRESETS: dict[str, HaploConfig] = {
         max_sequence_length=4096,
         pre_decoder=PreDecoderConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64),
         patch_size=14,
-        tile_size=56,
-        image_grid_pinpoints=((56, 56), (56, 112), (112, 56), (112, 112)),
-        anyres_max_tiles=4,
+        tile_size=56,  # 4 × 4 patches a tile; the released grid's shape: every canvas of at most 6 tiles
+        image_grid_pinpoints=tuple((56 * h, 56 * w) for h in range(1, 7) for w in range(1, 7) if h * w <= 6),
     ),
 }

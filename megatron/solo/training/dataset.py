@@ -187,6 +187,8 @@ class BlendedPackDataset(Dataset):
                 doc_offsets=view.doc_offsets,
                 patches=view.patches_uint8() if self.decode_patches else None,
                 patch_positions=view.patch_positions,
+                image_spans=view.image_spans,
+                patch_table_index=view.patch_table_index,
             )
         except Exception as e:  # decode errors come as PIL/OSError/ValueError: name the pack whatever they are
             raise BadPackError(f"{self.where(i)}: {type(e).__name__}: {e}") from e

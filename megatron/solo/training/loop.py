@@ -105,6 +105,7 @@ class Trainer:
         )
         if self.dataset is not None:
             _check_pack_lengths(self.dataset, cfg.seq_length)
+            _check_image_layout(self.dataset, self.start.model)
         self.parts: Components = build_components(cfg, self.start.model, self.start.padded_vocab_size)
         self.metadata = CheckpointMetadata(self.start.model, self.start.padded_vocab_size)
         self.state = TrainingState()
@@ -354,6 +355,19 @@ def _check_pack_lengths(dataset: BlendedPackDataset, seq_length: int) -> None:
                 f"--seq-length: {seq_length} is shorter than the packs of --data-path prefix "
                 f"{prefix!r} (up to {longest} tokens): preprocess it for this sequence length, "
                 f"or raise --seq-length"
+            )
+
+
+def _check_image_layout(dataset: BlendedPackDataset, model) -> None:
+    """Every prefix lays its images out as the model's family reads them (its header's ``layout``) and was
+    patchified at the model's patch size: a SOLO prefix never trains a HaploVL model, nor the other way."""
+    for ds in dataset.datasets:
+        layout, patch = ds.header.get("layout", "solo"), ds.image_config.patch_size
+        if layout != model.family or patch != model.patch_size:
+            raise ConfigError(
+                f"--data-path: prefix {ds.prefix!r} holds {layout!r} images of {patch}-px patches, but the model "
+                f"({model.family}) reads {model.family!r} images of {model.patch_size}-px patches: preprocess it "
+                f"with --image-layout {model.family}"
             )
 
 
