@@ -184,3 +184,12 @@ def test_a_solo_prefix_is_refused_for_a_haplo_model(photos, release):
     solo = preprocess(root / "solo", records[:4], layout="solo")  # image paths are relative to the JSONL
     proc = run_pretrain(recipe_args(["1.0", solo], release, 512, 1), expect_rc=2)
     assert "--image-layout haplo" in proc.stderr
+
+
+def test_solo_only_features_refuse_a_haplo_checkpoint(data, release, tmp_path):
+    from megatron.solo.convert.checkpoint import megatron_to_hf_checkpoint
+
+    with pytest.raises(ValueError, match="a haplo checkpoint; this export writes SOLO's HF model only"):
+        megatron_to_hf_checkpoint(release, tmp_path / "hf")
+    proc = run_pretrain(common(data, release, "--freeze-language-model"), expect_rc=2)
+    assert "--freeze-language-model: SOLO's warm-up" in proc.stderr

@@ -17,7 +17,7 @@ from megatron.solo.backend.mcore_fixes import install_distributed_optimizer_fixe
 from megatron.solo.config import ModelConfig
 from megatron.solo.families import build_model
 from megatron.solo.model import SoloModel, make_transformer_config
-from megatron.solo.training.arguments import TrainConfig
+from megatron.solo.training.arguments import ConfigError, TrainConfig
 
 PATCH_PARAMETERS = "patch_embedding."
 
@@ -40,6 +40,11 @@ def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size
     weights (``tensor_model_parallel``, ``partition_dim``) only inside its init functions, and without the
     marks the gradient norm skips every sharded weight on tensor-parallel ranks > 0 (so clipping is wrong).
     """
+    if cfg.freeze_language_model and model_cfg.family != "solo":
+        raise ConfigError(
+            f"--freeze-language-model: SOLO's warm-up of the patch projection alone; a {model_cfg.family} model "
+            "has no such stage"
+        )
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     tc = make_transformer_config(
         model_cfg,
