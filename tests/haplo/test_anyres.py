@@ -96,6 +96,7 @@ def test_layout_matches_a_naive_reassembly(height, width):
     np.testing.assert_array_equal(layout.position, position)
     assert len(layout) == grid.num_tokens == num_image_tokens(height, width) == grid.rows * (grid.cols + 1)
     assert layout.is_newline.sum() == grid.rows and np.all(layout.is_newline == (tile < 0))
+    assert layout.num_tiles == grid.num_tiles == grid.tiles_h * grid.tiles_w
     side2 = DEFAULT_ANYRES.positions_per_tile
     np.testing.assert_array_equal(layout.patch[~layout.is_newline], tile[tile >= 0] * side2 + position[tile >= 0])
     assert np.all(layout.patch[layout.is_newline] == -1)

@@ -215,13 +215,16 @@ class ImageLayout:
     - ``tile``: the tile the patch comes from (-1 at newlines);
     - ``position``: its entry of the per-tile position table, ``y·side + x`` (-1 at newlines);
     - ``patch``: its row in :func:`tile_patches`' tile-major array, ``tile·side² + position`` (-1 at newlines);
-      also the row of the teacher's per-tile features flattened the same way.
+      also the row of the teacher's per-tile features flattened the same way;
+
+    and ``num_tiles``, the image's tile count (a sliver's crop can leave tiles with no token).
     """
 
     is_newline: np.ndarray
     tile: np.ndarray
     position: np.ndarray
     patch: np.ndarray
+    num_tiles: int
 
     def __len__(self) -> int:
         return len(self.is_newline)
@@ -241,7 +244,7 @@ def image_layout(grid: AnyresGrid) -> ImageLayout:
     tile, position = with_newlines(tile), with_newlines(position)
     is_newline = tile < 0
     patch = np.where(is_newline, -1, tile * grid.side * grid.side + position)
-    return ImageLayout(is_newline, tile, position, patch)
+    return ImageLayout(is_newline, tile, position, patch, grid.num_tiles)
 
 
 # --- pixels ------------------------------------------------------------------------------------------
