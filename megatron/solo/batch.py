@@ -44,6 +44,9 @@ class Batch:
                                   All -1 for SOLO data: the SOLO model is causal and ignores it
     patch_table_index  int64 [p]  each patch's row in the per-tile learned position table (HaploVL); -1
                                   where the data has none (SOLO)
+    tile_patches  uint8 [t, D]    HaploVL stage 1 only (else [0, D]): every image's whole tiles as patches,
+                                  tile-major, each tile row-major: the vision teacher's input
+    patch_tile_rows  int64 [p]    each patch's row in ``tile_patches`` (-1 when they are not loaded)
     """
 
     tokens: torch.Tensor
@@ -57,6 +60,8 @@ class Batch:
     pack_lengths: torch.Tensor
     image_block_ids: torch.Tensor
     patch_table_index: torch.Tensor
+    tile_patches: torch.Tensor
+    patch_tile_rows: torch.Tensor
 
     def _map_tensors(self, fn) -> Batch:
         return Batch(
@@ -75,7 +80,9 @@ class Batch:
         after :meth:`to`: a quarter of the bytes cross to the device), float32 ones as they are."""
         if self.patches.dtype != torch.uint8:
             return self
-        return replace(self, patches=normalize_patches_torch(self.patches, config))
+        tiles = self.tile_patches
+        tiles = normalize_patches_torch(tiles, config) if tiles.dtype == torch.uint8 else tiles
+        return replace(self, patches=normalize_patches_torch(self.patches, config), tile_patches=tiles)
 
     def image_rows(self) -> torch.Tensor:
         """bool [b]: the rows (packs) holding at least one patch, from ``patch_index``."""
@@ -97,6 +104,8 @@ class PackedExample:
     image_spans      int [m, 2]       ``[start, end)`` token ranges of the pack's bidirectional image blocks
                                       (HaploVL: an image's patches and newlines); None: none (SOLO)
     patch_table_index  int [p]        each patch's row in the per-tile position table; None: none (SOLO)
+    tile_patches     uint8 [t, D]     HaploVL stage 1: the images' whole tiles as patches; None: not loaded
+    patch_tile_rows  int [p]          each patch's row in ``tile_patches``; None: not loaded
     """
 
     tokens: np.ndarray
@@ -106,6 +115,8 @@ class PackedExample:
     patch_positions: np.ndarray
     image_spans: np.ndarray | None = None
     patch_table_index: np.ndarray | None = None
+    tile_patches: np.ndarray | None = None
+    patch_tile_rows: np.ndarray | None = None
 
 
 def _check_example(i: int, ex: PackedExample, seq_length: int, patch_dim: int) -> None:
@@ -164,6 +175,7 @@ def collate(
     position_ids = np.zeros((b, s), dtype=np.int64)
     image_block_ids = np.full((b, s), -1, dtype=np.int64)
     cu_seqlens, patch_index, table_index, blocks = [0], [], [], 0
+    tiles, tile_rows, tile_offset = [], [], 0
     for row, ex in enumerate(examples):
         _check_example(row, ex, s, patch_dim)
         n = len(ex.tokens)
@@ -181,6 +193,12 @@ def collate(
         table_index.append(
             np.asarray(ex.patch_table_index if given else np.full(len(ex.patch_positions), -1), np.int64)
         )
+        if ex.tile_patches is not None:
+            tiles.append(ex.tile_patches)
+            tile_rows.append(np.asarray(ex.patch_tile_rows, np.int64) + tile_offset)
+            tile_offset += len(ex.tile_patches)
+        else:
+            tile_rows.append(np.full(len(ex.patch_positions), -1, np.int64))
         for start, end in np.asarray(ex.image_spans if ex.image_spans is not None else [], np.int64).reshape(-1, 2):
             image_block_ids[row, start:end] = blocks
             blocks += 1
@@ -200,6 +218,8 @@ def collate(
         pack_lengths=torch.tensor([len(ex.tokens) for ex in examples], dtype=torch.int64),
         image_block_ids=torch.from_numpy(image_block_ids),
         patch_table_index=torch.from_numpy(np.concatenate(table_index)),
+        tile_patches=torch.from_numpy(np.concatenate(tiles) if tiles else np.zeros((0, patch_dim), np.uint8)),
+        patch_tile_rows=torch.from_numpy(np.concatenate(tile_rows)),
     )
 
 

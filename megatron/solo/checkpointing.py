@@ -207,13 +207,16 @@ def save_model(root: str | os.PathLike, model, metadata: CheckpointMetadata, ite
     return save_sharded(root, iteration, {"model": model_sharded_state_dict(model)}, metadata)
 
 
-def load_model_state(model, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
-    """``load_state_dict`` that tolerates only megatron-core's ``_extra_state`` entries being absent.
+def load_model_state(
+    model, state_dict: dict[str, torch.Tensor], assign: bool = False, optional: tuple[str, ...] = ()
+) -> None:
+    """``load_state_dict`` that tolerates only megatron-core's ``_extra_state`` entries (and the ``optional``
+    names: entries a new stage may start without) being absent.
 
     ``assign=True`` makes the given tensors the parameters (a model built on the meta device).
     """
     result = model.load_state_dict(state_dict, strict=False, assign=assign)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state") and k not in optional]
     unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -45,13 +45,17 @@ def build_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    **family_options: Any,
 ):
-    """One pipeline stage of ``cfg``'s family's model (``SoloModel`` or ``HaploModel``)."""
+    """One pipeline stage of ``cfg``'s family's model (``SoloModel`` or ``HaploModel``). ``family_options``:
+    what only that family takes (HaploVL stage 1: ``distill``, ``teacher_hidden_size``)."""
     kwargs = dict(
         padded_vocab_size=padded_vocab_size, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage
     )
     if isinstance(cfg, HaploConfig):
         from megatron.solo.haplo.model import build_haplo_model
 
-        return build_haplo_model(cfg, transformer_config, **kwargs)
+        return build_haplo_model(cfg, transformer_config, **kwargs, **family_options)
+    if family_options:
+        raise ValueError(f"{', '.join(sorted(family_options))}: not options of a SOLO model")
     return build_solo_model(cfg, transformer_config, **kwargs)

@@ -105,9 +105,8 @@ def _layers(x, sd, prefix, n, geometry, allowed, positions, layer_norm, act, eps
     return x
 
 
-def haplo_logits(cfg, state_dict, batch) -> torch.Tensor:
-    """float64 logits [b, s, V] of a whole HaploModel (``cfg`` a HaploConfig) on a collated ``batch``."""
-    sd = {k: v.double() for k, v in state_dict.items() if not k.endswith("_extra_state")}
+def pre_decoder_output(cfg, sd, batch) -> torch.Tensor:
+    """float64 [b, s, pre]: the pre-decoder's output (``sd`` already float64)."""
     tokens, positions = batch.tokens, batch.position_ids
     b, s = tokens.shape
     x = sd["embedding.word_embeddings.weight"][tokens].reshape(b * s, -1).clone()
@@ -131,7 +130,15 @@ def haplo_logits(cfg, state_dict, batch) -> torch.Tensor:
         quick_gelu,
         pre.norm_epsilon,
     )
-    x = x @ sd["connector.weight"].T
+    return x
+
+
+def haplo_logits(cfg, state_dict, batch) -> torch.Tensor:
+    """float64 logits [b, s, V] of a whole HaploModel (``cfg`` a HaploConfig) on a collated ``batch``."""
+    sd = {k: v.double() for k, v in state_dict.items() if not k.endswith("_extra_state")}
+    positions = batch.position_ids
+    allowed = naive_allowed(batch.cu_seqlens, batch.image_block_ids)
+    x = pre_decoder_output(cfg, sd, batch) @ sd["connector.weight"].T
     geometry = (cfg.num_attention_heads, cfg.num_query_groups, cfg.head_dim, cfg.rotary_base, True)
     x = _layers(x, sd, "decoder.", cfg.num_layers, geometry, allowed, positions, False, F.silu, cfg.norm_epsilon)
     x = _norm(x, sd, "decoder.final_layernorm", cfg.norm_epsilon, False)

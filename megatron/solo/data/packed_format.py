@@ -362,6 +362,23 @@ class PackedImage:
         row_starts = np.arange(rows, dtype=np.int64)[:, None] * (cols + 1)
         return (first + row_starts + np.arange(cols, dtype=np.int64)).reshape(-1)
 
+    def tile_rows(self) -> np.ndarray:
+        """int64 [n_patches]: each sequence patch's row in :meth:`tile_patches_uint8` (HaploVL): tile-major,
+        ``tile·side² + (r mod side)·side + c mod side`` over the canvas grid."""
+        rows, cols = self.grid
+        r = np.arange(rows, dtype=np.int64)[:, None] + self.crop[0]
+        c = np.arange(cols, dtype=np.int64)[None, :] + self.crop[1]
+        tile = (r // self.side) * (self.n_cols // self.side) + c // self.side
+        return (tile * self.side * self.side + (r % self.side) * self.side + c % self.side).reshape(-1)
+
+    def tile_patches_uint8(self, patch_size: int) -> np.ndarray:
+        """uint8 [tiles·side², 3·P·P]: every patch of the stored canvas (the unpadding's too), tile after tile,
+        each tile's patches row-major: what the stage-1 vision teacher sees, a tile at a time (HaploVL)."""
+        pixels = codec.decode_image(self.data, self.codec, self.n_cols * patch_size, self.n_rows * patch_size)
+        grid = _image.patchify_uint8(pixels, patch_size)  # [n_rows·n_cols, D], row-major over the canvas
+        s, th, tw = self.side, self.n_rows // self.side, self.n_cols // self.side
+        return grid.reshape(th, s, tw, s, -1).transpose(0, 2, 1, 3, 4).reshape(th * tw * s * s, -1)
+
     def table_index(self) -> np.ndarray:
         """int64 [n_patches]: each patch's row of the per-tile position table (HaploVL; -1 for SOLO)."""
         if self.crop is None:
@@ -420,6 +437,20 @@ class PackView:
         if not any(im.crop is not None for im in self.images):
             return None
         return np.concatenate([im.table_index() for im in self.images])
+
+    def teacher_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """HaploVL stage 1: (uint8 [tiles·side², 3·P·P] every image's whole tiles, image after image; int64
+        [n_patches] each sequence patch's row in them)."""
+        patch_size, parts, rows, offset = self.image_config.patch_size, [], [], 0
+        for im in self.images:
+            if im.crop is None:
+                raise ValueError("teacher inputs: a SOLO image (no tiles)")
+            parts.append(im.tile_patches_uint8(patch_size))
+            rows.append(im.tile_rows() + offset)
+            offset += len(parts[-1])
+        if not parts:
+            return np.zeros((0, self.image_config.patch_dim), np.uint8), np.zeros(0, np.int64)
+        return np.concatenate(parts), np.concatenate(rows)
 
     def patches_uint8(self) -> np.ndarray:
         """uint8 [n_patches, 3·P·P]: every image decoded and patchified, pixels as stored (what the loader

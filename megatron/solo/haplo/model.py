@@ -29,6 +29,15 @@ connector are plain replicated layers: their inputs are replicated over tensor-p
 connector's is split over the sequence under sequence parallelism, so its weight is marked for the TP
 all-reduce of ``finalize_model_grads``).
 
+Stage 1 (``distill`` given: pre-decoder distillation, ``haplo/distill.py``): the model also holds the
+distillation heads (``distill_heads.*``) and the LLM's frozen input embedding (``llm_embedding.weight``
+[V, H], the text targets); ``forward(..., teacher_features=, distill_mask=)`` stops after the pre-decoder and
+returns the per-token distillation loss: ``1 − cos`` at patch positions, ``L2 − cos`` + current-token CE at
+the text positions of ``distill_mask``. Trainable then: the embeddings, the stem, ``pre_norm``, the
+pre-decoder and the heads; the connector, the LLM and ``llm_embedding`` are frozen (not run). A stage-2 model
+(no ``distill``) has neither heads nor ``llm_embedding``: loading a stage-1 checkpoint takes only its own
+tensors, so both are dropped there. Stage 1 runs on one pipeline stage.
+
 Only the local backend (explicit mask) is implemented; the TE backend is refused (see ``haplo/mask.py``).
 """
 
@@ -42,6 +51,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron.solo.haplo.config import HaploConfig
+from megatron.solo.haplo.distill import DistillationHeads, DistillConfig, distillation_losses
 from megatron.solo.haplo.mask import NO_IMAGE, haplo_attention_mask
 from megatron.solo.haplo.pre_decoder import (
     build_pre_decoder,
@@ -66,9 +76,15 @@ class HaploModel(SoloModel):
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: int | None = None,
+        distill: DistillConfig | None = None,
+        teacher_hidden_size: int | None = None,
     ):
         if backend_of(config) == "te":
             self.refuse_te()
+        if distill is not None and not (pre_process and post_process and teacher_hidden_size):
+            raise ValueError(
+                "HaploVL stage 1 (distillation) runs on one pipeline stage and needs the teacher's hidden size"
+            )
         # Built as a middle stage (no SOLO embedding or patch projection), then given HaploVL's input stage.
         super().__init__(
             config,
@@ -87,6 +103,28 @@ class HaploModel(SoloModel):
         self.decoder.pre_process = pre_process  # the block reads its input from forward(), not set_input_tensor
         if pre_process:
             self._build_input_stage(cfg, config, vocab_size)
+        self.distill = distill
+        self.optional_checkpoint_prefixes: tuple[str, ...] = ()
+        if distill is not None:
+            self._build_stage1(distill, config, vocab_size, teacher_hidden_size)
+            # a stage-1 run starting from a stage-2-shaped checkpoint: heads (and, in tests, the targets) new
+            self.optional_checkpoint_prefixes = ("distill_heads.", "llm_embedding.")
+
+    def _build_stage1(self, distill: DistillConfig, config: TransformerConfig, vocab: int, teacher: int) -> None:
+        self.llm_embedding = tensor_parallel.VocabParallelEmbedding(
+            num_embeddings=vocab, embedding_dim=config.hidden_size, init_method=config.init_method, config=config
+        )
+        # Under sequence parallelism the heads see the gathered sequence (identical on every TP rank).
+        self.distill_heads = DistillationHeads(
+            distill,
+            pre_hidden_size=self.haplo_config.pre_decoder.hidden_size,
+            teacher_hidden_size=teacher,
+            text_embedding_size=config.hidden_size,
+            sequence_parallel=False,
+        ).to(dtype=config.params_dtype, device=self.patch_embed.weight.device)
+        for name, param in self.named_parameters():
+            if name.startswith(STAGE1_FROZEN):
+                param.requires_grad = False
 
     @staticmethod
     def refuse_te() -> None:
@@ -133,7 +171,7 @@ class HaploModel(SoloModel):
         patch_table_index: torch.Tensor | None,
         image_block_ids: torch.Tensor,
     ) -> torch.Tensor:
-        """[s(/tp), b, H] LLM input: the multimodal embedding through pre-norm, pre-decoder and connector.
+        """[s(/tp), b, pre] the pre-decoder's output: the multimodal embedding through pre-norm and pre-decoder.
 
         tokens, position_ids, image_block_ids [b, s]; mask [b, 1, s, s]; patches [p, 3·P·P] landing at flat
         ``patch_index`` [p] with position-table rows ``patch_table_index`` [p].
@@ -156,8 +194,7 @@ class HaploModel(SoloModel):
         if self.pre_rotary is not None:
             table = self.pre_rotary(int(position_ids.max()) + 1)  # [P, 1, 1, d]
             rotary = table[position_ids.t()].squeeze(2)  # [s, b, 1, d]: positions restart per document
-        hidden = self.pre_decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
-        return self.connector(hidden)
+        return self.pre_decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
 
     def forward(
         self,
@@ -172,19 +209,26 @@ class HaploModel(SoloModel):
         *,
         image_block_ids: torch.Tensor | None = None,
         patch_table_index: torch.Tensor | None = None,
+        teacher_features: torch.Tensor | None = None,
+        distill_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """As ``SoloModel.forward``, with ``image_block_ids`` [b, s] (``Batch.image_block_ids``: the mask, on
         every stage) and ``patch_table_index`` [p] (first stage). Per-token loss [b, s] with ``labels``, else
-        logits [b, s, V/tp]; hidden states [s, b, H] on stages before the last."""
+        logits [b, s, V/tp]; hidden states [s, b, H] on stages before the last.
+
+        Stage 1: ``teacher_features`` [p, C] (the teacher's feature of each patch, in ``patches`` order) and
+        ``distill_mask`` [b, s] (1 at the text positions to distil) → per-token distillation loss [b, s]."""
         b, s = tokens.shape
         if image_block_ids is None:
             image_block_ids = torch.full_like(tokens, NO_IMAGE)
         mask = haplo_attention_mask(cu_seqlens, image_block_ids)
+        if teacher_features is not None:
+            hidden = self.embed(tokens, position_ids, mask, patches, patch_index, patch_table_index, image_block_ids)
+            return self._distillation_loss(hidden, tokens, patch_index, teacher_features, distill_mask)
         decoder_input = None
         if self.pre_process:
-            decoder_input = self.embed(
-                tokens, position_ids, mask, patches, patch_index, patch_table_index, image_block_ids
-            )
+            hidden = self.embed(tokens, position_ids, mask, patches, patch_index, patch_table_index, image_block_ids)
+            decoder_input = self.connector(hidden)
         out = GPTModel.forward(
             self,
             tokens,
@@ -198,6 +242,34 @@ class HaploModel(SoloModel):
             return out
         return out.reshape(b, s, *out.shape[2:])
 
+    def _distillation_loss(self, hidden, tokens, patch_index, teacher_features, distill_mask) -> torch.Tensor:
+        """Per-token stage-1 loss [b, s] (float32): vision terms at ``patch_index``, text terms where
+        ``distill_mask`` [b, s] is non-zero, 0 elsewhere. hidden [s(/tp), b, pre]."""
+        if self.distill is None:
+            raise ValueError("teacher_features given to a model built without distillation heads (stage 2)")
+        if self.config.sequence_parallel:  # every TP rank computes the heads on the whole sequence
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        s, b, pre = hidden.shape
+        flat = hidden.transpose(0, 1).reshape(b * s, pre)
+        if patch_index is None:
+            patch_index = torch.zeros(0, dtype=torch.long, device=flat.device)
+        text = distill_mask.reshape(-1).nonzero().squeeze(1)
+        losses = distillation_losses(
+            self.distill_heads,
+            flat.index_select(0, patch_index),
+            teacher_features,
+            flat.index_select(0, text),
+            tokens.reshape(-1).index_select(0, text),
+            self.llm_embedding.weight,
+            vocab_parallel=self.config.tensor_model_parallel_size > 1,
+        )
+        per_token = flat.new_zeros(b * s, dtype=torch.float32).index_copy(0, patch_index, losses["vision"])
+        per_token = per_token.index_add(0, text, losses["feature"] + losses["ctp"])
+        return per_token.view(b, s)
+
+
+STAGE1_FROZEN = ("decoder.", "output_layer.", "connector.", "llm_embedding.")
+
 
 def build_haplo_model(
     cfg: HaploConfig,
@@ -207,6 +279,8 @@ def build_haplo_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    distill: DistillConfig | None = None,
+    teacher_hidden_size: int | None = None,
 ) -> HaploModel:
     """One pipeline stage of HaploVL; ``transformer_config`` is the LLM's (``model.make_transformer_config``)."""
     tp = transformer_config.tensor_model_parallel_size
@@ -228,4 +302,6 @@ def build_haplo_model(
         pre_process=pre_process,
         post_process=post_process,
         vp_stage=vp_stage,
+        distill=distill,
+        teacher_hidden_size=teacher_hidden_size,
     )

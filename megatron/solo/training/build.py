@@ -33,13 +33,17 @@ class Components:
     scheduler: OptimizerParamScheduler
 
 
-def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size: int) -> Components:
+def build_components(
+    cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size: int, teacher_hidden_size: int | None = None
+) -> Components:
     """This rank's model stage, randomly initialised (from the seed), wrapped for training.
 
     Always initialised, even when weights are loaded next: megatron-core 0.16.1 marks tensor-parallel
     weights (``tensor_model_parallel``, ``partition_dim``) only inside its init functions, and without the
     marks the gradient norm skips every sharded weight on tensor-parallel ranks > 0 (so clipping is wrong).
     """
+    if cfg.distill_teacher is not None and model_cfg.family != "haplo":
+        raise ConfigError(f"--distill-teacher: HaploVL's stage 1; this is a {model_cfg.family} model")
     if cfg.freeze_language_model and model_cfg.family != "solo":
         raise ConfigError(
             f"--freeze-language-model: SOLO's warm-up of the patch projection alone; a {model_cfg.family} model "
@@ -64,6 +68,7 @@ def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size
         padded_vocab_size=padded_vocab_size,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        **stage1_options(cfg, teacher_hidden_size),
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())  # as Megatron-LM's get_model: every parameter, ours included
@@ -101,6 +106,16 @@ def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size
     if not torch.cuda.is_available():
         use_fused_cpu_adam(optimizer)
     return Components(model, ddp, tc, optimizer, build_scheduler(cfg, optimizer))
+
+
+def stage1_options(cfg: TrainConfig, teacher_hidden_size: int | None) -> dict:
+    """HaploVL stage 1's model options (distillation heads sized for the teacher), or none."""
+    if cfg.distill_teacher is None:
+        return {}
+    from megatron.solo.haplo.distill import DistillConfig
+
+    distill = DistillConfig(head=cfg.distill_head, teacher_layer=cfg.distill_teacher_layer)
+    return {"distill": distill, "teacher_hidden_size": teacher_hidden_size}
 
 
 def freeze_language_model(model: SoloModel) -> None:

@@ -99,6 +99,7 @@ class Trainer:
                 seed=cfg.seed,
                 decode_patches=parallel_state.is_pipeline_first_stage(),
                 tokenizer=self.tokenizer.fingerprint() if self.tokenizer is not None else None,
+                teacher_inputs=cfg.distill_teacher is not None,
             )
             if cfg.blend
             else None
@@ -106,7 +107,13 @@ class Trainer:
         if self.dataset is not None:
             _check_pack_lengths(self.dataset, cfg.seq_length)
             _check_image_layout(self.dataset, self.start.model)
-        self.parts: Components = build_components(cfg, self.start.model, self.start.padded_vocab_size)
+        self.teacher = Stage1Teacher(cfg, self.start.model) if cfg.distill_teacher is not None else None
+        self.parts: Components = build_components(
+            cfg,
+            self.start.model,
+            self.start.padded_vocab_size,
+            teacher_hidden_size=self.teacher.hidden_size if self.teacher is not None else None,
+        )
         self.metadata = CheckpointMetadata(self.start.model, self.start.padded_vocab_size)
         self.state = TrainingState()
         if self.start.kind != "scratch":
@@ -230,6 +237,8 @@ class Trainer:
         weights, samples = sample_weights(batch.loss_mask, batch.cu_seqlens)
         weights = weights if self.cfg.loss_averaging == "sample" else None
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        if self.teacher is not None:
+            return self._distillation_step(batch, model, work, image_rows, samples, device)
         # uint8 patches cross to the device (a quarter of float32's bytes) and are normalised there
         batch = batch.to(device, non_blocking=True).normalized(self.dataset.image_config)
         out = model(
@@ -251,6 +260,32 @@ class Trainer:
             work.to(device, non_blocking=True),
             samples.to(device, non_blocking=True),
             weights=None if weights is None else weights.to(device, non_blocking=True),
+        )
+
+    def _distillation_step(self, batch, model, work, image_rows, samples, device):
+        """HaploVL stage 1: the teacher's features at the patches, the distillation loss per token; its
+        "lm loss" is the mean over distilled positions (every patch and every real text token)."""
+        distill_mask, positions = self.teacher.masks(batch)  # host: text positions; all distilled positions
+        batch = batch.to(device, non_blocking=True).normalized(self.dataset.image_config)
+        out = model(
+            batch.tokens,
+            batch.position_ids,
+            batch.cu_seqlens,
+            batch.max_seqlen,
+            batch.patches,
+            batch.patch_index,
+            image_block_ids=batch.image_block_ids,
+            patch_table_index=batch.patch_table_index,
+            teacher_features=self.teacher.targets(batch),
+            distill_mask=distill_mask.to(device, non_blocking=True),
+        )
+        positions = positions.to(device, non_blocking=True)
+        return out, partial(
+            loss_with_breakdown,
+            positions,
+            image_rows.to(device, non_blocking=True),
+            work.to(device, non_blocking=True),
+            samples.to(device, non_blocking=True),
         )
 
     def _reduce(self, outputs) -> torch.Tensor:
@@ -356,6 +391,52 @@ def _check_pack_lengths(dataset: BlendedPackDataset, seq_length: int) -> None:
                 f"{prefix!r} (up to {longest} tokens): preprocess it for this sequence length, "
                 f"or raise --seq-length"
             )
+
+
+class Stage1Teacher:
+    """HaploVL stage 1's frozen vision teacher (a local HF CLIP directory), run in the training step on
+    every image's whole tiles; its features are gathered at the sequence's patches."""
+
+    def __init__(self, cfg: TrainConfig, model):
+        from megatron.solo.haplo.anyres import AnyresConfig
+        from megatron.solo.haplo.distill import load_vision_teacher
+
+        if model.family != "haplo":
+            raise ConfigError(f"--distill-teacher: HaploVL's stage 1; the model is {model.family}")
+        if not Path(cfg.distill_teacher).is_dir():
+            raise FileNotFoundError(f"--distill-teacher: {cfg.distill_teacher} is not a directory")
+        self.tiling = AnyresConfig(
+            tile_size=model.tile_size,
+            patch_size=model.patch_size,
+            pinpoints=model.image_grid_pinpoints,
+            anyres_max=model.anyres_max_tiles,
+        )
+        self.teacher = load_vision_teacher(cfg.distill_teacher, cfg.distill_teacher_layer)
+        if self.teacher.image_size != model.tile_size:
+            raise ConfigError(
+                f"--distill-teacher: the teacher sees {self.teacher.image_size}-px images, the model's tiles are "
+                f"{model.tile_size} px"
+            )
+        if torch.cuda.is_available():
+            self.teacher.cuda(torch.cuda.current_device())
+        self.hidden_size = self.teacher.hidden_size
+
+    @staticmethod
+    def masks(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """float [b, s] ×2 on the host: the real text positions, and those plus every patch position."""
+        b, s = batch.tokens.shape
+        real = torch.arange(s)[None, :] < batch.pack_lengths[:, None]
+        text = (real & (batch.image_block_ids == -1)).float()
+        positions = text.clone()
+        positions.view(-1)[batch.patch_index] = 1.0
+        return text, positions
+
+    def targets(self, batch) -> torch.Tensor:
+        """[p, C]: the teacher's feature of each patch of ``batch`` (on the device, normalised)."""
+        from megatron.solo.haplo.anyres import patches_to_tiles
+
+        features = self.teacher(patches_to_tiles(batch.tile_patches, self.tiling))  # [tiles, side², C]
+        return features.reshape(-1, features.shape[-1]).index_select(0, batch.patch_tile_rows)
 
 
 def _check_image_layout(dataset: BlendedPackDataset, model) -> None:
