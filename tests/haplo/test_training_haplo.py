@@ -193,3 +193,63 @@ def test_solo_only_features_refuse_a_haplo_checkpoint(data, release, tmp_path):
         megatron_to_hf_checkpoint(release, tmp_path / "hf")
     proc = run_pretrain(common(data, release, "--freeze-language-model"), expect_rc=2)
     assert "--freeze-language-model: SOLO's warm-up" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> str:
+    """A tiny random CLIP vision tower seeing 56-px tiles of 14-px patches (haplo-tiny's), saved locally."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        image_size=56, patch_size=14, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+    )
+    root = tmp_path_factory.mktemp("teacher")
+    CLIPVisionModel(config).save_pretrained(root)
+    return str(root)
+
+
+def test_stage1_distils_the_pre_decoder_then_stage2_starts_without_heads(data, release, teacher_dir, tmp_path):
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from megatron.solo.checkpointing import iteration_dir
+
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    run_pretrain(
+        common(
+            data, release, "--distill-teacher", teacher_dir, "--save", str(s1), "--metrics-file", str(tmp_path / "1")
+        )
+    )
+    got = losses(tmp_path / "1")
+    assert got[ITERS] < got[1] - 0.5, got
+    saved = dist_checkpointing.load_tensors_metadata(str(iteration_dir(s1, ITERS)))
+    assert "llm_embedding.weight" in saved and "distill_heads.text_head.weight" in saved
+
+    run_pretrain(recipe_args(data, str(s1), SEQ_LENGTH, 2, "--finetune", "--save", str(s2)))
+    saved = dist_checkpointing.load_tensors_metadata(str(iteration_dir(s2, 2)))
+    assert not [k for k in saved if k.startswith(("distill_heads.", "llm_embedding."))]
+
+    before, after = _weights(release, None), _weights(s1, ITERS)  # stage 1 moved only the pre-decoder side
+    for name, value in before.items():
+        changed = not torch.equal(value, after[name])
+        assert changed == name.startswith(
+            ("embedding.", "patch_embed", "pos_embed", "image_newline", "pre_norm", "pre_decoder")
+        ), name
+
+
+def _weights(root, iteration):
+    from megatron.solo.checkpointing import load_full_model
+    from megatron.solo.parallel import ensure_model_parallel_of_one
+
+    ensure_model_parallel_of_one()
+    model, _ = load_full_model(root, iteration=iteration)
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def test_stage1_needs_a_haplo_model_and_one_pipeline_stage(data, release, teacher_dir):
+    from megatron.solo.training.arguments import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match="--distill-teacher: stage 1 trains the pre-decoder alone"):
+        TrainConfig(load=release, distill_teacher=teacher_dir, pipeline_model_parallel_size=2)
