@@ -4,7 +4,8 @@ As tests/model/parallel_checks.py for SOLO: the TP=1/PP=1 model (its initial wei
 that failed to load them would differ) is saved; TP=2, TP=2+SP and PP=2 load it, run the same micro-batches
 (packs with several documents, images with newlines, padding) through megatron-core's schedule, and rank 0
 writes the largest differences of losses, logits and gradients (stem, pre-decoder, connector, LLM) to
-``OUT/results.json``.
+``OUT/results.json``. Stage 1 (distillation: heads, frozen text targets, fixed teacher features) likewise
+compares TP=2 and TP=2+SP with TP=1.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from megatron.solo.batch import PackedExample, collate
 from megatron.solo.checkpointing import CheckpointMetadata, load_model, save_model
 from megatron.solo.families import build_model
 from megatron.solo.haplo.config import HAPLO_PRESETS
+from megatron.solo.haplo.distill import DistillConfig
 from megatron.solo.model import make_transformer_config, masked_token_loss
 from megatron.solo.parallel import initialize_model_parallel
 
@@ -65,16 +67,101 @@ def micro_batches(n: int = 2, per: int = 2):
     return out
 
 
-def build(tp: int, pp: int = 1, sp: bool = False, seed: int = 99):
+TEACHER = 24
+
+
+def build(tp: int, pp: int = 1, sp: bool = False, seed: int = 99, stage1: bool = False):
     initialize_model_parallel(tp, pp, seed=seed)
     tc = make_transformer_config(CFG, tensor_parallel=tp, pipeline_parallel=pp, sequence_parallel=sp)
+    extra = {"distill": DistillConfig(), "teacher_hidden_size": TEACHER} if stage1 else {}
     return build_model(
         CFG,
         tc,
         padded_vocab_size=METADATA.padded_vocab_size,
         pre_process=ps.is_pipeline_first_stage(),
         post_process=ps.is_pipeline_last_stage(),
+        **extra,
     )
+
+
+def stage1_inputs(batches):
+    """Per micro-batch: fixed teacher features [p, C], the text mask and every distilled position."""
+    out = []
+    for i, b in enumerate(batches):
+        teacher = torch.randn(len(b.patch_index), TEACHER, generator=torch.Generator().manual_seed(i))
+        real = torch.arange(SEQ)[None, :] < b.pack_lengths[:, None]
+        text = (real & (b.image_block_ids == -1)).float()
+        positions = text.clone()
+        positions.view(-1)[b.patch_index] = 1.0
+        out.append((teacher, text, positions))
+    return out
+
+
+def stage1_forward_backward(model, batches):
+    model.zero_grad()
+    extra = iter(stage1_inputs(batches))
+
+    def step(data_iterator, m):
+        b = next(data_iterator)
+        teacher, text, positions = next(extra)
+        out = m(
+            b.tokens,
+            b.position_ids,
+            b.cu_seqlens,
+            b.max_seqlen,
+            b.patches,
+            b.patch_index,
+            image_block_ids=b.image_block_ids,
+            patch_table_index=b.patch_table_index,
+            teacher_features=teacher,
+            distill_mask=text,
+        )
+        return out, partial(masked_token_loss, positions)
+
+    results = get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=len(batches),
+        seq_length=SEQ,
+        micro_batch_size=batches[0].tokens.shape[0],
+    )
+    if model.config.sequence_parallel:
+        for p in model.parameters():
+            if getattr(p, "sequence_parallel", False) and p.grad is not None:
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+    return [r["lm loss"].tolist() for r in results]
+
+
+STAGE1_GRADS = [
+    ("distill_heads.vision_head.weight", None),
+    ("distill_heads.text_head.weight", None),
+    ("distill_heads.log_logit_scale", None),
+    ("pre_decoder.layers.1.mlp.linear_fc2.weight", 1),
+    ("pre_decoder.layers.0.self_attention.linear_qkv.weight", 0),
+    ("embedding.word_embeddings.weight", 0),
+    ("patch_embed.weight", None),
+]
+
+
+def stage1_checks(out: Path, batches) -> dict:
+    ref = build(1, seed=1234, stage1=True)
+    generator = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for param in ref.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=generator))
+    save_model(out / "s1_tp1", ref, METADATA)
+    ref_losses = stage1_forward_backward(ref, batches)
+    ref_grads = {n: full_grad(ref, n, d).clone() for n, d in STAGE1_GRADS}
+    results = {"reference_loss": ref_losses}
+    for name, sp in (("s1_tp2", False), ("s1_tp2_sp", True)):
+        model = build(2, sp=sp, stage1=True)
+        load_model(out / "s1_tp1", model)
+        got = {"loss": max_diff(stage1_forward_backward(model, batches), ref_losses)}
+        for grad, dim in STAGE1_GRADS:
+            got[f"grad {grad}"] = max_diff(full_grad(model, grad, dim), ref_grads[grad])
+        results[name] = got
+    return results
 
 
 def forward_backward(model, batches, targets_only: bool = False):
@@ -216,6 +303,7 @@ def main() -> None:
     load_model(args.out / "tp2", tp1)  # saved at TP=2, loaded at TP=1
     results["tp2_saved_tp1_loaded"] = {"logits": max_diff(logits(tp1, batches[0]), ref[3])}
     results["reference_loss"] = ref[1]
+    results["stage1"] = stage1_checks(args.out, batches)
     if dist.get_rank() == 0:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     dist.barrier()

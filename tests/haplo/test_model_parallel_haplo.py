@@ -43,3 +43,14 @@ def test_pipeline_parallel_matches_pp1(results, layout):
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1(results):
     assert results["tp2_saved_tp1_loaded"]["logits"] < 1e-6
+
+
+@pytest.mark.parametrize("layout", ["s1_tp2", "s1_tp2_sp"])
+def test_stage1_tensor_parallel_matches_tp1(results, layout):
+    """Distillation: heads on the gathered sequence, vocab-parallel text targets and current-token CE."""
+    stage1 = results["stage1"]
+    assert all(loss > 0 and count > 0 for loss, count in stage1["reference_loss"])
+    got = stage1[layout]
+    assert got["loss"] < 1e-6 * 250, got
+    grads = {name: diff for name, diff in got.items() if name.startswith("grad")}
+    assert len(grads) == 7 and all(diff < 2e-5 for diff in grads.values()), grads

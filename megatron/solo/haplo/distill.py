@@ -165,8 +165,10 @@ def ctp_loss_per_token(
     if vocab_parallel:
         from megatron.core import tensor_parallel
 
-        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
-        logits = logit_scale * (hidden @ weight.t())
+        # the scale enters before the copy: each rank's logits are a vocabulary shard, so the scale's
+        # gradient (like the hidden states') is a sum over the group, which the copy's backward all-reduces
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(logit_scale * hidden)
+        logits = hidden @ weight.t()
         return tensor_parallel.vocab_parallel_cross_entropy(logits.unsqueeze(0), token_ids.unsqueeze(0))[0]
     logits = logit_scale * (hidden @ weight.t())
     return F.cross_entropy(logits, token_ids, reduction="none")
