@@ -253,3 +253,19 @@ def test_stage1_needs_a_haplo_model_and_one_pipeline_stage(data, release, teache
 
     with pytest.raises(ConfigError, match="--distill-teacher: stage 1 trains the pre-decoder alone"):
         TrainConfig(load=release, distill_teacher=teacher_dir, pipeline_model_parallel_size=2)
+
+
+def test_stage1_killed_run_resumes_exactly(data, release, teacher_dir, tmp_path):
+    args = common(
+        data, release, "--distill-teacher", teacher_dir, "--save", str(tmp_path / "c"), "--save-interval", "2"
+    )
+    run_pretrain([*args, "--metrics-file", str(tmp_path / "ref.jsonl"), "--save", str(tmp_path / "ref")])
+    killed = run_pretrain(
+        [*args, "--metrics-file", str(tmp_path / "killed.jsonl")],
+        expect_rc=None,
+        env=faults.env("train.kill_at_iteration", 3),
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run_pretrain([*args, "--metrics-file", str(tmp_path / "resumed.jsonl")])
+    want = losses(tmp_path / "ref.jsonl")
+    assert losses(tmp_path / "resumed.jsonl") == {it: want[it] for it in (3, 4)}  # bit-exact, heads included
