@@ -163,6 +163,59 @@ def test_greedy_generate_equals_argmax_full_forwards(model):
     assert torch.equal(out, seq)
 
 
+def test_a_cached_step_equals_the_full_forward(model):
+    pixel_values, image_sizes = pixels_for([(40, 20)])
+    n = anyres_grid(40, 20, TILE).num_tokens
+    ids = torch.tensor([[1] + [IMAGE] * n + [2, 3, 4]])
+    with torch.no_grad():
+        full = model(ids, pixel_values=pixel_values, image_sizes=image_sizes).logits
+        first = model(ids[:, :-2], pixel_values=pixel_values, image_sizes=image_sizes, use_cache=True)
+        second = model(ids[:, -2:], cache=first.cache)
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], dim=1), full, rtol=1e-5, atol=1e-5)
+    assert second.cache.get_seq_length() == ids.shape[1]
+
+
+def test_batched_generate_with_padding_and_cache_equals_each_row_alone(model):
+    """Two prompts of different lengths (left-padded), different images: the cached batch decode gives what each
+    prompt gives alone, and what the uncached full recomputation gives."""
+    sizes = [(40, 20), (20, 56)]
+    prompts = [
+        [1] + [IMAGE] * anyres_grid(*sizes[0], TILE).num_tokens + [2],
+        [5, 6, 7] + [IMAGE] * anyres_grid(*sizes[1], TILE).num_tokens + [8],
+    ]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    pixel_values, image_sizes = pixels_for(sizes)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    inputs = dict(attention_mask=mask, pixel_values=pixel_values, image_sizes=image_sizes)
+    scored = dict(return_dict_in_generate=True, output_logits=True)
+    cached = model.generate(ids, **inputs, **kw, **scored)
+    uncached = model.generate(ids, **inputs, use_cache=False, **kw, **scored)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), rtol=1e-4, atol=1e-5)
+    cached = cached.sequences
+    for row, (prompt, size) in enumerate(zip(prompts, sizes, strict=True)):
+        pv = pixel_values[:2] if row == 0 else pixel_values[2:]  # each image has 2 tiles
+        alone = model.generate(torch.tensor([prompt]), pixel_values=pv, image_sizes=torch.tensor([size]), **kw)
+        assert cached[row, width:].tolist() == alone[0, len(prompt) :].tolist()
+
+
+def test_beams_repeat_each_rows_images(model):
+    sizes = [(20, 56), (20, 50)]  # 2 tiles and 10 tokens each: rows of equal length, no padding
+    assert [anyres_grid(*size, TILE).num_tokens for size in sizes] == [10, 10]
+    ids = torch.tensor([[1] + [IMAGE] * 10, [3] + [IMAGE] * 10])
+    pixel_values, image_sizes = pixels_for(sizes)
+    kw = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
+    batch = model.generate(ids, pixel_values=pixel_values, image_sizes=image_sizes, **kw)
+    for row, size in enumerate(sizes):
+        pv = pixel_values[2 * row : 2 * row + 2]
+        alone = model.generate(ids[row : row + 1], pixel_values=pv, image_sizes=torch.tensor([size]), **kw)
+        assert torch.equal(batch[2 * row : 2 * row + 2], alone)
+    no_cache = model.generate(ids, pixel_values=pixel_values, image_sizes=image_sizes, use_cache=False, **kw)
+    assert torch.equal(batch, no_cache)
+
+
 def test_bad_inputs_are_explained(model):
     pixel_values, image_sizes = pixels_for([(28, 28)])
     with pytest.raises(ValueError, match="<image> tokens"):

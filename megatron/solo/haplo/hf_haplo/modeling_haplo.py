@@ -21,21 +21,25 @@ bidirectional inside an image block), and not padding. Without ``attention_start
 Images come as in the release: ``pixel_values`` [N tiles, 3, T, T] (CLIP-normalised, all images' tiles in order,
 row-major within an image) with ``image_sizes`` [n images, 2] = (height, width) of the originals.
 
-There is no KV cache: ``generate`` recomputes the whole sequence at every step (exact; fine for evaluation at
-small scale). The release's downscaling of grids above ``anyres_max_N`` (never reached with its 336 grid) is
-refused rather than reproduced.
+``generate`` keeps a KV cache of its own (:class:`HaploCache`: every layer's keys and values, and the attention
+start ids), made in ``prepare_inputs_for_generation`` and returned as the output's ``cache``, the name
+transformers ≥ 5.24 hands on between steps (where it is not handed on, every step recomputes the whole
+sequence: slower, the same tokens). Beams and ``num_return_sequences`` repeat each sample's images. The
+release's downscaling of grids above ``anyres_max_N`` (never reached with its 336 grid) is refused rather than
+reproduced.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.utils import ModelOutput
 
 from .configuration_haplo import PER_MODEL_DEFAULTS, HaploConfig
 
@@ -85,8 +89,9 @@ class HaploAttention(nn.Module):
         self.v_proj = nn.Linear(h, kv * self.head_dim)
         self.o_proj = nn.Linear(heads * self.head_dim, h)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, cos_sin) -> torch.Tensor:
-        """x [b, s, h]; allowed [b, s, s] bool (True = may attend); cos_sin (cos, sin) or None (no RoPE)."""
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, cos_sin, kv=None) -> torch.Tensor:
+        """x [b, s, h] (the new tokens); allowed [b, s, past + s] bool (True = may attend); cos_sin (cos, sin) or
+        None (no RoPE); kv: stores this layer's new keys/values and returns all of them (a cache), or None."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -94,6 +99,8 @@ class HaploAttention(nn.Module):
         if cos_sin is not None:
             cos, sin = cos_sin
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        if kv is not None:
+            k, v = kv(k, v)
         repeat = self.heads // self.kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
@@ -122,8 +129,8 @@ class HaploDecoderLayer(nn.Module):
         self.input_layernorm = HaploNorm(h, fields["norm_mode"], fields["rms_norm_eps"])
         self.post_attention_layernorm = HaploNorm(h, fields["norm_mode"], fields["rms_norm_eps"])
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, cos_sin) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), allowed, cos_sin)
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, cos_sin, kv=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), allowed, cos_sin, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -150,15 +157,63 @@ def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int
     return best
 
 
-def unpad_grid(grid: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Crop the rows or columns of a [C, gh, gw] patch grid that show the letterbox padding of an image of
-    original (height, width)."""
-    gh, gw = grid.shape[1:]
+def unpad_crop(gh: int, gw: int, height: int, width: int) -> tuple[int, int]:
+    """(rows, columns) cropped at *each* end of a gh × gw patch grid that shows an image of original (height,
+    width) letterboxed: those that show only padding."""
     if width / height > gw / gh:
-        pad = (gh - int(round(height * gw / width, 7))) // 2
-        return grid[:, pad : gh - pad]
-    pad = (gw - int(round(width * gh / height, 7))) // 2
-    return grid[:, :, pad : gw - pad]
+        return (gh - int(round(height * gw / width, 7))) // 2, 0
+    return 0, (gw - int(round(width * gh / height, 7))) // 2
+
+
+def image_grid(config: HaploConfig, height: int, width: int) -> tuple[int, int, int, int]:
+    """(tiles_h, tiles_w, top, left): an image's tiling and the crop of its (tiles_h·side) × (tiles_w·side) grid."""
+    tile = config.pre_config["default_image_size"]
+    side = tile // config.pre_config["patch_size"]
+    bh, bw = select_best_resolution(height, width, config.image_grid_pinpoints)
+    th, tw = bh // tile, bw // tile
+    return (th, tw, *unpad_crop(th * side, tw * side, height, width))
+
+
+def num_image_tokens(config: HaploConfig, height: int, width: int) -> int:
+    """Sequence positions of an image: its unpadded patches plus one newline per row."""
+    side = config.pre_config["default_image_size"] // config.pre_config["patch_size"]
+    th, tw, top, left = image_grid(config, height, width)
+    rows, cols = th * side - 2 * top, tw * side - 2 * left
+    return rows * cols + rows
+
+
+class HaploCache:
+    """Generation state: per layer the keys and values [b, kv heads, past, d] of every processed token, and the
+    attention start ids [b, past] (the release's rule, :func:`attention_allowed`)."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.start_ids: torch.Tensor | None = None
+
+    def get_seq_length(self) -> int:
+        return 0 if self.start_ids is None else self.start_ids.shape[1]
+
+    def layer(self, index: int):
+        """The ``kv`` callable of layer ``index``: append the new keys/values, return all of them."""
+
+        def update(k: torch.Tensor, v: torch.Tensor):
+            if index == len(self.keys):
+                self.keys.append(k)
+                self.values.append(v)
+            else:
+                self.keys[index] = torch.cat([self.keys[index], k], dim=2)
+                self.values[index] = torch.cat([self.values[index], v], dim=2)
+            return self.keys[index], self.values[index]
+
+        return update
+
+    def reorder_cache(self, index: torch.LongTensor) -> None:
+        """Keep the rows ``index`` (beam search)."""
+        self.keys = [k.index_select(0, index.to(k.device)) for k in self.keys]
+        self.values = [v.index_select(0, index.to(v.device)) for v in self.values]
+        if self.start_ids is not None:
+            self.start_ids = self.start_ids.index_select(0, index.to(self.start_ids.device))
 
 
 class HaploPreTrainedModel(PreTrainedModel):
@@ -208,25 +263,18 @@ class HaploModel(HaploPreTrainedModel):
 
     def image_embeddings(self, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
         """All images' token embeddings in sequence order [Σ tokens, pre] (patches and row newlines)."""
-        cfg = self.config
-        tile = cfg.pre_config["default_image_size"]
+        cfg, side = self.config, self.side
         embeds = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype)) + self.pre_pos_embed
+        ratio = cfg.image_aspect_ratio
+        max_tiles = int(ratio.split("anyres_max_")[-1]) if "anyres_max_" in ratio else None
         out, start = [], 0
-        max_tiles = (
-            int(cfg.image_aspect_ratio.split("anyres_max_")[-1]) if "anyres_max_" in cfg.image_aspect_ratio else None
-        )
         for height, width in (tuple(int(v) for v in size) for size in image_sizes):
-            bh, bw = select_best_resolution(height, width, cfg.image_grid_pinpoints)
-            th, tw = bh // tile, bw // tile
-            e = embeds[start : start + th * tw]
+            th, tw, top, left = image_grid(cfg, height, width)
+            grid = embeds[start : start + th * tw].view(th, tw, side, side, -1)
             start += th * tw
-            grid = (
-                e.view(th, tw, self.side, self.side, -1)
-                .permute(4, 0, 2, 1, 3)
-                .reshape(-1, th * self.side, tw * self.side)
-            )
-            grid = unpad_grid(grid, height, width)
-            if max_tiles is not None and math.sqrt(grid.shape[1] * grid.shape[2] / (max_tiles * self.side**2)) > 1.1:
+            grid = grid.permute(4, 0, 2, 1, 3).reshape(-1, th * side, tw * side)  # [C, rows, cols] of the canvas
+            grid = grid[:, top : th * side - top, left : tw * side - left]
+            if max_tiles is not None and grid.shape[1] * grid.shape[2] > 1.21 * max_tiles * side * side:
                 raise ValueError(
                     f"a {width}x{height} image exceeds anyres_max_{max_tiles}: downscaling is not supported"
                 )
@@ -244,9 +292,16 @@ class HaploModel(HaploPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         image_sizes=None,
         attention_start_ids: torch.LongTensor | None = None,
+        cache: HaploCache | None = None,
     ) -> torch.Tensor:
-        """Final hidden states [b, s, H]."""
+        """Final hidden states [b, s, H] of the s new tokens ``input_ids`` (after the ``cache``'s, if any).
+
+        attention_mask [b, past + s] (1 = a token, 0 = padding); attention_start_ids [b, past + s] or [b, s] (the
+        new tokens'), default: each run of ``<image>`` ids is one block; position_ids [b, s], default: counted
+        over the attention mask.
+        """
         b, s = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
         x = self.embed_tokens(input_ids)
         is_image = input_ids == self.config.image_token_index
         if pixel_values is not None:
@@ -256,22 +311,22 @@ class HaploModel(HaploPreTrainedModel):
                     f"{int(is_image.sum())} <image> tokens but the images give {images.shape[0]} embeddings"
                 )
             x = x.masked_scatter(is_image[..., None], images)
-        elif is_image.any():
+        elif is_image.any() and past == 0:
             raise ValueError("<image> tokens without pixel_values")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(b, past + s, dtype=torch.long, device=input_ids.device)
         if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         if attention_start_ids is None:
-            attention_start_ids = image_block_starts(is_image)
-        allowed = attention_allowed(attention_start_ids, attention_mask)
+            attention_start_ids = image_block_starts(is_image) + past
+        if attention_start_ids.shape[1] == s and past:
+            attention_start_ids = torch.cat([cache.start_ids, attention_start_ids], dim=1)
+        if cache is not None:
+            cache.start_ids = attention_start_ids
+        allowed = attention_allowed(attention_start_ids, attention_mask, past)
         x = self.pre_norm(x)
         pre, cfg = self.config.pre_config, self.config
-        llm_rope = (
-            rotary_cos_sin(position_ids, self.layers[-1].self_attn.head_dim, cfg.rope_theta, x.dtype)
-            if self.layers[self.num_pre_layers :]
-            else None
-        )
+        llm_rope = rotary_cos_sin(position_ids, self.layers[-1].self_attn.head_dim, cfg.rope_theta, x.dtype)
         if not pre.get("rope", True):
             pre_rope = None
         elif pre.get("attention_rope"):
@@ -281,7 +336,8 @@ class HaploModel(HaploPreTrainedModel):
         for i, layer in enumerate(self.layers):
             if i == self.num_pre_layers:
                 x = self.pre_connector(x)
-            x = layer(x, allowed, pre_rope if i < self.num_pre_layers else llm_rope)
+            kv = cache.layer(i) if cache is not None else None
+            x = layer(x, allowed, pre_rope if i < self.num_pre_layers else llm_rope, kv)
         if self.num_pre_layers == len(self.layers):
             x = self.pre_connector(x)
         return self.norm(x)
@@ -297,12 +353,23 @@ def image_block_starts(is_image: torch.Tensor) -> torch.Tensor:
     return torch.cummax(marks, dim=1).values
 
 
-def attention_allowed(start_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """bool [b, s, s]: query i may see key j iff ``start[j] ≤ i`` and j is not padding (and always itself)."""
-    s = start_ids.shape[1]
-    i = torch.arange(s, device=start_ids.device)
+def attention_allowed(start_ids: torch.Tensor, attention_mask: torch.Tensor, past: int = 0) -> torch.Tensor:
+    """bool [b, s, past + s] for the queries past..past+s-1: query i may see key j iff ``start[j] ≤ i`` and j is
+    not padding, and always itself. start_ids, attention_mask: [b, past + s]."""
+    total = start_ids.shape[1]
+    i = torch.arange(past, total, device=start_ids.device)
+    j = torch.arange(total, device=start_ids.device)
     allowed = (start_ids[:, None, :] <= i[None, :, None]) & attention_mask.bool()[:, None, :]
-    return allowed | torch.eye(s, dtype=torch.bool, device=start_ids.device)
+    return allowed | (i[:, None] == j[None, :])
+
+
+@dataclass
+class HaploCausalLMOutput(ModelOutput):
+    """logits [b, s, V]; loss (with labels); cache (when ``use_cache``)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: HaploCache | None = None
 
 
 class HaploForCausalLM(HaploPreTrainedModel, GenerationMixin):
@@ -314,7 +381,7 @@ class HaploForCausalLM(HaploPreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # no KV cache: see the module docstring
+        return False  # the cache is a HaploCache, made in prepare_inputs_for_generation
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -328,32 +395,100 @@ class HaploForCausalLM(HaploPreTrainedModel, GenerationMixin):
         image_sizes=None,
         attention_start_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
+        cache: HaploCache | None = None,
+        use_cache: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutput:
-        """Logits [b, s, V]; with ``labels`` the next-token cross-entropy (ignore index -100)."""
-        hidden = self.model(input_ids, attention_mask, position_ids, pixel_values, image_sizes, attention_start_ids)
+    ) -> HaploCausalLMOutput:
+        """Logits [b, s, V]; with ``labels`` the next-token cross-entropy (ignore index -100). ``cache``: continue
+        after the tokens it holds (``use_cache`` without one starts one); it is returned in the output."""
+        if cache is None and use_cache:
+            cache = HaploCache()
+        hidden = self.model(
+            input_ids, attention_mask, position_ids, pixel_values, image_sizes, attention_start_ids, cache
+        )
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=logits)
+        return HaploCausalLMOutput(loss=loss, logits=logits, cache=cache)
 
     def prepare_inputs_for_generation(
-        self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, attention_start_ids=None, **kwargs
+        self,
+        input_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_sizes=None,
+        attention_start_ids=None,
+        cache=None,
+        use_cache=True,
+        **kwargs,
     ):
-        """The whole sequence at every step (no cache); ``attention_start_ids`` extended with each new token's
-        own index, as the release does during generation."""
+        """The tokens the cache does not hold yet (all of them at first, with the images); without a cache
+        (``use_cache=False``) the whole sequence every step. ``attention_start_ids`` is extended with each new
+        token's own index, as the release does during generation."""
         if attention_start_ids is not None and attention_start_ids.shape[1] < input_ids.shape[1]:
             s0, s = attention_start_ids.shape[1], input_ids.shape[1]
             new = torch.arange(s0, s, device=input_ids.device).expand(input_ids.shape[0], -1)
             attention_start_ids = torch.cat([attention_start_ids, new], dim=1)
+        if use_cache and cache is None:
+            cache = HaploCache()
+        past = cache.get_seq_length() if use_cache else 0
+        if past:
+            input_ids, pixel_values, image_sizes = input_ids[:, past:], None, None
+            attention_start_ids = None if attention_start_ids is None else attention_start_ids[:, past:]
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "pixel_values": pixel_values,
             "image_sizes": image_sizes,
             "attention_start_ids": attention_start_ids,
+            "cache": cache if use_cache else None,
+            "use_cache": use_cache,
         }
 
+    def _reorder_cache(self, cache: HaploCache, beam_idx: torch.LongTensor) -> HaploCache:
+        cache.reorder_cache(beam_idx)
+        return cache
 
-__all__ = ["HaploForCausalLM", "HaploModel"]
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beams / ``num_return_sequences``: every row is repeated, so every row's images must be too (the
+        base class would repeat the batch-flat ``pixel_values``/``image_sizes`` row by row, mixing images up)."""
+        pixel_values, image_sizes = model_kwargs.pop("pixel_values", None), model_kwargs.pop("image_sizes", None)
+        if expand_size > 1 and pixel_values is not None:
+            pixel_values, image_sizes = self._repeat_images(input_ids, pixel_values, image_sizes, expand_size)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update(pixel_values=pixel_values, image_sizes=image_sizes)
+        return input_ids, model_kwargs
+
+    def _repeat_images(self, input_ids, pixel_values, image_sizes, times):
+        """Each row's tiles and sizes ``times`` times, rows in order (rows are told apart by image-token counts)."""
+        cfg = self.config
+        sizes = [tuple(int(v) for v in size) for size in image_sizes]
+        tokens = [num_image_tokens(cfg, h, w) for h, w in sizes]
+        side = cfg.pre_config["default_image_size"]
+        tiles = [
+            (bh // side) * (bw // side)
+            for bh, bw in (select_best_resolution(h, w, cfg.image_grid_pinpoints) for h, w in sizes)
+        ]
+        tile_start = [0]
+        for n in tiles:
+            tile_start.append(tile_start[-1] + n)
+        pixels, out_sizes, image = [], [], 0
+        for row in (input_ids == cfg.image_token_index).sum(-1).tolist():
+            first = image
+            while row > 0:
+                row -= tokens[image]
+                image += 1
+            if row:
+                raise ValueError("a row's <image> tokens do not add up to whole images")
+            for _ in range(times):
+                pixels.append(pixel_values[tile_start[first] : tile_start[image]])
+                out_sizes.extend(sizes[first:image])
+        return torch.cat(pixels), torch.tensor(
+            out_sizes, device=image_sizes.device if torch.is_tensor(image_sizes) else None
+        )
+
+
+__all__ = ["HaploCache", "HaploForCausalLM", "HaploModel"]
