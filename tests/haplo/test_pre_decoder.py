@@ -161,3 +161,29 @@ def test_forward_matches_a_direct_float64_computation(megatron_world, rope):
     block(xg, mask[:, None], rotary_pos_emb=emb)[4].sum().backward()
     reach = xg.grad.abs().amax(-1)  # [s, b]
     assert reach[6, 0] > 1e-3 and reach[8, 0] == 0 and reach[6, 1] == 0 and reach[3, 1] > 1e-3
+
+
+def test_checkpoint_keys_are_the_transformer_engine_names(megatron_world):
+    """Backend-neutral checkpoints: the local spec's norms are saved under TE's fused names, layers stacked."""
+    block = build_pre_decoder(make_pre_decoder_transformer_config(TINY, llm_config()))
+    sharded = block.sharded_state_dict(prefix="pre_decoder.")
+    keys = {v.key for k, v in sharded.items() if not k.endswith("_extra_state")}
+    assert keys == {
+        f"pre_decoder.layers.{name}"
+        for name in (
+            "self_attention.linear_qkv.layer_norm_weight",
+            "self_attention.linear_qkv.layer_norm_bias",
+            "self_attention.linear_qkv.weight",
+            "self_attention.linear_qkv.bias",
+            "self_attention.linear_proj.weight",
+            "self_attention.linear_proj.bias",
+            "mlp.linear_fc1.layer_norm_weight",
+            "mlp.linear_fc1.layer_norm_bias",
+            "mlp.linear_fc1.weight",
+            "mlp.linear_fc1.bias",
+            "mlp.linear_fc2.weight",
+            "mlp.linear_fc2.bias",
+        )
+    }
+    second = sharded["pre_decoder.layers.1.input_layernorm.bias"]
+    assert second.global_shape == (TINY.num_layers, TINY.hidden_size) and second.global_offset == (1, 0)

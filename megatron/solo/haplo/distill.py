@@ -103,9 +103,14 @@ class DistillationHeads(nn.Module):
     """The vision head (pre width → teacher width), the text head (pre width → LLM embedding width) and the
     logit scale. Plain replicated modules; dropped after stage 1.
 
-    ``sequence_parallel``: their inputs are sequence-sharded hidden states, so each tensor-parallel rank sees
-    different tokens: the parameters are marked ``.sequence_parallel`` for ``finalize_model_grads`` to
-    all-reduce their gradients over the TP group (as megatron-core does for norms).
+    Under tensor parallelism there are two consistent wirings:
+
+    - replicated inputs (the default, ``sequence_parallel=False``): every TP rank feeds the heads the same
+      tokens (under sequence parallelism, gather the hidden states first); needed for the vocab-parallel CTP
+      loss (``vocab_parallel=True``), which splits the vocabulary, not the tokens;
+    - ``sequence_parallel=True``: each TP rank feeds its own sequence shard and holds the full LLM embedding
+      (``vocab_parallel=False``); the parameters are then marked ``.sequence_parallel`` so that
+      ``finalize_model_grads`` all-reduces their gradients over the TP group (as megatron-core does for norms).
     """
 
     def __init__(
