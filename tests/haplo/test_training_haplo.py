@@ -269,3 +269,23 @@ def test_stage1_killed_run_resumes_exactly(data, release, teacher_dir, tmp_path)
     run_pretrain([*args, "--metrics-file", str(tmp_path / "resumed.jsonl")])
     want = losses(tmp_path / "ref.jsonl")
     assert losses(tmp_path / "resumed.jsonl") == {it: want[it] for it in (3, 4)}  # bit-exact, heads included
+
+
+def test_transformer_engine_is_refused_for_haplo_at_configuration(release):
+    from megatron.solo.families import get_preset
+    from megatron.solo.training.arguments import ConfigError, TrainConfig, check_model
+
+    cfg = get_preset("haplo-tiny")
+    flags = TrainConfig(load=release, transformer_impl="transformer_engine", bf16=True)
+    with pytest.raises(ConfigError, match="^--transformer-impl: HaploVL's mask"):
+        check_model(flags, cfg, cfg.padded_vocab_size())
+    check_model(TrainConfig(load=release), cfg, cfg.padded_vocab_size())  # auto: fine (local for HaploVL)
+
+
+def test_bf16_runs_of_both_stages(data, release, teacher_dir, tmp_path):
+    """The product's dtype (bf16 weights, fp32 main params) through both stages, on the local backend."""
+    for stage, extra in (("1", ["--distill-teacher", teacher_dir]), ("2", [])):
+        metrics_file = tmp_path / f"{stage}.jsonl"
+        run_pretrain(recipe_args(data, release, SEQ_LENGTH, 2, "--bf16", "--metrics-file", str(metrics_file), *extra))
+        got = losses(metrics_file)
+        assert sorted(got) == [1, 2] and all(np.isfinite(v) and v > 0 for v in got.values()), (stage, got)

@@ -404,6 +404,12 @@ def check_model(cfg: TrainConfig, model: ModelConfig, padded_vocab_size: int) ->
         field_name, _, message = str(err).partition(": ")
         raise ConfigError(f"{_flag(field_name)}: {message}") from None
     _require(
+        model.family != "haplo" or cfg.transformer_impl != "transformer_engine",
+        "--transformer-impl",
+        "HaploVL's mask (bidirectional inside images) is not expressible as Transformer Engine's THD "
+        "attention; use local (auto picks it for HaploVL)",
+    )
+    _require(
         padded_vocab_size % cfg.tensor_model_parallel_size == 0,
         "--tensor-model-parallel-size",
         f"{cfg.tensor_model_parallel_size} does not divide the checkpoint's padded vocabulary {padded_vocab_size}",

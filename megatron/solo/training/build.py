@@ -56,7 +56,8 @@ def build_components(
         pipeline_parallel=cfg.pipeline_model_parallel_size,
         sequence_parallel=cfg.sequence_parallel,
         params_dtype=dtype,
-        backend=cfg.backend,
+        # HaploVL's mask runs on the local backend only (haplo/mask.py): auto means local there
+        backend="local" if model_cfg.family == "haplo" and cfg.backend == "auto" else cfg.backend,
         recompute_granularity=cfg.recompute_granularity,
         recompute_method=cfg.recompute_method,
         recompute_num_layers=cfg.recompute_num_layers,
