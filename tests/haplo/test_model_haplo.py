@@ -1,6 +1,7 @@
 """HaploModel on one process: against a float64 direct computation, packed-document isolation, the image
 blocks' bidirectional attention, the stem's gradients, the config family and the TE refusal."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -210,3 +211,15 @@ def test_transformer_engine_backend_is_refused_with_the_reason(megatron_world):
     with pytest.raises(NotImplementedError, match="--transformer-impl local"):
         build_haplo_model(CFG, tc)
     assert issubclass(HaploModel, torch.nn.Module)
+
+
+def test_model_flops_count_the_pre_decoder_and_connector():
+    from megatron.solo.training.metrics import model_flops
+
+    pre = CFG.pre_decoder
+    llm_only = ModelConfig(**{f.name: getattr(CFG, f.name) for f in dataclasses.fields(ModelConfig)})
+    extra = model_flops(CFG, 100, 3000) - model_flops(llm_only, 100, 3000)
+    h, d, f, n = pre.hidden_size, pre.head_dim, pre.ffn_hidden_size, pre.num_layers
+    weights = n * (h * 3 * pre.num_attention_heads * d + pre.num_attention_heads * d * h + 3 * h * f)  # MHA: q,k,v,o
+    want = 6 * (weights + h * CFG.hidden_size) * 100 + 12 * n * pre.num_attention_heads * d * 3000
+    assert extra == pytest.approx(want)
