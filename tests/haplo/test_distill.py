@@ -212,3 +212,25 @@ def test_teacher_targets_follow_the_token_order_with_unpadding(clip_dir):
     torch.testing.assert_close(alone[0], features[1])
     with pytest.raises(ValueError, match="tiles"):
         teacher_targets(features[:7], layouts)
+
+
+def _sharded_teacher_worker(rank, world, init_file, clip_dir, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        tiles = torch.randn(5, 3, 28, 28, generator=torch.Generator().manual_seed(0))  # 5 tiles: 3 + 2 (padded)
+        torch.save(load_vision_teacher(clip_dir)(tiles, group=dist.group.WORLD), out_dir / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_teacher_split_over_a_group_gives_every_rank_all_features(clip_dir, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sharded_teacher_worker, args=(2, str(tmp_path / "init"), clip_dir, tmp_path), nprocs=2, join=True)
+    tiles = torch.randn(5, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    want = load_vision_teacher(clip_dir)(tiles)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"{rank}.pt"), want)

@@ -295,3 +295,18 @@ def test_loads_as_remote_code_in_a_fresh_process(model, tmp_path):
         ids, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=3, do_sample=False
     )
     assert report["generated"] == want_ids[0].tolist()
+
+
+def test_bf16_model_takes_float32_pixels(model):
+    half = HaploForCausalLM(model.config).eval()
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    pixel_values, image_sizes = pixels_for([(28, 28)])
+    ids = torch.tensor([[1, 2] + [IMAGE] * 6 + [3]])
+    with torch.no_grad():
+        low = half(ids, pixel_values=pixel_values, image_sizes=image_sizes).logits
+        full = model(ids, pixel_values=pixel_values, image_sizes=image_sizes).logits
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), full, rtol=0.1, atol=0.1)
+    out = half.generate(ids, pixel_values=pixel_values, image_sizes=image_sizes, max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 2)

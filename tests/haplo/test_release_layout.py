@@ -15,7 +15,13 @@ from megatron.solo.haplo.pre_decoder import (
     build_pre_decoder_rotary,
     make_pre_decoder_transformer_config,
 )
-from megatron.solo.haplo.release_layout import LayoutError, megatron_to_release, release_config, release_to_megatron
+from megatron.solo.haplo.release_layout import (
+    LayoutError,
+    configs_from_release,
+    megatron_to_release,
+    release_config,
+    release_to_megatron,
+)
 from megatron.solo.model import make_transformer_config
 from megatron.solo.model.specs import decoder_block_spec
 
@@ -119,3 +125,54 @@ def test_megatron_blocks_on_converted_weights_compute_the_hf_layers(megatron_wor
 def test_only_gated_pre_decoders_have_a_released_form():
     with pytest.raises(LayoutError, match="gated"):
         release_config(PRE.replace(gated=False), LLM)
+
+
+def test_configs_round_trip_through_the_released_config_json():
+    hf_dict = HaploConfig(**release_config(PRE, LLM, **IMAGE)).to_dict()
+    pre, llm, image = configs_from_release(hf_dict)
+    assert pre == PRE.replace(kv_channels=PRE.head_dim, num_query_groups=PRE.query_groups)
+    assert {k: llm[k] for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_query_groups", "vocab_size")} == {
+        "num_layers": LLM.num_layers,
+        "hidden_size": 24,
+        "ffn_hidden_size": 40,
+        "num_query_groups": 2,
+        "vocab_size": 50,
+    }
+    assert llm["rotary_base"] == LLM.rotary_base and llm["norm_epsilon"] == LLM.norm_epsilon
+    assert image["image_token_index"] == 49 and image["default_image_size"] == 28
+
+
+def test_a_release_style_config_json():
+    """The release's own JSON: LLM fields in base_config, the pre-decoder sharing the LLM's RoPE table."""
+    released = {
+        "base_config": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 100,
+            "rope_theta": 1e6,
+        },
+        "pre_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "hidden_act": "quick_gelu",
+            "norm_mode": "layernorm",
+            "rms_norm_eps": 1e-5,
+        },
+    }
+    pre, llm, _ = configs_from_release(released)
+    assert (pre.num_layers, pre.head_dim, pre.normalization, pre.activation, pre.rotary_base) == (
+        3,
+        16,
+        "LayerNorm",
+        "quick_gelu",
+        1e6,
+    )
+    assert (llm["num_layers"], llm["kv_channels"], llm["rotary_base"]) == (2, 16, 1e6)
+    released["pre_config"]["num_attention_heads"] = 4  # head dim 8 ≠ the LLM's 16: a shared table cannot fit
+    with pytest.raises(LayoutError, match="head dim"):
+        configs_from_release(released)

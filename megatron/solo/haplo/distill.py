@@ -261,14 +261,31 @@ class VisionTeacher(nn.Module):
         return self  # frozen: stays in eval mode whatever the caller's model.train() says
 
     @torch.no_grad()
-    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        """tiles [n, 3, T, T] (CLIP-normalised pixels) → features [n, (T/P)², C], row-major patches, no CLS."""
+    def forward(self, tiles: torch.Tensor, group=None) -> torch.Tensor:
+        """tiles [n, 3, T, T] (CLIP-normalised pixels) → features [n, (T/P)², C], row-major patches, no CLS.
+
+        ``group``: a process group whose ranks all hold the same ``tiles`` (the tensor-parallel group): each
+        rank runs the teacher on its share of the tiles and the features are all-gathered, instead of every
+        rank computing all of them.
+        """
+        if group is None or torch.distributed.get_world_size(group) == 1:
+            return self._features(tiles)
+        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+        per = -(-tiles.shape[0] // world)
+        mine = self._features(tiles[rank * per : (rank + 1) * per])
+        padded = mine.new_zeros(per, *mine.shape[1:])
+        padded[: mine.shape[0]] = mine
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        torch.distributed.all_gather(gathered, padded, group=group)
+        return torch.cat(gathered)[: tiles.shape[0]]
+
+    def _features(self, tiles: torch.Tensor) -> torch.Tensor:
         if tiles.shape[0] == 0:
             side = self.image_size // self.model.config.patch_size
-            return tiles.new_zeros(0, side * side, self.hidden_size)
+            dtype = next(self.model.parameters()).dtype
+            return tiles.new_zeros(0, side * side, self.hidden_size, dtype=dtype)
         dtype = next(self.model.parameters()).dtype
-        out = self.model(pixel_values=tiles.to(dtype))
-        return out.last_hidden_state[:, 1:]
+        return self.model(pixel_values=tiles.to(dtype)).last_hidden_state[:, 1:]
 
 
 def load_vision_teacher(directory: str | Path, layer: int = -1, dtype: torch.dtype = torch.float32) -> VisionTeacher:

@@ -24,6 +24,9 @@ no RoPE permutation: both apply ``rotate_half`` RoPE to the rows as they are); `
 every layer: an LLM without them exports zero biases, and importing non-zero LLM biases into one without them
 is refused (``llm_bias`` says which the megatron side has). Stage-1 tensors (``distill_heads.*``,
 ``llm_embedding.weight``) are not part of the release and are left out of an export.
+
+Configurations: :func:`release_config` gives hf_haplo's ``HaploConfig`` arguments for a pre-decoder and an LLM;
+:func:`configs_from_release` reads a released ``config.json`` back (the release's own nesting too).
 """
 
 from __future__ import annotations
@@ -298,3 +301,75 @@ def release_config(pre: PreDecoderConfig, llm, **image) -> dict:
         ),
         **image,
     )
+
+
+_ACTIVATIONS = {"quick_gelu", "gelu", "silu"}
+
+
+def configs_from_release(config: Mapping) -> tuple[PreDecoderConfig, dict, dict]:
+    """A released-layout ``config.json`` (as a dict) → (the pre-decoder's ``PreDecoderConfig``, the LLM's
+    ``ModelConfig`` fields, the image fields). Reads the release's own JSON (LLM fields at the top level or in
+    ``base_config``; the pre-decoder's in ``pre_config``) and hf_haplo's."""
+    top = {**(config.get("base_config") or {}), **config}
+    pre = dict(config.get("pre_config") or {})
+
+    def field(d: Mapping, name: str, default=None):
+        value = d.get(name, default)
+        if value is None and default is None:
+            raise LayoutError(f"config.json: {name!r} is missing")
+        return value
+
+    heads = field(pre, "num_attention_heads")
+    head_dim = pre.get("head_dim") or field(pre, "hidden_size") // heads
+    llm_heads = field(top, "num_attention_heads")
+    llm_head_dim = top.get("head_dim") or field(top, "hidden_size") // llm_heads
+    if pre.get("hidden_act", "silu") not in _ACTIVATIONS:
+        raise LayoutError(
+            f"config.json: pre_config.hidden_act {pre.get('hidden_act')!r} is not one of {sorted(_ACTIVATIONS)}"
+        )
+    rope, theta = pre.get("rope", True), float(pre.get("rope_theta", 10000.0))
+    if rope and not pre.get("attention_rope", False):  # the release's shared table: the LLM's
+        if head_dim != llm_head_dim:
+            raise LayoutError("config.json: the pre-decoder shares the LLM's RoPE table but has another head dim")
+        theta = float(top.get("rope_theta", 10000.0))
+    pre_cfg = PreDecoderConfig(
+        num_layers=field(pre, "num_hidden_layers"),
+        hidden_size=field(pre, "hidden_size"),
+        num_attention_heads=heads,
+        num_query_groups=pre.get("num_key_value_heads") or heads,
+        kv_channels=head_dim,
+        ffn_hidden_size=field(pre, "intermediate_size"),
+        activation=pre.get("hidden_act", "silu"),
+        normalization="LayerNorm" if pre.get("norm_mode", "rmsnorm") == "layernorm" else "RMSNorm",
+        norm_epsilon=float(pre.get("rms_norm_eps", 1e-6)),
+        rope=bool(rope),
+        rotary_base=theta,
+    )
+    if top.get("hidden_act", "silu") != "silu" or top.get("norm_mode", "rmsnorm") != "rmsnorm":
+        raise LayoutError(
+            "config.json: the LLM must be a SwiGLU / RMSNorm decoder (hidden_act silu, norm_mode rmsnorm)"
+        )
+    llm = dict(
+        num_layers=field(top, "num_hidden_layers"),
+        hidden_size=field(top, "hidden_size"),
+        ffn_hidden_size=field(top, "intermediate_size"),
+        num_attention_heads=llm_heads,
+        num_query_groups=top.get("num_key_value_heads") or llm_heads,
+        kv_channels=llm_head_dim,
+        vocab_size=field(top, "vocab_size"),
+        max_sequence_length=top.get("max_position_embeddings", 32768),
+        rotary_base=float(top.get("rope_theta", 10000.0)),
+        norm_epsilon=float(top.get("rms_norm_eps", 1e-6)),
+    )
+    image = {
+        name: top[name]
+        for name in (
+            "image_token_index",
+            "patch_size",
+            "default_image_size",
+            "image_grid_pinpoints",
+            "image_aspect_ratio",
+        )
+        if name in top
+    }
+    return pre_cfg, llm, image

@@ -103,10 +103,9 @@ class HaploAttention(nn.Module):
             k, v = kv(k, v)
         repeat = self.heads // self.kv_heads
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5
-        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
-        probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-        return self.o_proj((probs @ v).transpose(1, 2).reshape(b, s, -1))
+        # SDPA with a boolean mask (True = may attend): memory-efficient kernels take arbitrary masks on GPUs.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=self.head_dim**-0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
 class HaploMLP(nn.Module):
