@@ -305,3 +305,16 @@ def test_stage2_parallel_layouts_match_the_reference(data, release, reference, l
     assert sorted(got) == sorted(want)
     for it in got:
         assert got[it] == pytest.approx(want[it], rel=1e-5 if it == 1 else 3e-4), (it, got, want)
+
+
+def test_stage1_tensor_parallel_follows_the_single_process_run(data, release, teacher_dir, tmp_path):
+    """Stage 1 through the trainer at TP=2 + SP (the teacher's tiles split over the TP ranks, vocab-parallel
+    text targets) follows the TP=1 run's distillation losses."""
+    common_args = common(data, release, "--distill-teacher", teacher_dir)
+    run_pretrain([*common_args, "--metrics-file", str(tmp_path / "tp1.jsonl")])
+    tp2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--metrics-file", str(tmp_path / "tp2.jsonl")]
+    run_pretrain([*common_args, *tp2], nproc=2, timeout=400)
+    want, got = losses(tmp_path / "tp1.jsonl"), losses(tmp_path / "tp2.jsonl")
+    assert sorted(got) == sorted(want)
+    for it in got:
+        assert got[it] == pytest.approx(want[it], rel=1e-5 if it == 1 else 3e-4), (it, got, want)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from megatron.core import parallel_state
 
 from megatron.solo.training.arguments import ConfigError, TrainConfig
 
@@ -52,5 +53,7 @@ class Stage1Teacher:
         """[p, C]: the teacher's feature of each patch of ``batch`` (on the device, normalised)."""
         from megatron.solo.haplo.anyres import patches_to_tiles
 
-        features = self.teacher(patches_to_tiles(batch.tile_patches, self.tiling))  # [tiles, side², C]
+        # tensor-parallel ranks hold the same batch: each runs the teacher on its share of the tiles
+        group = parallel_state.get_tensor_model_parallel_group()
+        features = self.teacher(patches_to_tiles(batch.tile_patches, self.tiling), group=group)  # [tiles, side², C]
         return features.reshape(-1, features.shape[-1]).index_select(0, batch.patch_tile_rows)
