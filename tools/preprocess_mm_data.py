@@ -100,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="mistral: [INST] user [/INST] assistant</s> (default); plain: the reference's concatenation",
     )
     g.add_argument(
+        "--image-layout",
+        default="solo",
+        choices=encode.LAYOUTS,
+        help="solo: <vision> rows of 32-px patches </vision> (default); haplo: HaploVL's anyres tiles of "
+        "14-px patches, a newline position per row (CLIP normalisation)",
+    )
+    g.add_argument(
+        "--haplo-tile-size",
+        type=int,
+        default=336,
+        help="haplo layout: tile side in pixels; the pinpoints are every grid of at most 6 such tiles (default 336)",
+    )
+    g.add_argument(
         "--image-format",
         default=codec.DEFAULT_FORMAT,
         choices=tuple(codec.CODECS),
@@ -134,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def haplo_tiling(tile_size: int):
+    """HaploVL's tiling at ``tile_size``: the released grid's shape (every canvas of at most 6 tiles)."""
+    from megatron.solo.haplo.anyres import AnyresConfig
+
+    grid = tuple((tile_size * h, tile_size * w) for h in range(1, 7) for w in range(1, 7) if h * w <= 6)
+    return AnyresConfig(tile_size=tile_size, pinpoints=grid)
+
+
 def config_from_args(args: argparse.Namespace):
     from megatron.solo.data.pipeline import PreprocessConfig, default_workers
 
@@ -147,6 +168,8 @@ def config_from_args(args: argparse.Namespace):
         shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
         tokenizer_model=args.tokenizer_model,
         encode=encode.EncodeConfig(
+            layout=args.image_layout,
+            anyres=haplo_tiling(args.haplo_tile_size),
             image_format=args.image_format,
             image_quality=args.image_quality,
             chat_template=args.chat_template,

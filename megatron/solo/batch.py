@@ -39,6 +39,14 @@ class Batch:
     patch_index   int64 [p]       flat index ``row·s + col`` of the ``<vpatch>`` token each patch lands on
                                   (complete even when ``patches`` is [0, D])
     pack_lengths  int64 [b]       real tokens of each pack (the rest of its row is padding)
+    image_block_ids  int64 [b, s] -1 outside images; inside an image that attends bidirectionally (HaploVL),
+                                  an id shared by exactly that image's positions (unique in the micro-batch).
+                                  All -1 for SOLO data: the SOLO model is causal and ignores it
+    patch_table_index  int64 [p]  each patch's row in the per-tile learned position table (HaploVL); -1
+                                  where the data has none (SOLO)
+    tile_patches  uint8 [t, D]    HaploVL stage 1 only (else [0, D]): every image's whole tiles as patches,
+                                  tile-major, each tile row-major: the vision teacher's input
+    patch_tile_rows  int64 [p]    each patch's row in ``tile_patches`` (-1 when they are not loaded)
     """
 
     tokens: torch.Tensor
@@ -50,6 +58,10 @@ class Batch:
     patches: torch.Tensor
     patch_index: torch.Tensor
     pack_lengths: torch.Tensor
+    image_block_ids: torch.Tensor
+    patch_table_index: torch.Tensor
+    tile_patches: torch.Tensor
+    patch_tile_rows: torch.Tensor
 
     def _map_tensors(self, fn) -> Batch:
         return Batch(
@@ -68,7 +80,9 @@ class Batch:
         after :meth:`to`: a quarter of the bytes cross to the device), float32 ones as they are."""
         if self.patches.dtype != torch.uint8:
             return self
-        return replace(self, patches=normalize_patches_torch(self.patches, config))
+        tiles = self.tile_patches
+        tiles = normalize_patches_torch(tiles, config) if tiles.dtype == torch.uint8 else tiles
+        return replace(self, patches=normalize_patches_torch(self.patches, config), tile_patches=tiles)
 
     def image_rows(self) -> torch.Tensor:
         """bool [b]: the rows (packs) holding at least one patch, from ``patch_index``."""
@@ -87,6 +101,11 @@ class PackedExample:
     patches          uint8 [p, D]     the pack's patches as stored pixels, image by image, row-major (or
                                       float32 normalised ones); None: not loaded (stages that do not embed)
     patch_positions  int [p]          token index of the ``<vpatch>`` each patch lands on
+    image_spans      int [m, 2]       ``[start, end)`` token ranges of the pack's bidirectional image blocks
+                                      (HaploVL: an image's patches and newlines); None: none (SOLO)
+    patch_table_index  int [p]        each patch's row in the per-tile position table; None: none (SOLO)
+    tile_patches     uint8 [t, D]     HaploVL stage 1: the images' whole tiles as patches; None: not loaded
+    patch_tile_rows  int [p]          each patch's row in ``tile_patches``; None: not loaded
     """
 
     tokens: np.ndarray
@@ -94,6 +113,10 @@ class PackedExample:
     doc_offsets: np.ndarray
     patches: np.ndarray | None
     patch_positions: np.ndarray
+    image_spans: np.ndarray | None = None
+    patch_table_index: np.ndarray | None = None
+    tile_patches: np.ndarray | None = None
+    patch_tile_rows: np.ndarray | None = None
 
 
 def _check_example(i: int, ex: PackedExample, seq_length: int, patch_dim: int) -> None:
@@ -116,6 +139,19 @@ def _check_example(i: int, ex: PackedExample, seq_length: int, patch_dim: int) -
         problems.append("a patch position lies outside the pack")
     elif np.ndim(ex.patch_positions) != 1 or len(np.unique(ex.patch_positions)) != len(ex.patch_positions):
         problems.append("patch_positions must be 1-D and distinct (one patch per <vpatch> token)")
+    if ex.patch_table_index is not None and len(ex.patch_table_index) != len(ex.patch_positions):
+        problems.append(
+            f"patch_table_index has {len(ex.patch_table_index)} entries for {len(ex.patch_positions)} patches"
+        )
+    if ex.image_spans is not None and len(ex.image_spans):
+        spans = np.asarray(ex.image_spans)
+        ordered = np.concatenate([[0], spans.reshape(-1), [n]])
+        if spans.ndim != 2 or spans.shape[1] != 2 or np.any(spans[:, 1] <= spans[:, 0]) or np.any(np.diff(ordered) < 0):
+            problems.append(f"image_spans {spans.tolist()} must be ordered, disjoint, non-empty [start, end) ranges")
+        elif np.any(
+            np.searchsorted(offsets, spans[:, 0], "right") != np.searchsorted(offsets, spans[:, 1] - 1, "right")
+        ):
+            problems.append("an image span crosses a document boundary")
     if problems:
         raise ValueError(f"pack {i} of the micro-batch: " + "; ".join(problems))
 
@@ -137,7 +173,9 @@ def collate(
     labels = np.full((b, s), pad_id, dtype=np.int64)
     loss_mask = np.zeros((b, s), dtype=np.float32)
     position_ids = np.zeros((b, s), dtype=np.int64)
-    cu_seqlens, patch_index = [0], []
+    image_block_ids = np.full((b, s), -1, dtype=np.int64)
+    cu_seqlens, patch_index, table_index, blocks = [0], [], [], 0
+    tiles, tile_rows, tile_offset = [], [], 0
     for row, ex in enumerate(examples):
         _check_example(row, ex, s, patch_dim)
         n = len(ex.tokens)
@@ -151,6 +189,19 @@ def collate(
         position_ids[row, n:] = np.arange(s - n)
         cu_seqlens.extend((row * s + spans).tolist())
         patch_index.append(row * s + np.asarray(ex.patch_positions, dtype=np.int64))
+        given = ex.patch_table_index is not None
+        table_index.append(
+            np.asarray(ex.patch_table_index if given else np.full(len(ex.patch_positions), -1), np.int64)
+        )
+        if ex.tile_patches is not None:
+            tiles.append(ex.tile_patches)
+            tile_rows.append(np.asarray(ex.patch_tile_rows, np.int64) + tile_offset)
+            tile_offset += len(ex.tile_patches)
+        else:
+            tile_rows.append(np.full(len(ex.patch_positions), -1, np.int64))
+        for start, end in np.asarray(ex.image_spans if ex.image_spans is not None else [], np.int64).reshape(-1, 2):
+            image_block_ids[row, start:end] = blocks
+            blocks += 1
     kinds = {None if ex.patches is None else np.dtype(ex.patches.dtype) for ex in examples}
     if len(kinds) > 1:
         raise ValueError(f"the micro-batch mixes kinds of patches ({', '.join(sorted(map(str, kinds)))})")
@@ -165,6 +216,10 @@ def collate(
         patches=_gather_patches(examples, patch_dim),
         patch_index=torch.from_numpy(np.concatenate(patch_index)),
         pack_lengths=torch.tensor([len(ex.tokens) for ex in examples], dtype=torch.int64),
+        image_block_ids=torch.from_numpy(image_block_ids),
+        patch_table_index=torch.from_numpy(np.concatenate(table_index)),
+        tile_patches=torch.from_numpy(np.concatenate(tiles) if tiles else np.zeros((0, patch_dim), np.uint8)),
+        patch_tile_rows=torch.from_numpy(np.concatenate(tile_rows)),
     )
 
 

@@ -6,7 +6,8 @@ A checkpoint root looks like Megatron-LM's::
       latest_checkpointed_iteration.txt   "release" (a converted model) or the last saved iteration
       release/ | iter_0000050/            megatron-core dist_checkpointing (torch_dist), layout-free:
                                           loads at any TP/PP/DP (the optimizer as "fully_reshardable")
-      solo_config.json                    architecture (ModelConfig) + padded vocabulary size
+      solo_config.json                    architecture (ModelConfig, or a family's subclass: its "family"
+                                          field picks the model) + padded vocabulary size
       tokenizer.model, solo_tokenizer.json   the SoloTokenizer the model was trained with
 
 The padded vocabulary is a property of the checkpoint (33152 from TP=1, 33280 from TP=2): a model loading
@@ -31,8 +32,9 @@ from megatron.core import dist_checkpointing
 
 from megatron.solo.checksums import MANIFEST, verify_manifest, write_manifest
 from megatron.solo.config import ModelConfig
+from megatron.solo.families import build_model, config_from_dict
 from megatron.solo.io import write_atomic
-from megatron.solo.model import build_model, make_transformer_config
+from megatron.solo.model import make_transformer_config
 from megatron.solo.parallel import ensure_model_parallel_of_one
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,7 @@ class CheckpointMetadata:
         data = json.loads(path.read_text())
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: format_version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
-        return cls(ModelConfig.from_dict(data["model"]), int(data["padded_vocab_size"]))
+        return cls(config_from_dict(data["model"]), int(data["padded_vocab_size"]))
 
     def write(self, root: str | os.PathLike) -> None:
         write_atomic(Path(root) / METADATA_FILE, self.to_json())
@@ -205,13 +207,16 @@ def save_model(root: str | os.PathLike, model, metadata: CheckpointMetadata, ite
     return save_sharded(root, iteration, {"model": model_sharded_state_dict(model)}, metadata)
 
 
-def load_model_state(model, state_dict: dict[str, torch.Tensor], assign: bool = False) -> None:
-    """``load_state_dict`` that tolerates only megatron-core's ``_extra_state`` entries being absent.
+def load_model_state(
+    model, state_dict: dict[str, torch.Tensor], assign: bool = False, optional: tuple[str, ...] = ()
+) -> None:
+    """``load_state_dict`` that tolerates only megatron-core's ``_extra_state`` entries (and the ``optional``
+    names: entries a new stage may start without) being absent.
 
     ``assign=True`` makes the given tensors the parameters (a model built on the meta device).
     """
     result = model.load_state_dict(state_dict, strict=False, assign=assign)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state") and k not in optional]
     unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise KeyError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")

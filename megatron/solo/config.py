@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from megatron.solo.image import PATCH_SIZE
 from megatron.solo.tokenizer import padded_vocab_size
@@ -26,7 +26,13 @@ class ModelConfig:
     ``vocab_size`` is the tokenizer's (33029 for SOLO); the embedding is padded per tensor-parallel size.
     ``sliding_window`` follows HF Mistral: a query attends to the previous ``sliding_window`` keys, itself
     included (``q - k < sliding_window``); ``None`` disables it.
+
+    ``family`` names the model family a saved config rebuilds (``to_dict`` writes it; a dict without one is
+    SOLO's, as every checkpoint written before the field existed): subclasses are the other families
+    (``megatron.solo.haplo.config.HaploConfig``), chosen by ``megatron.solo.families``.
     """
+
+    family: ClassVar[str] = "solo"
 
     num_layers: int
     hidden_size: int
@@ -137,16 +143,30 @@ class ModelConfig:
         vocab = self.padded_vocab_size(tensor_parallel_size)
         return self.num_layers * layer + 2 * vocab * h + h + self.patch_dim * h
 
+    @property
+    def linear_biases(self) -> tuple[bool, bool]:
+        """(q/k/v biases, biases on every other linear layer) of the decoder: Mistral has none."""
+        return False, False
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {"family": self.family, **dataclasses.asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        family = data.pop("family", "solo")
+        if family != cls.family:
+            raise ValueError(f"family: {family!r} is not {cls.__name__}'s ({cls.family!r})")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**cls._fields_from_json(data))
+
+    @classmethod
+    def _fields_from_json(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Field values as JSON gives them back, turned into the field types (subclasses with nested fields)."""
+        return data
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from megatron.solo.batch import PackedExample, collate
-from megatron.solo.checkpointing import load_full_model
+from megatron.solo.checkpointing import CheckpointMetadata, load_full_model
 from megatron.solo.data.encode import EncodeConfig, encode_turns
 from megatron.solo.data.errors import Origin
 from megatron.solo.data.packed_format import decode_patches
@@ -140,6 +140,9 @@ class Generator:
     ):
         if device is None:
             device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        family = CheckpointMetadata.read(load_dir).model.family
+        if family != "solo":  # prompts are laid out as SOLO's documents, and the model called as SOLO's
+            raise ValueError(f"{load_dir}: a {family} checkpoint; this generator serves SOLO models only")
         self.model, self.metadata = load_full_model(load_dir, iteration=iteration, dtype=dtype, device=device)
         self.tokenizer = SoloTokenizer(load_dir)
         self.allowed = allowed_ids(self.tokenizer, self.metadata.padded_vocab_size)

@@ -202,6 +202,7 @@ def test_header_is_written_and_describes_the_prefix(run_preprocess, small_photos
         "image_codec": "jpeg",
         "image_quality": 92,
         "tokenizer": tokenizer.fingerprint(),
+        "layout": "solo",
     }
     assert PackedDataset(prefix).image_config == im.DEFAULT_CONFIG
 

@@ -117,6 +117,9 @@ def megatron_to_hf_checkpoint(
 ) -> Path:
     """Export a Megatron SOLO checkpoint as an HF ``SoloForCausalLM`` directory (safetensors + code), in
     ``dtype`` (default: the checkpoint's own, so an fp32 checkpoint keeps its precision)."""
+    family = CheckpointMetadata.read(load_dir).model.family
+    if family != "solo":
+        raise ValueError(f"{load_dir}: a {family} checkpoint; this export writes SOLO's HF model only")
     dtype = dtype or checkpoint_dtype(load_dir, iteration)
     model, metadata = load_full_model(load_dir, iteration=iteration, dtype=dtype)
     state = {name: tensor for name, tensor in model.state_dict().items() if not name.endswith("_extra_state")}

@@ -21,6 +21,11 @@ Document layout (``chat_template="mistral"``, the default)::
 * Each text part is tokenized on its own (SentencePiece adds its word-boundary prefix to each), as the
   reference does; an image becomes ``tokenizer.image_layout_ids(rows, cols)`` and its pixels are stored
   after the size rule, encoded by :mod:`~megatron.solo.data.codec`.
+* ``layout="haplo"`` (HaploVL): an image is the released anyres tiling (:mod:`megatron.solo.haplo.anyres`):
+  the best-fit canvas (``tiles_h·T × tiles_w·T`` pixels, letterboxed) is stored as one image, and the
+  image takes ``H'·W' + H'`` positions (the unpadded patch grid, a newline after each row, no begin/end
+  tokens), every one carrying the ``<vpatch>`` id as a placeholder (the model replaces them all). The
+  crop of the unpadding is the image's ``crop`` (top, left, in patches) and its tile side ``side``.
 """
 
 from __future__ import annotations
@@ -29,14 +34,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from megatron.solo import image as _image
 from megatron.solo.data import codec
 from megatron.solo.data.errors import Origin, SampleError
 from megatron.solo.data.samples import ImageRef, Sample, Turn
+from megatron.solo.haplo import anyres
 from megatron.solo.image import DEFAULT_CONFIG, ImageConfig, ImageError
 
 TEMPLATES = ("mistral", "plain")
+LAYOUTS = ("solo", "haplo")
 INST_OPEN, INST_CLOSE = "[INST]", "[/INST]"
 _EOS = object()  # marker for an end-of-turn </s> in a rendered sequence
 
@@ -45,8 +53,14 @@ _EOS = object()  # marker for an end-of-turn </s> in a rendered sequence
 class EncodeConfig:
     """How samples become documents."""
 
-    image: ImageConfig = DEFAULT_CONFIG
-    """Size rule, normalisation and decompression-bomb limit of the image front end."""
+    image: ImageConfig | None = None
+    """Size rule, normalisation and decompression-bomb limit of the image front end (None: the layout's:
+    SOLO's defaults, or ``anyres``'s 14-px patches and CLIP normalisation)."""
+    layout: str = "solo"
+    """How an image is laid out in the tokens: ``solo`` (rows of ``<vpatch>`` between ``<vision>`` tokens)
+    or ``haplo`` (HaploVL's anyres tiles, a newline position per row)."""
+    anyres: anyres.AnyresConfig = anyres.DEFAULT_ANYRES
+    """HaploVL's tiling (``layout="haplo"`` only)."""
     image_format: str = codec.DEFAULT_FORMAT
     """How resized images are stored: jpeg (default), webp, png, webp-lossless or raw."""
     image_quality: int = codec.DEFAULT_QUALITY
@@ -61,6 +75,15 @@ class EncodeConfig:
     """Cut each document to at most this many tokens (None: no limit; the packer still fits ``seq_length``)."""
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"EncodeConfig.layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.image is None:
+            object.__setattr__(self, "image", self.anyres.image_config if self.layout == "haplo" else DEFAULT_CONFIG)
+        elif self.layout == "haplo" and self.image.patch_size != self.anyres.patch_size:
+            raise ValueError(
+                f"EncodeConfig.image: patch_size {self.image.patch_size} differs from the anyres tiling's "
+                f"{self.anyres.patch_size}"
+            )
         if self.image_format not in codec.CODECS:
             raise ValueError(
                 f"EncodeConfig.image_format must be one of {', '.join(codec.CODECS)}, got {self.image_format!r}"
@@ -85,20 +108,44 @@ class EncodeConfig:
 
 @dataclass(frozen=True)
 class EncodedImage:
-    """One image of a document: where its ``<vision>`` token is, its patch grid and its stored bytes."""
+    """One image of a document: where its ``<vision>`` token is, its patch grid and its stored bytes.
+
+    HaploVL layout (``crop`` set): ``position`` is the image's first token, ``n_rows × n_cols`` the patch grid
+    of the whole stored canvas, ``crop`` = (top, left) the patches the unpadding removes from each end, and
+    ``side`` the tile's side in patches (the position table is ``side²``).
+    """
 
     position: int
     n_rows: int
     n_cols: int
     codec: int
     data: bytes
+    crop: tuple[int, int] | None = None
+    side: int = 0
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the patches that reach the sequence."""
+        if self.crop is None:
+            return self.n_rows, self.n_cols
+        return self.n_rows - 2 * self.crop[0], self.n_cols - 2 * self.crop[1]
+
+    @property
+    def n_patches(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
 
     @property
     def num_tokens(self) -> int:
-        return _image.layout_length(self.n_rows, self.n_cols)
+        if self.crop is None:
+            return _image.layout_length(self.n_rows, self.n_cols)
+        rows, cols = self.grid
+        return rows * (cols + 1)
 
     def shifted(self, offset: int) -> EncodedImage:
-        return EncodedImage(self.position + offset, self.n_rows, self.n_cols, self.codec, self.data)
+        return EncodedImage(
+            self.position + offset, self.n_rows, self.n_cols, self.codec, self.data, self.crop, self.side
+        )
 
 
 @dataclass(frozen=True)
@@ -242,6 +289,8 @@ def render(turns: tuple[Turn, ...], template: str) -> Iterator[tuple[object, boo
 
 def _encode_image(ref: ImageRef, tokenizer, config: EncodeConfig, origin: Origin, position: int):
     img = _load(ref, config.image, origin)
+    if config.layout == "haplo":
+        return _encode_haplo_image(img, tokenizer, config, position)
     width, height = img.size
     size = _image.target_size(width, height, config.image.patch_size, config.image.max_size)
     distortion = _distortion((width, height), size)
@@ -257,6 +306,29 @@ def _encode_image(ref: ImageRef, tokenizer, config: EncodeConfig, origin: Origin
     n_rows, n_cols = size[1] // config.image.patch_size, size[0] // config.image.patch_size
     encoded = EncodedImage(position, n_rows, n_cols, codec.CODECS[config.image_format], data)
     return encoded, tokenizer.image_layout_ids(n_rows, n_cols)
+
+
+def _encode_haplo_image(img, tokenizer, config: EncodeConfig, position: int):
+    """HaploVL: the anyres canvas stored whole, the unpadded grid's positions (+ a newline per row)."""
+    tiling = config.anyres
+    img = img.convert("RGB")
+    grid = anyres.anyres_grid(img.size[1], img.size[0], tiling)
+    tiles = anyres.image_tiles(img, tiling)  # [tiles_h·tiles_w, T, T, 3], row-major
+    t = tiling.tile_size
+    canvas = tiles.reshape(grid.tiles_h, grid.tiles_w, t, t, 3).transpose(0, 2, 1, 3, 4)
+    canvas = canvas.reshape(grid.tiles_h * t, grid.tiles_w * t, 3)
+    data = codec.encode_image(Image.fromarray(canvas), config.image_format, config.image_quality)
+    side = tiling.positions_per_side
+    encoded = EncodedImage(
+        position,
+        grid.tiles_h * side,
+        grid.tiles_w * side,
+        codec.CODECS[config.image_format],
+        data,
+        crop=(grid.top, grid.left),
+        side=side,
+    )
+    return encoded, [tokenizer.vision_patch_id] * encoded.num_tokens
 
 
 def _load(ref: ImageRef, config: ImageConfig, origin: Origin):
@@ -279,4 +351,13 @@ def _distortion(original: tuple[int, int], resized: tuple[int, int]) -> float:
     return max(ratio, 1 / ratio)
 
 
-__all__ = ["TEMPLATES", "Document", "EncodeConfig", "EncodedImage", "encode_sample", "encode_turns", "render"]
+__all__ = [
+    "LAYOUTS",
+    "TEMPLATES",
+    "Document",
+    "EncodeConfig",
+    "EncodedImage",
+    "encode_sample",
+    "encode_turns",
+    "render",
+]

@@ -22,6 +22,13 @@ header ``MMIDIDX``), each with one item per pack, item i of both describing pack
         …               ⌈n_tokens/8⌉    targets, one bit per token (numpy packbits, little bit order)
         …               Σ nbytes        the images' stored bytes, in table order
 
+A pack holding HaploVL images (``layout`` "haplo" in the header) has the magic b"HPK1" and a 32-byte image
+entry, 8 × u32: position (its first token), n_rows, n_cols (the patch grid of the stored canvas: the
+anyres tiles, ``n_rows·P × n_cols·P`` pixels), top, left (the patches the unpadding drops at each end),
+side (a tile's side in patches), codec, nbytes. Its patches (row-major over the unpadded grid) land on
+``position + r·(cols + 1) + c`` (a newline position ends each row), and patch ``(r, c)`` of the canvas
+grid uses row ``(r mod side)·side + c mod side`` of the per-tile position table.
+
 Both datasets set ``document_indices = [0, 1, …, n_packs]`` (each item its own Megatron "document");
 the documents *inside* a pack are ``doc_offsets``. An image's stored pixels are its size-rule-resized
 RGB image (``n_rows·P`` × ``n_cols·P``); patch p of it (row-major) lands on token
@@ -41,6 +48,7 @@ RGB image (``n_rows·P`` × ``n_cols·P``); patch p of it (row-major) lands on t
                         table entry); image_quality: its quality
         tokenizer       the tokenizer fingerprint (:meth:`SoloTokenizer.fingerprint`): sha256 of its encoder
                         model, vocab_size, bos_id, eos_id, vision_ids
+        layout          "solo" or "haplo": how images sit in the tokens (absent in older headers: "solo")
 
     A prefix without one (written before it existed) is read with the defaults (P=32, ImageNet mean/std)
     that every such prefix was written with, and a warning; a header with another ``format`` or
@@ -73,9 +81,13 @@ MAGIC = b"SPK%d" % FORMAT_VERSION
 RECORD_SUFFIX = ".pack"
 HEADER_SUFFIX = ".pack.json"
 # What two prefixes of one blend must agree on (the codec may differ: each image names its own).
-BLEND_FIELDS = ("patch_size", "mean", "std", "tokenizer")
+BLEND_FIELDS = ("patch_size", "mean", "std", "tokenizer", "layout")
+HAPLO_MAGIC = b"HPK%d" % FORMAT_VERSION
 HEADER = np.dtype([("magic", "S4"), ("n_tokens", "<u4"), ("n_docs", "<u4"), ("n_images", "<u4")])
 IMAGE_ENTRY = np.dtype([("position", "<u4"), ("n_rows", "<u4"), ("n_cols", "<u4"), ("codec", "<u4"), ("nbytes", "<u4")])
+HAPLO_IMAGE_ENTRY = np.dtype(
+    [(name, "<u4") for name in ("position", "n_rows", "n_cols", "top", "left", "side", "codec", "nbytes")]
+)
 
 
 def output_files(prefix: str) -> list[str]:
@@ -103,6 +115,7 @@ def make_header(
     image_codec: str = codec.DEFAULT_FORMAT,
     image_quality: int = codec.DEFAULT_QUALITY,
     tokenizer: dict | None = None,
+    layout: str = "solo",
 ) -> dict:
     """The header of a prefix (see the module docstring); ``tokenizer``: ``SoloTokenizer.fingerprint()``."""
     return {
@@ -116,6 +129,7 @@ def make_header(
         "image_codec": image_codec,
         "image_quality": image_quality,
         "tokenizer": tokenizer,
+        "layout": layout,
     }
 
 
@@ -145,6 +159,7 @@ def read_header(prefix: str) -> dict:
             f"{path}: format_version is {header.get('format_version')!r}, this reader reads "
             f"{FORMAT_VERSION}: preprocess the data again with this version"
         )
+    header.setdefault("layout", "solo")  # written before HaploVL's layout existed
     missing = [k for k in make_header(np.uint16) if k not in header]
     if missing:
         raise ValueError(f"{path}: field {missing[0]!r} is missing")
@@ -207,8 +222,16 @@ def encode_pack(pack: Pack, dtype: type) -> tuple[np.ndarray, np.ndarray]:
     targets = np.concatenate([d.targets for d in docs])
     offsets = np.cumsum([0] + [len(d) for d in docs])
     images = [im.shifted(int(start)) for d, start in zip(docs, offsets) for im in d.images]
-    header = np.array([(MAGIC, len(tokens), len(docs), len(images))], dtype=HEADER)
-    table = np.array([(im.position, im.n_rows, im.n_cols, im.codec, len(im.data)) for im in images], IMAGE_ENTRY)
+    haplo = {im.crop is not None for im in images}
+    if len(haplo) > 1:
+        raise ValueError("a pack mixes SOLO and HaploVL images")
+    if haplo == {True}:
+        header = np.array([(HAPLO_MAGIC, len(tokens), len(docs), len(images))], dtype=HEADER)
+        rows = [(im.position, im.n_rows, im.n_cols, *im.crop, im.side, im.codec, len(im.data)) for im in images]
+        table = np.array(rows, HAPLO_IMAGE_ENTRY)
+    else:
+        header = np.array([(MAGIC, len(tokens), len(docs), len(images))], dtype=HEADER)
+        table = np.array([(im.position, im.n_rows, im.n_cols, im.codec, len(im.data)) for im in images], IMAGE_ENTRY)
     parts = [
         header.tobytes(),
         offsets.astype("<u4").tobytes(),
@@ -308,19 +331,62 @@ class PackedImage:
     data: memoryview
     _owner: object = field(default=None, repr=False, compare=False)
     """Keeps the memory map alive: megatron-core unmaps its files when the dataset object is collected."""
+    crop: tuple[int, int] | None = None
+    """HaploVL layout: (top, left) patches dropped at each end by the unpadding (None: SOLO's layout)."""
+    side: int = 0
+    """HaploVL layout: a tile's side in patches."""
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the patches that reach the sequence."""
+        if self.crop is None:
+            return self.n_rows, self.n_cols
+        return self.n_rows - 2 * self.crop[0], self.n_cols - 2 * self.crop[1]
 
     @property
     def num_tokens(self) -> int:
-        return _image.layout_length(self.n_rows, self.n_cols)
+        if self.crop is None:
+            return _image.layout_length(self.n_rows, self.n_cols)
+        rows, cols = self.grid
+        return rows * (cols + 1)
 
     @property
     def n_patches(self) -> int:
-        return self.n_rows * self.n_cols
+        rows, cols = self.grid
+        return rows * cols
 
     def patch_positions(self) -> np.ndarray:
         """int64 [n_patches]: the token index of the ``<vpatch>`` each patch (row-major) lands on."""
-        rows = np.arange(self.n_rows, dtype=np.int64)[:, None] * (self.n_cols + 1)
-        return (self.position + 1 + rows + np.arange(self.n_cols, dtype=np.int64)).reshape(-1)
+        rows, cols = self.grid
+        first = self.position + (1 if self.crop is None else 0)  # SOLO: after <vision>
+        row_starts = np.arange(rows, dtype=np.int64)[:, None] * (cols + 1)
+        return (first + row_starts + np.arange(cols, dtype=np.int64)).reshape(-1)
+
+    def tile_rows(self) -> np.ndarray:
+        """int64 [n_patches]: each sequence patch's row in :meth:`tile_patches_uint8` (HaploVL): tile-major,
+        ``tile·side² + (r mod side)·side + c mod side`` over the canvas grid."""
+        rows, cols = self.grid
+        r = np.arange(rows, dtype=np.int64)[:, None] + self.crop[0]
+        c = np.arange(cols, dtype=np.int64)[None, :] + self.crop[1]
+        tile = (r // self.side) * (self.n_cols // self.side) + c // self.side
+        return (tile * self.side * self.side + (r % self.side) * self.side + c % self.side).reshape(-1)
+
+    def tile_patches_uint8(self, patch_size: int) -> np.ndarray:
+        """uint8 [tiles·side², 3·P·P]: every patch of the stored canvas (the unpadding's too), tile after tile,
+        each tile's patches row-major: what the stage-1 vision teacher sees, a tile at a time (HaploVL)."""
+        pixels = codec.decode_image(self.data, self.codec, self.n_cols * patch_size, self.n_rows * patch_size)
+        grid = _image.patchify_uint8(pixels, patch_size)  # [n_rows·n_cols, D], row-major over the canvas
+        s, th, tw = self.side, self.n_rows // self.side, self.n_cols // self.side
+        return grid.reshape(th, s, tw, s, -1).transpose(0, 2, 1, 3, 4).reshape(th * tw * s * s, -1)
+
+    def table_index(self) -> np.ndarray:
+        """int64 [n_patches]: each patch's row of the per-tile position table (HaploVL; -1 for SOLO)."""
+        if self.crop is None:
+            return np.full(self.n_patches, -1, dtype=np.int64)
+        rows, cols = self.grid
+        r = np.arange(rows, dtype=np.int64)[:, None] + self.crop[0]
+        c = np.arange(cols, dtype=np.int64)[None, :] + self.crop[1]
+        return ((r % self.side) * self.side + c % self.side).reshape(-1)
 
     def pixels(self, patch_size: int = _image.PATCH_SIZE) -> np.ndarray:
         """The stored (resized) image: uint8 [n_rows·P, n_cols·P, 3]."""
@@ -357,6 +423,35 @@ class PackView:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate([im.patch_positions() for im in self.images])
 
+    @property
+    def image_spans(self) -> np.ndarray | None:
+        """int64 [n_images, 2]: ``[start, end)`` of each HaploVL image (its bidirectional block); None for
+        SOLO's layout (causal everywhere)."""
+        if not any(im.crop is not None for im in self.images):
+            return None
+        return np.array([(im.position, im.position + im.num_tokens) for im in self.images], dtype=np.int64)
+
+    @property
+    def patch_table_index(self) -> np.ndarray | None:
+        """int64 [n_patches]: each patch's row of the per-tile position table (HaploVL); None for SOLO."""
+        if not any(im.crop is not None for im in self.images):
+            return None
+        return np.concatenate([im.table_index() for im in self.images])
+
+    def teacher_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """HaploVL stage 1: (uint8 [tiles·side², 3·P·P] every image's whole tiles, image after image; int64
+        [n_patches] each sequence patch's row in them)."""
+        patch_size, parts, rows, offset = self.image_config.patch_size, [], [], 0
+        for im in self.images:
+            if im.crop is None:
+                raise ValueError("teacher inputs: a SOLO image (no tiles)")
+            parts.append(im.tile_patches_uint8(patch_size))
+            rows.append(im.tile_rows() + offset)
+            offset += len(parts[-1])
+        if not parts:
+            return np.zeros((0, self.image_config.patch_dim), np.uint8), np.zeros(0, np.int64)
+        return np.concatenate(parts), np.concatenate(rows)
+
     def patches_uint8(self) -> np.ndarray:
         """uint8 [n_patches, 3·P·P]: every image decoded and patchified, pixels as stored (what the loader
         ships; the trainer normalises them on the device)."""
@@ -370,12 +465,17 @@ class PackView:
 def decode_patches(images, patch_size: int) -> np.ndarray:
     """uint8 [Σ n_rows·n_cols, 3·P·P]: stored images (anything with n_rows, n_cols, codec, data: a
     :class:`PackedImage` or an ``encode.EncodedImage``) decoded and patchified, image by image, row-major."""
-    out = np.empty((sum(im.n_rows * im.n_cols for im in images), 3 * patch_size * patch_size), dtype=np.uint8)
+    out = np.empty((sum(im.n_patches for im in images), 3 * patch_size * patch_size), dtype=np.uint8)
     start = 0
     for im in images:
         pixels = codec.decode_image(im.data, im.codec, im.n_cols * patch_size, im.n_rows * patch_size)
-        _image.patchify_uint8(pixels, patch_size, out=out[start : start + im.n_rows * im.n_cols])
-        start += im.n_rows * im.n_cols
+        crop = getattr(im, "crop", None)
+        if crop is not None:  # HaploVL: only the unpadded grid's patches reach the sequence
+            (top, left), (rows, cols) = crop, im.grid
+            p = patch_size
+            pixels = np.ascontiguousarray(pixels[top * p : (top + rows) * p, left * p : (left + cols) * p])
+        _image.patchify_uint8(pixels, patch_size, out=out[start : start + im.n_patches])
+        start += im.n_patches
     return out
 
 
@@ -438,7 +538,8 @@ def view_pack_record(
     """
     buf = memoryview(record)
     header = np.frombuffer(buf, HEADER, count=1)[0]
-    if header["magic"] != MAGIC or header["n_tokens"] != len(tokens):
+    haplo = header["magic"] == HAPLO_MAGIC
+    if header["magic"] not in (MAGIC, HAPLO_MAGIC) or header["n_tokens"] != len(tokens):
         raise ValueError(
             f"{where}: corrupt record (magic {header['magic']!r}, {header['n_tokens']} tokens for {len(tokens)} ids)"
         )
@@ -446,7 +547,7 @@ def view_pack_record(
     at = HEADER.itemsize
     offsets = np.frombuffer(buf, "<u4", count=n_docs + 1, offset=at).astype(np.int64)
     at += 4 * (n_docs + 1)
-    table = np.frombuffer(buf, IMAGE_ENTRY, count=n_images, offset=at)
+    table = np.frombuffer(buf, HAPLO_IMAGE_ENTRY if haplo else IMAGE_ENTRY, count=n_images, offset=at)
     at += table.nbytes
     nbits = (n + 7) // 8
     targets = np.unpackbits(np.frombuffer(buf, np.uint8, count=nbits, offset=at), count=n, bitorder="little")
@@ -462,6 +563,8 @@ def view_pack_record(
                 int(entry["codec"]),
                 buf[at : at + size],
                 owner,
+                (int(entry["top"]), int(entry["left"])) if haplo else None,
+                int(entry["side"]) if haplo else 0,
             )
         )
         at += size

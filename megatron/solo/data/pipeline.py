@@ -131,7 +131,7 @@ class Stats:
             vision = sum(im.num_tokens for im in doc.images)
             self.vision_tokens += vision
             self.text_tokens += len(doc) - vision
-            self.patch_tokens += sum(im.n_rows * im.n_cols for im in doc.images)
+            self.patch_tokens += sum(im.n_patches for im in doc.images)
             self.images += len(doc.images)
             self.image_bytes += sum(len(im.data) for im in doc.images)
             self.loss_tokens += int(doc.targets[1:].sum())  # a document's first token is never predicted
@@ -280,6 +280,7 @@ def _header(config: PreprocessConfig, tokenizer: SoloTokenizer) -> dict:
         image_codec=config.encode.image_format,
         image_quality=config.encode.image_quality,
         tokenizer=tokenizer.fingerprint(),
+        layout=config.encode.layout,
     )
 
 

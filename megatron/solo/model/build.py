@@ -43,7 +43,8 @@ def make_transformer_config(
     cpu_initialization: bool | None = None,
     gradient_accumulation_fusion: bool = False,
 ) -> TransformerConfig:
-    """Mistral's decoder (RMSNorm, SwiGLU, GQA, no biases, no dropout) for one parallel layout and backend.
+    """Mistral's decoder (RMSNorm, SwiGLU, GQA, no dropout; biases as ``cfg.linear_biases``, Mistral none) for
+    one parallel layout and backend.
 
     The backend is decided here, once, and recorded as ``transformer_impl``: ``build_model`` reads it from
     the config. It decides the fusions and whether the sliding window goes to Transformer Engine or into
@@ -75,8 +76,8 @@ def make_transformer_config(
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
+        add_bias_linear=cfg.linear_biases[1],
+        add_qkv_bias=cfg.linear_biases[0],
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_method_std,

@@ -133,8 +133,14 @@ class SoloModel(GPTModel):
         patch_index: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        *,
+        image_block_ids: torch.Tensor | None = None,
+        patch_table_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-token loss [b, s] when ``labels`` are given, else logits [b, s, V/tp] (last pipeline stage).
+
+        ``image_block_ids`` and ``patch_table_index`` (``Batch`` fields for HaploVL) are accepted and ignored:
+        SOLO is causal everywhere and has no position table, so the trainer calls both families alike.
 
         With ``loss_mask`` [b, s] as well, logits are computed only where it is non-zero and the loss is 0
         elsewhere: SOLO learns text only, so most positions of an image-bearing pack need no logits.

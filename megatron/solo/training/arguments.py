@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import Field, dataclass, field, fields
 from typing import Any, Literal, Union
 
-from megatron.solo.config import PRESETS, ModelConfig
+from megatron.solo.config import ModelConfig
+from megatron.solo.families import PRESETS
 
 
 class ConfigError(ValueError):
@@ -140,6 +141,15 @@ class TrainConfig:
     freeze_language_model: bool = option(
         False, group="model", help="train only the patch projection (a warm-up before stage 1)"
     )
+    distill_teacher: str | None = option(
+        group="model",
+        help="HaploVL stage 1: a local HF CLIP directory, the frozen vision teacher; the run then distils the "
+        "pre-decoder (teacher at image patches, the LLM's frozen embeddings at text) instead of the LM loss",
+    )
+    distill_teacher_layer: int = option(
+        -1, group="model", help="stage 1: the teacher's hidden layer giving the targets (HF hidden_states index)"
+    )
+    distill_head: Literal["linear", "mlp"] = option("linear", group="model", help="stage 1: form of both heads")
     tokenizer_model: str | None = option(
         group="model",
         help="SoloTokenizer (tokenizer.model or a directory) saved with the checkpoints; default: the one in --load",
@@ -270,6 +280,11 @@ class TrainConfig:
             "give --model-preset or --load (where the architecture comes from)",
         )
         _require(not self.finetune or self.load is not None, "--finetune", "needs --load")
+        _require(
+            self.distill_teacher is None or self.pipeline_model_parallel_size == 1,
+            "--distill-teacher",
+            "stage 1 trains the pre-decoder alone: it runs with --pipeline-model-parallel-size 1",
+        )
         _require(self.save_interval is None or self.save is not None, "--save-interval", "needs --save")
         _require(
             self.recompute_granularity != "full" or self.recompute_method is not None,
@@ -388,6 +403,12 @@ def check_model(cfg: TrainConfig, model: ModelConfig, padded_vocab_size: int) ->
     except ValueError as err:
         field_name, _, message = str(err).partition(": ")
         raise ConfigError(f"{_flag(field_name)}: {message}") from None
+    _require(
+        model.family != "haplo" or cfg.transformer_impl != "transformer_engine",
+        "--transformer-impl",
+        "HaploVL's mask (bidirectional inside images) is not expressible as Transformer Engine's THD "
+        "attention; use local (auto picks it for HaploVL)",
+    )
     _require(
         padded_vocab_size % cfg.tensor_model_parallel_size == 0,
         "--tensor-model-parallel-size",

@@ -15,8 +15,9 @@ from megatron.core.transformer.module import Float16Module
 from megatron.solo.backend.cpu import use_fused_cpu_adam
 from megatron.solo.backend.mcore_fixes import install_distributed_optimizer_fixes
 from megatron.solo.config import ModelConfig
-from megatron.solo.model import SoloModel, build_model, make_transformer_config
-from megatron.solo.training.arguments import TrainConfig
+from megatron.solo.families import build_model
+from megatron.solo.model import SoloModel, make_transformer_config
+from megatron.solo.training.arguments import ConfigError, TrainConfig
 
 PATCH_PARAMETERS = "patch_embedding."
 
@@ -25,20 +26,29 @@ PATCH_PARAMETERS = "patch_embedding."
 class Components:
     """One rank's share of the run: its pipeline stage of the model and what trains it."""
 
-    model: SoloModel  # unwrapped: checkpoints and tools use this
+    model: SoloModel  # unwrapped (a HaploModel is a SoloModel): checkpoints and tools use this
     ddp: DistributedDataParallel  # what the schedule runs (wraps Float16Module under --bf16)
     config: TransformerConfig
     optimizer: object  # megatron-core MegatronOptimizer
     scheduler: OptimizerParamScheduler
 
 
-def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size: int) -> Components:
+def build_components(
+    cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size: int, teacher_hidden_size: int | None = None
+) -> Components:
     """This rank's model stage, randomly initialised (from the seed), wrapped for training.
 
     Always initialised, even when weights are loaded next: megatron-core 0.16.1 marks tensor-parallel
     weights (``tensor_model_parallel``, ``partition_dim``) only inside its init functions, and without the
     marks the gradient norm skips every sharded weight on tensor-parallel ranks > 0 (so clipping is wrong).
     """
+    if cfg.distill_teacher is not None and model_cfg.family != "haplo":
+        raise ConfigError(f"--distill-teacher: HaploVL's stage 1; this is a {model_cfg.family} model")
+    if cfg.freeze_language_model and model_cfg.family != "solo":
+        raise ConfigError(
+            f"--freeze-language-model: SOLO's warm-up of the patch projection alone; a {model_cfg.family} model "
+            "has no such stage"
+        )
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     tc = make_transformer_config(
         model_cfg,
@@ -46,7 +56,8 @@ def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size
         pipeline_parallel=cfg.pipeline_model_parallel_size,
         sequence_parallel=cfg.sequence_parallel,
         params_dtype=dtype,
-        backend=cfg.backend,
+        # HaploVL's mask runs on the local backend only (haplo/mask.py): auto means local there
+        backend="local" if model_cfg.family == "haplo" and cfg.backend == "auto" else cfg.backend,
         recompute_granularity=cfg.recompute_granularity,
         recompute_method=cfg.recompute_method,
         recompute_num_layers=cfg.recompute_num_layers,
@@ -58,6 +69,7 @@ def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size
         padded_vocab_size=padded_vocab_size,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
+        **stage1_options(cfg, teacher_hidden_size),
     )
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())  # as Megatron-LM's get_model: every parameter, ours included
@@ -95,6 +107,16 @@ def build_components(cfg: TrainConfig, model_cfg: ModelConfig, padded_vocab_size
     if not torch.cuda.is_available():
         use_fused_cpu_adam(optimizer)
     return Components(model, ddp, tc, optimizer, build_scheduler(cfg, optimizer))
+
+
+def stage1_options(cfg: TrainConfig, teacher_hidden_size: int | None) -> dict:
+    """HaploVL stage 1's model options (distillation heads sized for the teacher), or none."""
+    if cfg.distill_teacher is None:
+        return {}
+    from megatron.solo.haplo.distill import DistillConfig
+
+    distill = DistillConfig(head=cfg.distill_head, teacher_layer=cfg.distill_teacher_layer)
+    return {"distill": distill, "teacher_hidden_size": teacher_hidden_size}
 
 
 def freeze_language_model(model: SoloModel) -> None:

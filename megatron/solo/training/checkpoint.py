@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +41,8 @@ from megatron.solo.checkpointing import (
     save_sharded,
     verify_checkpoint,
 )
-from megatron.solo.config import ModelConfig, get_preset
+from megatron.solo.config import ModelConfig
+from megatron.solo.families import get_preset
 from megatron.solo.training.arguments import ConfigError, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ def _from_checkpoint(cfg: TrainConfig, root: str, iteration: int | None, kind: s
     metadata = CheckpointMetadata.read(root)
     if cfg.model_preset is not None:
         preset = get_preset(cfg.model_preset)
-        differ = [f.name for f in fields(ModelConfig) if getattr(preset, f.name) != getattr(metadata.model, f.name)]
+        saved, wanted = metadata.model.to_dict(), preset.to_dict()
+        differ = [name for name in sorted(set(saved) | set(wanted)) if saved.get(name) != wanted.get(name)]
         if differ:
             raise ConfigError(
                 f"--model-preset: {cfg.model_preset} differs from the checkpoint in {root} in "
@@ -185,17 +187,32 @@ def save_training_checkpoint(
     return save_sharded(root, state.iteration, sharded, metadata, content_metadata=OPTIMIZER_METADATA)
 
 
+def _absent_optional_entries(start: Start, model, msd: dict[str, Any]) -> list[str]:
+    """The model's optional entries (``model.optional_checkpoint_prefixes``: HaploVL stage 1's heads and text
+    targets) that ``start``'s checkpoint does not hold: a new stage keeps their initialisation (logged)."""
+    prefixes = getattr(model, "optional_checkpoint_prefixes", ())
+    if not prefixes:
+        return []
+    saved = dist_checkpointing.load_tensors_metadata(str(iteration_dir(start.root, start.iteration)))
+    absent = [k for k in msd if k.startswith(prefixes) and k not in saved]
+    if absent:
+        log.warning("%s holds no %s: they start from their initialisation", start.root, ", ".join(absent))
+    return absent
+
+
 def load_training_checkpoint(start: Start, cfg: TrainConfig, *, model, optimizer, scheduler) -> TrainingState:
     """Load ``start``'s weights, and for a resume also optimizer, schedule, data position and RNG.
 
     Returns the iteration and consumed samples to continue from (zeros for new weights).
     """
     msd = model_sharded_state_dict(model)
-    request: dict[str, Any] = {"model": msd}
     resume = start.kind == "resume"
     same_layout = False
     if not cfg.no_verify_checkpoint:
         verify_checkpoint(start.root, start.iteration)
+    absent = [] if resume else _absent_optional_entries(start, model, msd)
+    msd = {k: v for k, v in msd.items() if k not in absent}
+    request: dict[str, Any] = {"model": msd}
     if resume:
         common = dist_checkpointing.load_common_state_dict(str(iteration_dir(start.root, start.iteration)))
         same_layout = common.get("layout") == _layout()
@@ -211,7 +228,7 @@ def load_training_checkpoint(start: Start, cfg: TrainConfig, *, model, optimizer
                 common.get("layout"),
             )
     loaded = load_sharded(start.root, request, start.iteration, verify=False)  # verified above
-    load_model_state(model, loaded["model"])
+    load_model_state(model, loaded["model"], optional=tuple(absent))
     # Mixed-precision optimizers hold fp32 main copies of the weights, taken when they were built: refresh
     # them from what was just loaded, or the first step writes the initialisation back (bf16 stage starts).
     # A resume then overwrites them with the checkpoint's own fp32 copies.

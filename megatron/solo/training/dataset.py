@@ -135,6 +135,7 @@ class BlendedPackDataset(Dataset):
         *,
         decode_patches: bool = True,
         tokenizer: dict | None = None,
+        teacher_inputs: bool = False,
     ):
         if not blend:
             raise ValueError("BlendedPackDataset: empty blend (no --data-path prefix)")
@@ -147,6 +148,7 @@ class BlendedPackDataset(Dataset):
         self.weights = weights  # as given: parse_data_path (training/arguments.py) is the one place that normalises
         self.seed = int(seed)
         self.decode_patches = decode_patches
+        self.teacher_inputs = teacher_inputs  # HaploVL stage 1: also the images' whole tiles (PackView.teacher_inputs)
         self.datasets = [_open(p) for p in self.prefixes]
         _check_headers(self.datasets, tokenizer)
         self.dataset_index = blend_order(self.weights, num_samples)
@@ -187,9 +189,19 @@ class BlendedPackDataset(Dataset):
                 doc_offsets=view.doc_offsets,
                 patches=view.patches_uint8() if self.decode_patches else None,
                 patch_positions=view.patch_positions,
+                image_spans=view.image_spans,
+                patch_table_index=view.patch_table_index,
+                **self._teacher_inputs(view),
             )
         except Exception as e:  # decode errors come as PIL/OSError/ValueError: name the pack whatever they are
             raise BadPackError(f"{self.where(i)}: {type(e).__name__}: {e}") from e
+
+    def _teacher_inputs(self, view) -> dict:
+        """HaploVL stage 1 (``teacher_inputs``): the images' whole tiles for the vision teacher."""
+        if not (self.teacher_inputs and self.decode_patches):
+            return {}
+        tiles, rows = view.teacher_inputs()
+        return {"tile_patches": tiles, "patch_tile_rows": rows}
 
     def max_pack_length(self) -> list[int]:
         """Longest pack of each prefix, in tokens."""

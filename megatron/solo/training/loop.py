@@ -47,6 +47,7 @@ from megatron.solo.training.metrics import (
     micro_batch_work,
     sum_micro_batches,
 )
+from megatron.solo.training.stage1 import Stage1Teacher
 
 # Mistral's EOS, the reference's pad. Padding is its own attention span and never a target, so the id only
 # has to exist; the tokenizer's own pad id wins when the run knows its tokenizer.
@@ -99,13 +100,21 @@ class Trainer:
                 seed=cfg.seed,
                 decode_patches=parallel_state.is_pipeline_first_stage(),
                 tokenizer=self.tokenizer.fingerprint() if self.tokenizer is not None else None,
+                teacher_inputs=cfg.distill_teacher is not None,
             )
             if cfg.blend
             else None
         )
         if self.dataset is not None:
             _check_pack_lengths(self.dataset, cfg.seq_length)
-        self.parts: Components = build_components(cfg, self.start.model, self.start.padded_vocab_size)
+            _check_image_layout(self.dataset, self.start.model)
+        self.teacher = Stage1Teacher(cfg, self.start.model) if cfg.distill_teacher is not None else None
+        self.parts: Components = build_components(
+            cfg,
+            self.start.model,
+            self.start.padded_vocab_size,
+            teacher_hidden_size=self.teacher.hidden_size if self.teacher is not None else None,
+        )
         self.metadata = CheckpointMetadata(self.start.model, self.start.padded_vocab_size)
         self.state = TrainingState()
         if self.start.kind != "scratch":
@@ -229,6 +238,8 @@ class Trainer:
         weights, samples = sample_weights(batch.loss_mask, batch.cu_seqlens)
         weights = weights if self.cfg.loss_averaging == "sample" else None
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        if self.teacher is not None:
+            return self._distillation_step(batch, model, work, image_rows, samples, device)
         # uint8 patches cross to the device (a quarter of float32's bytes) and are normalised there
         batch = batch.to(device, non_blocking=True).normalized(self.dataset.image_config)
         out = model(
@@ -240,6 +251,8 @@ class Trainer:
             batch.patch_index,
             labels=batch.labels,
             loss_mask=batch.loss_mask,
+            image_block_ids=batch.image_block_ids,  # HaploVL's mask and position table (SOLO ignores them)
+            patch_table_index=batch.patch_table_index,
         )
         return out, partial(
             loss_with_breakdown,
@@ -248,6 +261,32 @@ class Trainer:
             work.to(device, non_blocking=True),
             samples.to(device, non_blocking=True),
             weights=None if weights is None else weights.to(device, non_blocking=True),
+        )
+
+    def _distillation_step(self, batch, model, work, image_rows, samples, device):
+        """HaploVL stage 1: the teacher's features at the patches, the distillation loss per token; its
+        "lm loss" is the mean over distilled positions (every patch and every real text token)."""
+        distill_mask, positions = self.teacher.masks(batch)  # host: text positions; all distilled positions
+        batch = batch.to(device, non_blocking=True).normalized(self.dataset.image_config)
+        out = model(
+            batch.tokens,
+            batch.position_ids,
+            batch.cu_seqlens,
+            batch.max_seqlen,
+            batch.patches,
+            batch.patch_index,
+            image_block_ids=batch.image_block_ids,
+            patch_table_index=batch.patch_table_index,
+            teacher_features=self.teacher.targets(batch),
+            distill_mask=distill_mask.to(device, non_blocking=True),
+        )
+        positions = positions.to(device, non_blocking=True)
+        return out, partial(
+            loss_with_breakdown,
+            positions,
+            image_rows.to(device, non_blocking=True),
+            work.to(device, non_blocking=True),
+            samples.to(device, non_blocking=True),
         )
 
     def _reduce(self, outputs) -> torch.Tensor:
@@ -352,6 +391,19 @@ def _check_pack_lengths(dataset: BlendedPackDataset, seq_length: int) -> None:
                 f"--seq-length: {seq_length} is shorter than the packs of --data-path prefix "
                 f"{prefix!r} (up to {longest} tokens): preprocess it for this sequence length, "
                 f"or raise --seq-length"
+            )
+
+
+def _check_image_layout(dataset: BlendedPackDataset, model) -> None:
+    """Every prefix lays its images out as the model's family reads them (its header's ``layout``) and was
+    patchified at the model's patch size: a SOLO prefix never trains a HaploVL model, nor the other way."""
+    for ds in dataset.datasets:
+        layout, patch = ds.header.get("layout", "solo"), ds.image_config.patch_size
+        if layout != model.family or patch != model.patch_size:
+            raise ConfigError(
+                f"--data-path: prefix {ds.prefix!r} holds {layout!r} images of {patch}-px patches, but the model "
+                f"({model.family}) reads {model.family!r} images of {model.patch_size}-px patches: preprocess it "
+                f"with --image-layout {model.family}"
             )
 
 

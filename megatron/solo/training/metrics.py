@@ -106,6 +106,21 @@ def model_flops(
         6.0 * cfg.num_layers * per_layer * tokens
         + output_layer
         + 12.0 * cfg.num_layers * cfg.num_attention_heads * d * attention_pairs
+        + _pre_decoder_flops(cfg, tokens, attention_pairs)
+    )
+
+
+def _pre_decoder_flops(cfg: ModelConfig, tokens: float, attention_pairs: float) -> float:
+    """HaploVL: its pre-decoder (every token goes through it) and connector, counted as the LLM's layers
+    (the causal pairs; an image's bidirectional pairs are a small addition); 0 for SOLO."""
+    pre = getattr(cfg, "pre_decoder", None)
+    if pre is None:
+        return 0.0
+    h, d, f = pre.hidden_size, pre.head_dim, pre.ffn_hidden_size
+    per_layer = h * d * (2 * pre.num_attention_heads + 2 * pre.query_groups) + (3 if pre.gated else 2) * h * f
+    connector = h * cfg.hidden_size
+    return 6.0 * (pre.num_layers * per_layer + connector) * tokens + 12.0 * pre.num_layers * (
+        pre.num_attention_heads * d * attention_pairs
     )
 
 

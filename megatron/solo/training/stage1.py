@@ -1,0 +1,59 @@
+"""HaploVL stage 1 in the trainer: the frozen vision teacher run in the training step, and the masks of the
+positions it distils (the model side is ``megatron.solo.haplo.model``; the losses ``haplo/distill.py``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from megatron.solo.training.arguments import ConfigError, TrainConfig
+
+
+class Stage1Teacher:
+    """HaploVL stage 1's frozen vision teacher (a local HF CLIP directory), run in the training step on
+    every image's whole tiles; its features are gathered at the sequence's patches."""
+
+    def __init__(self, cfg: TrainConfig, model):
+        from megatron.solo.haplo.anyres import AnyresConfig
+        from megatron.solo.haplo.distill import load_vision_teacher
+
+        if model.family != "haplo":
+            raise ConfigError(f"--distill-teacher: HaploVL's stage 1; the model is {model.family}")
+        if not Path(cfg.distill_teacher).is_dir():
+            raise FileNotFoundError(f"--distill-teacher: {cfg.distill_teacher} is not a directory")
+        self.tiling = AnyresConfig(
+            tile_size=model.tile_size,
+            patch_size=model.patch_size,
+            pinpoints=model.image_grid_pinpoints,
+            anyres_max=model.anyres_max_tiles,
+        )
+        self.teacher = load_vision_teacher(cfg.distill_teacher, cfg.distill_teacher_layer)
+        if self.teacher.image_size != model.tile_size:
+            raise ConfigError(
+                f"--distill-teacher: the teacher sees {self.teacher.image_size}-px images, the model's tiles are "
+                f"{model.tile_size} px"
+            )
+        if torch.cuda.is_available():
+            self.teacher.cuda(torch.cuda.current_device())
+        self.hidden_size = self.teacher.hidden_size
+
+    @staticmethod
+    def masks(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """float [b, s] ×2 on the host: the real text positions, and those plus every patch position."""
+        b, s = batch.tokens.shape
+        real = torch.arange(s)[None, :] < batch.pack_lengths[:, None]
+        text = (real & (batch.image_block_ids == -1)).float()
+        positions = text.clone()
+        positions.view(-1)[batch.patch_index] = 1.0
+        return text, positions
+
+    def targets(self, batch) -> torch.Tensor:
+        """[p, C]: the teacher's feature of each patch of ``batch`` (on the device, normalised)."""
+        from megatron.solo.haplo.anyres import patches_to_tiles
+
+        # tensor-parallel ranks hold the same batch: each runs the teacher on its share of the tiles
+        group = parallel_state.get_tensor_model_parallel_group()
+        features = self.teacher(patches_to_tiles(batch.tile_patches, self.tiling), group=group)  # [tiles, side², C]
+        return features.reshape(-1, features.shape[-1]).index_select(0, batch.patch_tile_rows)
