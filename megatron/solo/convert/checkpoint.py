@@ -68,6 +68,16 @@ def _floating_dtype(tensors) -> torch.dtype:
     raise ValueError("the checkpoint holds no floating-point tensor")
 
 
+def _is_haplo(hf_dir: Path) -> bool:
+    import json
+
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        return False
+    config = json.loads(path.read_text())
+    return config.get("model_type") == "haplo" or "pre_config" in config
+
+
 def hf_to_megatron_checkpoint(
     hf_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -78,8 +88,20 @@ def hf_to_megatron_checkpoint(
     dtype: torch.dtype | None = None,
     seed: int = PATCH_INIT_SEED,
 ) -> CheckpointMetadata:
-    """Convert an HF ``MistralForCausalLM`` (or SOLO-7B HF) directory into a Megatron release checkpoint."""
+    """Convert an HF ``MistralForCausalLM`` (or SOLO-7B HF) directory into a Megatron release checkpoint; a
+    directory in the released HaploVL layout goes to ``haplo_export.haplo_hf_to_megatron`` (``seed`` unused)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if _is_haplo(hf_dir):  # the released HaploVL layout (config.json's model_type): haplo_export's import
+        from megatron.solo.convert.haplo_export import haplo_hf_to_megatron
+
+        return haplo_hf_to_megatron(
+            hf_dir,
+            out_dir,
+            tensor_parallel=tensor_parallel,
+            pipeline_parallel=pipeline_parallel,
+            tokenizer_model=tokenizer_model,
+            dtype=dtype,
+        )
     if (out_dir / "latest_checkpointed_iteration.txt").exists():
         raise FileExistsError(f"{out_dir} already holds a checkpoint; choose an empty --out")
     tokenizer = _source_tokenizer(hf_dir, tokenizer_model)

@@ -122,3 +122,94 @@ def haplo_megatron_to_hf(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def detect_llm_bias(state_dict, pre_layers: int, llm_layers: int) -> str:
+    """``HaploConfig.llm_bias`` of a released-layout state dict: ``"all"`` when any LLM o_proj/MLP bias is
+    non-zero, ``"qkv"`` when only q/k/v biases are, else ``"none"`` (the exported zeros of a bias-free LLM)."""
+    layers = [f"model.layers.{pre_layers + j}." for j in range(llm_layers)]
+
+    def nonzero(names: tuple[str, ...]) -> bool:
+        return any(bool(state_dict[p + n].any()) for p in layers for n in names if p + n in state_dict)
+
+    if nonzero(("self_attn.o_proj.bias", "mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias")):
+        return "all"
+    return "qkv" if nonzero(("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")) else "none"
+
+
+def haplo_config_from_release(config: dict, llm_bias: str) -> HaploConfig:
+    """Our ``HaploConfig`` of a released-layout ``config.json`` (the release's nesting or hf_haplo's)."""
+    from megatron.solo.haplo.release_layout import configs_from_release
+
+    pre, llm, image = configs_from_release(config)
+    ratio = image.get("image_aspect_ratio", "anyres_max_6")
+    extra = {}
+    if "image_grid_pinpoints" in image:
+        extra["image_grid_pinpoints"] = tuple(tuple(int(v) for v in p) for p in image["image_grid_pinpoints"])
+    if "anyres_max_" in ratio:
+        extra["anyres_max_tiles"] = int(ratio.split("anyres_max_")[-1])
+    return HaploConfig(
+        **llm,
+        pre_decoder=pre,
+        patch_size=image.get("patch_size", 14),
+        tile_size=image.get("default_image_size", 336),
+        llm_bias=llm_bias,
+        pre_norm_epsilon=float(config.get("pre_norm_eps", 1e-5)),
+        **extra,
+    )
+
+
+def haplo_hf_to_megatron(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    tokenizer_model: str | os.PathLike | None = None,
+    dtype: torch.dtype | None = None,
+) -> CheckpointMetadata:
+    """A directory in the released HaploVL layout (``config.json`` with ``pre_config``, the release's tensor names)
+    → a Megatron release checkpoint (layout-free). The LLM's biases are kept as the checkpoint has them
+    (:func:`detect_llm_bias`); the tokenizer is SentencePiece (``tokenizer.model``) with the stack's ids and must
+    have the checkpoint's vocabulary size (the released Qwen2-based model's tokenizer is not supported)."""
+    import json
+
+    from megatron.solo.checkpointing import load_model_state, save_model
+    from megatron.solo.convert.hf_export import _read_weights
+    from megatron.solo.families import build_model
+    from megatron.solo.haplo.release_layout import release_to_megatron
+    from megatron.solo.model import make_transformer_config
+    from megatron.solo.parallel import ensure_model_parallel_of_one
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if (out_dir / "latest_checkpointed_iteration.txt").exists():
+        raise FileExistsError(f"{out_dir} already holds a checkpoint; choose an empty --out")
+    config = json.loads((hf_dir / "config.json").read_text())
+    if tokenizer_model is None and not (hf_dir / "tokenizer.model").is_file():
+        raise FileNotFoundError(f"{hf_dir}: no tokenizer.model (a SentencePiece tokenizer); pass --tokenizer-model")
+    tokenizer = SoloTokenizer(tokenizer_model if tokenizer_model is not None else hf_dir)
+    sd = dict(_read_weights(hf_dir).items())
+    pre_layers = int((config.get("pre_config") or {})["num_hidden_layers"])
+    llm_layers = int({**(config.get("base_config") or {}), **config}["num_hidden_layers"])
+    cfg = haplo_config_from_release(config, detect_llm_bias(sd, pre_layers, llm_layers))
+    if cfg.vocab_size != tokenizer.vocab_size:
+        raise ValueError(
+            f"{hf_dir}: config.json's vocab_size {cfg.vocab_size} is not the tokenizer's {tokenizer.vocab_size}"
+        )
+    cfg.validate_parallel(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel)
+    metadata = CheckpointMetadata(cfg, cfg.padded_vocab_size(tensor_parallel))
+    dtype = dtype or sd["lm_head.weight"].dtype
+    m_sd = release_to_megatron(
+        sd, pre=cfg.pre_decoder, llm=cfg, llm_bias=cfg.llm_bias, padded_vocab_size=metadata.padded_vocab_size
+    )
+    m_sd = {k: v.to(dtype) for k, v in m_sd.items()}
+    ensure_model_parallel_of_one()
+    tc = make_transformer_config(
+        cfg, params_dtype=dtype, perform_initialization=False, backend="local", cpu_initialization=True
+    )
+    with torch.device("meta"):
+        model = build_model(cfg, tc, padded_vocab_size=metadata.padded_vocab_size)
+    load_model_state(model, m_sd, assign=True)
+    tokenizer.save_pretrained(out_dir)  # before the tracker file marks the checkpoint complete
+    save_model(out_dir, model, metadata)
+    return metadata
