@@ -16,6 +16,9 @@ projection is loaded from SOLO-7B or initialised at token-embedding scale, and t
 megatron-to-hf: a Megatron checkpoint (the latest iteration, ``release``, or ``--iteration``) → an HF
 directory with safetensors and our ``SoloForCausalLM`` code (``model_type: solo``), loadable with
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
+HaploVL: ``megatron-to-hf`` on a HaploVL checkpoint writes the released HaploVL layout with ``HaploForCausalLM`` and
+``HaploProcessor`` code (``megatron.solo.convert.haplo_export``); ``hf-to-megatron`` on a directory in that layout
+(``model_type: haplo``) converts it into a HaploVL checkpoint. The family is read, never a flag.
 haplo-init: HaploVL's stage-1 starting checkpoint (``megatron.solo.convert.haplo_init`` says what each tensor
 starts from): the LLM (an HF Mistral/Llama directory: Mistral-7B, Vicuna-7B, Llama-3-8B) as the post-decoder,
 its input embedding as stage 1's frozen text targets, the pre-decoder and stem from an HF CLIP vision tower
@@ -39,7 +42,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="direction", required=True)
-    to_mg = sub.add_parser("hf-to-megatron", help="HF Mistral / SOLO-7B directory → Megatron checkpoint")
+    to_mg = sub.add_parser(
+        "hf-to-megatron", help="HF Mistral / SOLO-7B / released-layout HaploVL directory → Megatron checkpoint"
+    )
     to_mg.add_argument("--hf-model", required=True, type=Path, help="HF model directory")
     to_mg.add_argument("--out", required=True, type=Path, help="Megatron checkpoint directory to create")
     to_mg.add_argument(
@@ -59,7 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     to_mg.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the HF weights' dtype")
     to_mg.add_argument("--seed", type=int, default=0, help="seed of the patch projection's initialisation")
-    to_hf = sub.add_parser("megatron-to-hf", help="Megatron checkpoint → HF SoloForCausalLM directory")
+    to_hf = sub.add_parser(
+        "megatron-to-hf", help="Megatron checkpoint → HF SoloForCausalLM or HaploForCausalLM directory"
+    )
     to_hf.add_argument("--load", required=True, type=Path, help="Megatron checkpoint directory")
     to_hf.add_argument("--out", required=True, type=Path, help="HF directory to write")
     to_hf.add_argument("--iteration", type=int, default=None, help="default: the latest (or release)")
