@@ -213,3 +213,72 @@ def test_pixels_equal_preprocessings_patches(remote, sample, megatron_ckpt):
     want = sample[1].normalized(tiling.image_config).patches
     assert torch.equal(patches[rows], want)
     assert np.array_equal(sample[1].patch_table_index.numpy(), layout.position[~layout.is_newline])
+
+
+def _kept_patches(pixels: torch.Tensor, sizes: torch.Tensor, tiling) -> torch.Tensor:
+    """[Σ unpadded patches, 3·P·P]: each image's sequence patches from its tiles (pixel_values [tiles, 3, T, T])."""
+    from megatron.solo.haplo import anyres
+
+    side, p = tiling.positions_per_side, tiling.patch_size
+    patches = pixels.reshape(-1, 3, side, p, side, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, 3 * p * p)
+    out, start = [], 0
+    for h, w in sizes.tolist():
+        layout = anyres.image_layout(anyres.anyres_grid(h, w, tiling))
+        out.append(patches[start * side * side :][torch.from_numpy(layout.patch[~layout.is_newline])])
+        start += layout.num_tiles
+    assert start == len(pixels)
+    return torch.cat(out)
+
+
+def test_chat_messages_and_a_padded_batch_are_preprocessings(tokenizer, sample_photos, tmp_path):
+    """In process (the same file the export ships): a system turn, two images of other shapes with text between,
+    as the ``mistral`` template's document; a batch left-padded with each row its sample alone."""
+    from megatron.solo.convert.haplo_export import haplo_processor
+    from megatron.solo.data.encode import EncodeConfig, encode_turns
+    from megatron.solo.data.errors import Origin
+    from megatron.solo.data.packed_format import decode_patches
+    from megatron.solo.data.samples import ImageRef, Turn
+    from megatron.solo.families import get_preset
+    from megatron.solo.haplo import anyres
+    from megatron.solo.image import normalize_patches
+    from tools.preprocess_mm_data import haplo_tiling
+
+    cfg = get_preset("haplo-tiny")
+    processor = haplo_processor(cfg, tokenizer)
+    tiling = haplo_tiling(cfg.tile_size)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    im.load_image(sample_photos[0]).resize((150, 60)).save(a)
+    im.load_image(sample_photos[3]).resize((40, 130)).save(b)
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "image", "image": str(a)}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A person."},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image", "path": str(b)}]},
+    ]
+    out = processor.apply_chat_template(messages, tokenize=True)
+    turns = (
+        Turn("system", ("Answer briefly.",)),
+        Turn("user", (ImageRef(str(a)), "What is it?")),
+        Turn("assistant", ("A person.",)),
+        Turn("user", ("And this?", ImageRef(str(b)))),
+    )
+    config = EncodeConfig(layout="haplo", anyres=tiling, image_format="raw", chat_template="mistral", append_eod=False)
+    ids, _, images = encode_turns(turns, tokenizer, config, Origin("<test>"))
+    assert out["input_ids"][0].tolist() == ids.tolist()
+    assert out["image_sizes"].tolist() == [[60, 150], [130, 40]]
+    want = torch.from_numpy(normalize_patches(decode_patches(images, 14), tiling.image_config))
+    assert torch.equal(_kept_patches(out["pixel_values"], out["image_sizes"], tiling), want)
+    assert sum(anyres.num_image_tokens(h, w, tiling) for h, w in ((60, 150), (130, 40))) == int(
+        (out["input_ids"] == tokenizer.vision_patch_id).sum()
+    )
+
+    batch = processor(images=[[str(a)], [], [str(b)]], text=["A photo of", "Two plus two is", "<image> Describe."])
+    samples = (([str(a)], "A photo of"), ([], "Two plus two is"), ([str(b)], "<image> Describe."))
+    for row, (imgs, text) in enumerate(samples):
+        alone = processor(images=imgs or None, text=text)
+        keep = batch["attention_mask"][row].bool()
+        assert batch["input_ids"][row][keep].tolist() == alone["input_ids"][0].tolist()
+        assert not batch["attention_mask"][row][: (~keep).sum()].any()  # padding on the left
+    assert batch["pixel_values"].shape[0] == sum(
+        anyres.anyres_grid(h, w, tiling).num_tiles for h, w in ((60, 150), (130, 40))
+    )
