@@ -205,3 +205,39 @@ def test_stage1_trains_from_the_init_checkpoint_keeping_its_weights(data, source
             assert torch.equal(saved, value.to(dtype)), name
         else:  # Adam moves a weight by at most ~lr per step
             torch.testing.assert_close(saved.float(), value.to(dtype).float(), atol=1e-5, rtol=1e-2, msg=name)
+
+
+def test_a_llama_layout_llm_and_its_export(sources, tmp_path, megatron_world):
+    """Vicuna / Llama-3's HF layout (``LlamaForCausalLM``) converts as Mistral's does; the init checkpoint exports
+    to the released layout with the LLM's own weights (the stage-1 text targets are not exported)."""
+    from safetensors.torch import load_file
+    from tiny_models import TINY
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tools.convert_checkpoint import main
+
+    llama = tmp_path / "llama"
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": HF_VOCAB, "max_position_embeddings": 4096}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.model_type == "llama"
+    model.save_pretrained(llama)
+    shutil.copyfile(sources[0] / "tokenizer.model", llama / "tokenizer.model")
+    out = tmp_path / "init"
+    argv = ["haplo-init", "--llm", str(llama), "--pre-decoder-init", "random", "--preset", "haplo-tiny"]
+    assert main([*argv, "--out", str(out)]) == 0
+    hf, got = hf_weights(llama), plain(out)
+    assert torch.equal(got["decoder.layers.0.mlp.linear_fc2.weight"], hf["model.layers.0.mlp.down_proj.weight"])
+    assert torch.equal(got["llm_embedding.weight"][:HF_VOCAB], hf["model.embed_tokens.weight"])
+
+    assert main(["megatron-to-hf", "--load", str(out), "--out", str(tmp_path / "hf")]) == 0
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    n = 2  # haplo-tiny's pre-decoder layers come first in the released layout
+    assert torch.equal(
+        exported[f"model.layers.{n + 1}.mlp.down_proj.weight"], hf["model.layers.1.mlp.down_proj.weight"]
+    )
+    assert torch.equal(exported["lm_head.weight"][:HF_VOCAB], hf["lm_head.weight"])
+    assert not exported[f"model.layers.{n}.self_attn.o_proj.bias"].any()  # a bias-free LLM exports zeros
+    assert not [k for k in exported if "distill" in k or "llm_embedding" in k]
