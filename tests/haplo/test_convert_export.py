@@ -282,3 +282,5 @@ def test_chat_messages_and_a_padded_batch_are_preprocessings(tokenizer, sample_p
     assert batch["pixel_values"].shape[0] == sum(
         anyres.anyres_grid(h, w, tiling).num_tiles for h, w in ((60, 150), (130, 40))
     )
+    text_only = processor(text=["Two plus two is", "Hello"])
+    assert set(text_only) == {"input_ids", "attention_mask"}  # no image keys: the model takes none

@@ -31,7 +31,9 @@ The stage-1 heads (``distill_heads.*``) are not written: the trainer initialises
 entries of a stage-1 model). The LLM's geometry, vocabulary and RoPE come from the HF config; the image
 settings (tiles, pinpoints) and, without CLIP, the pre-decoder's geometry from ``base`` (a HaploVL preset);
 with CLIP, the patch and tile size are CLIP's. HaploVL attends to whole documents: Mistral's sliding window is
-dropped. Random parts are drawn from ``seed`` (megatron's model-parallel RNG), so a conversion is reproducible.
+dropped. The tokenizer is the stack's (SentencePiece ``tokenizer.model`` with SOLO's extra ids appended, which
+start at the mean row): Vicuna's and Mistral's work; Llama-3's tiktoken tokenizer does not (its LLM layout does).
+Random parts are drawn from ``seed`` (megatron's model-parallel RNG), so a conversion is reproducible.
 """
 
 from __future__ import annotations
@@ -134,6 +136,11 @@ def haplo_init_checkpoint(
         raise ValueError("connector='projection' is the text projection's transpose: needs text_embedding='project'")
     if (out_dir / "latest_checkpointed_iteration.txt").exists():
         raise FileExistsError(f"{out_dir} already holds a checkpoint; choose an empty --output")
+    if tokenizer_model is None and not (llm_dir / "tokenizer.model").is_file():
+        raise FileNotFoundError(
+            f"{llm_dir}: no tokenizer.model; pass --tokenizer-model PATH (the stack's tokenizer is SentencePiece: "
+            "a tiktoken tokenizer such as Llama-3's is not supported)"
+        )
     tokenizer = SoloTokenizer(tokenizer_model if tokenizer_model is not None else llm_dir)
     hf_sd, llm_config = read_llm(llm_dir)
     clip_sd = clip_config = None

@@ -155,11 +155,9 @@ class HaploProcessor(ProcessorMixin):
             input_ids[b, span] = torch.tensor(row, dtype=torch.long)
             mask[b, span] = 1
         out = {"input_ids": input_ids, "attention_mask": mask}
-        if sizes:
+        if sizes:  # a text-only batch has no image keys (the model takes none)
             out["pixel_values"] = torch.from_numpy(np.concatenate(tiles))
             out["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
-        else:
-            out["pixel_values"], out["image_sizes"] = None, None
         return out
 
     # -- images ----------------------------------------------------------------------------------
