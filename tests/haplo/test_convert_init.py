@@ -252,3 +252,27 @@ def test_an_llm_without_a_sentencepiece_tokenizer_is_refused_by_name(sources, tm
     (llm / "tokenizer.model").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer.model; pass --tokenizer-model"):
         haplo_init_checkpoint(llm, tmp_path / "out", base=get_preset("haplo-tiny"))
+
+
+def test_a_full_clip_model_directory_gives_its_vision_tower(sources, tmp_path, megatron_world):
+    """openai/clip-vit-large-patch14-336 is a ``CLIPModel`` (text tower too, ``vision_model.`` names): only its
+    vision tower is read, with the vision config's geometry."""
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(4)
+    vision = dict(image_size=56, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    text = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+    config = CLIPConfig(text_config=text, vision_config={**vision, "num_attention_heads": 4}, projection_dim=8)
+    CLIPModel(config).save_pretrained(tmp_path / "clip-full")
+    clip = load_file(str(tmp_path / "clip-full" / "model.safetensors"))
+    assert any(k.startswith("text_model.") for k in clip)
+    out = tmp_path / "init"
+    argv = ["haplo-init", "--llm", str(sources[0]), "--clip", str(tmp_path / "clip-full"), "--preset", "haplo-tiny"]
+    from tools.convert_checkpoint import main
+
+    assert main([*argv, "--out", str(out)]) == 0
+    got = plain(out)
+    v = "vision_model."
+    assert torch.equal(got["patch_embed.weight"], clip[v + "embeddings.patch_embedding.weight"].reshape(32, -1))
+    assert torch.equal(got["pre_decoder.layers.1.mlp.linear_fc2.weight"], clip[v + "encoder.layers.1.mlp.fc2.weight"])
