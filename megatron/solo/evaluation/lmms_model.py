@@ -1,6 +1,6 @@
 """The lmms-eval model ``solo``: an HF SOLO export scored by lmms-eval like its own models.
 
-    python -m lmms_eval --model solo --model_args pretrained=EXPORT_DIR[,template=none][,batch_size=8] \
+    python -m lmms_eval --model solo --model_args pretrained=EXPORT_DIR[,template=none|solo7b][,batch_size=8] \
         --tasks mmstar,ai2d [--include_path DIR] --output_path OUT
 
 Registered through lmms-eval's entry-point group ``lmms_eval.models`` (setup.py → :mod:`.lmms_plugin`);
@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from megatron.solo.evaluation.hf_runner import Request, SoloRunner
+from megatron.solo.evaluation.pipeline import check_lmms_eval_version
 
 
 class Solo(lmms):
@@ -47,6 +48,7 @@ class Solo(lmms):
         **kwargs,
     ) -> None:
         super().__init__()
+        check_lmms_eval_version()  # the conventions below are 0.7.3's
         unknown = {k: v for k, v in kwargs.items() if k not in ("max_batch_size",)}
         if unknown:
             raise ValueError(
@@ -63,7 +65,7 @@ class Solo(lmms):
             pretrained,
             template=template,
             device=device,
-            dtype=getattr(torch, dtype) if dtype and dtype != "auto" else None,
+            dtype=dtype,
             image_end_token=image_end_token,
         )
 
@@ -110,6 +112,11 @@ class Solo(lmms):
         for chunk in tqdm(_chunks(order, self.batch_size), disable=self.rank != 0, desc="solo loglikelihood"):
             reqs, conts = [], []
             for i in chunk:
+                if len(args[i]) != 6:  # acc_mutual_info's unconditional requests: (context, continuation) only
+                    raise NotImplementedError(
+                        f"solo: loglikelihood request without images or document ({len(args[i])} arguments); "
+                        "the acc_mutual_info metric is not supported: use acc"
+                    )
                 context, target, doc_to_visual, doc_id, task, split = args[i]
                 doc = self.task_dict[task][split][doc_id]
                 conts.append(target if isinstance(target, str) else target(doc))
