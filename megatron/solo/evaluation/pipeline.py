@@ -195,6 +195,7 @@ def run_lmms(cmd: Sequence[str], log_path: str | os.PathLike, *, offline: bool =
         try:
             for line in proc.stdout:
                 sys.stdout.write(line)
+                sys.stdout.flush()
                 log.write(line)
             proc.wait()
         except BaseException:
