@@ -129,3 +129,18 @@ def test_a_failed_lmms_eval_run_fails_and_leaves_the_previous_table(tiny_megatro
 def test_evaluate_tool_refuses_what_is_not_a_checkpoint(tmp_path, capsys):
     assert evaluate.main(["--load", str(tmp_path), "--tasks", "mme", "--output", str(tmp_path / "o")]) == 2
     assert "neither an HF export" in capsys.readouterr().err
+
+
+def test_the_solo_model_refuses_acc_mutual_info_requests_before_scoring_any(tiny_export):
+    """lmms-eval adds (context, continuation) requests without images or document for acc_mutual_info."""
+    from lmms_eval.api.instance import Instance
+
+    from megatron.solo.evaluation.lmms_model import Solo
+
+    model = Solo(pretrained=str(tiny_export), device="cpu", dtype="fp32")
+    meta = {"task": "t", "doc_id": 0, "repeats": 1}
+    full = Instance("loglikelihood", ("Q", " red", None, 0, "t", "test"), 0, meta)
+    with pytest.raises(NotImplementedError, match="task t: .*acc_mutual_info.*use acc"):
+        model.loglikelihood([full, Instance("loglikelihood", ("", " red"), 1, meta)])
+    with pytest.raises(ValueError, match="dtype must be auto or one of"):
+        Solo(pretrained=str(tiny_export), device="cpu", dtype="bf")

@@ -107,16 +107,17 @@ class Solo(lmms):
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
         args = [r.args for r in requests]
+        short = next((r for r in requests if len(r.args) != 6), None)
+        if short is not None:  # before any work: acc_mutual_info's unconditional requests are (context, continuation)
+            raise NotImplementedError(
+                f"solo: task {short.task_name}: a loglikelihood request of {len(short.args)} arguments, without "
+                "images or document (the acc_mutual_info metric's unconditional requests): not supported, use acc"
+            )
         order = sorted(range(len(args)), key=lambda i: -len(args[i][0]))
         scores: list[GenerationResult | None] = [None] * len(args)
         for chunk in tqdm(_chunks(order, self.batch_size), disable=self.rank != 0, desc="solo loglikelihood"):
             reqs, conts = [], []
             for i in chunk:
-                if len(args[i]) != 6:  # acc_mutual_info's unconditional requests: (context, continuation) only
-                    raise NotImplementedError(
-                        f"solo: loglikelihood request without images or document ({len(args[i])} arguments); "
-                        "the acc_mutual_info metric is not supported: use acc"
-                    )
                 context, target, doc_to_visual, doc_id, task, split = args[i]
                 doc = self.task_dict[task][split][doc_id]
                 conts.append(target if isinstance(target, str) else target(doc))
