@@ -54,11 +54,15 @@ def test_lmms_command(tmp_path):
 
 
 def test_an_hf_export_is_used_in_place_and_iteration_is_refused_for_it(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "solo"}')
     with hf_model_dir(tmp_path) as d:
         assert d == tmp_path
     with pytest.raises(EvaluationSetupError, match="--iteration"):
         with hf_model_dir(tmp_path, iteration=3):
+            pass
+    (tmp_path / "config.json").write_text('{"model_type": "haplo"}')  # a HaploVL export: not what `solo` runs
+    with pytest.raises(EvaluationSetupError, match="model_type 'haplo'; evaluation scores SOLO exports"):
+        with hf_model_dir(tmp_path):
             pass
 
 

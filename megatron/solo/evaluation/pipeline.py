@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -80,6 +81,12 @@ def hf_model_dir(
     if is_hf_export(load):
         if iteration is not None:
             raise EvaluationSetupError(f"--iteration applies to Megatron checkpoints; {load} is an HF export")
+        model_type = json.loads((load / "config.json").read_text()).get("model_type")
+        if model_type != "solo":
+            raise EvaluationSetupError(
+                f"{load}: an HF export of model_type {model_type!r}; evaluation scores SOLO exports (model_type "
+                "'solo', tools/convert_checkpoint.py megatron-to-hf) only"
+            )
         yield load
         return
     if not is_megatron_checkpoint(load):
