@@ -28,7 +28,7 @@ ALLOWED = {
     "inference": FOUNDATION | {"checkpointing", "data"},
     "training": FOUNDATION | {"backend", "checkpointing", "data", "families", "haplo", "model", "parallel", "faults"},
     "demo": FOUNDATION | {"data"},
-    "evaluation": {"backend", "convert"},
+    "evaluation": {"backend", "checkpointing", "convert"},  # checkpointing: which iteration is scored
     "faults": set(),
 }
 

@@ -2,13 +2,16 @@
 """Score a checkpoint on benchmarks through lmms-eval: results.json and a Markdown table.
 
     python tools/evaluate.py --load CKPT [--iteration N] --tasks mmstar,mme,seedbench,ai2d,scienceqa_img \
-        [--limit N] [--include-path DIR] [--template mistral|none] [--batch-size 8] --output DIR
+        [--limit N] [--include-path DIR] [--template mistral|none|solo7b] [--batch-size 8] --output DIR
 
 ``--load`` is a Megatron checkpoint (converted to a temporary HF export, removed afterwards) or an HF export.
 Runs ``python -m lmms_eval --model solo …`` (the command is printed and logged) and writes, in ``--output``:
 ``results.json`` (one row per task, the command, lmms-eval's own results), ``results.md`` (the table, SOLO-7B's
 reported figures beside ours where available), ``lmms_eval.log`` and lmms-eval's raw output
-(``lmms_eval/``: results and per-sample logs). Needs the eval install (README, "Evaluation").
+(``lmms_eval/run-*/``: results and per-sample logs, a fresh folder per run). A run that leaves no results for
+every requested task failed (lmms-eval 0.7.3 exits 0 after most errors): exit 1, naming the log, and an earlier
+``results.json``/``results.md`` in ``--output`` stays as it was. SIGTERM/SIGHUP stop lmms-eval and remove the
+temporary export. Needs the eval install (README, "Evaluation").
 """
 
 from __future__ import annotations
@@ -32,9 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--include-path", type=Path, default=None, help="extra lmms-eval task directory")
     p.add_argument(
         "--template",
-        choices=("mistral", "none"),
+        choices=("mistral", "none", "solo7b"),
         default="mistral",
-        help="mistral: [INST] … [/INST] (instruction-tuned); none: the pretraining format",
+        help="mistral: [INST] … [/INST] (instruction-tuned); none: the pretraining format; solo7b: the released "
+        "SOLO-7B's layout (images, then <s>[INST] … [/INST], images closed by <vision>)",
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -57,23 +61,38 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron.solo.evaluation import LMMS_EVAL_VERSION
+    from megatron.solo.evaluation.pipeline import exit_on_termination
+
+    with exit_on_termination():  # SIGTERM/SIGHUP → SystemExit(143): the child is killed, the export removed
+        return evaluate(args)
+
+
+def evaluate(args: argparse.Namespace) -> int:
     from megatron.solo.evaluation.pipeline import (
         EvaluationSetupError,
         check_environment,
+        fresh_run_dir,
         hf_model_dir,
+        installed_lmms_eval_version,
+        is_hf_export,
+        is_megatron_checkpoint,
         lmms_command,
         run_lmms,
+        scored_iteration,
     )
-    from megatron.solo.evaluation.results import markdown, read_lmms_results, rows, summary
+    from megatron.solo.evaluation.results import MissingResultsError, markdown, read_lmms_results, rows, summary
     from megatron.solo.io import write_atomic
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.output.mkdir(parents=True, exist_ok=True)
-    raw = args.output / "lmms_eval"
+    log = args.output / "lmms_eval.log"
+    iteration = args.iteration
     try:
         check_environment()
+        if is_megatron_checkpoint(args.load) and not is_hf_export(args.load):
+            iteration = scored_iteration(args.load, args.iteration)  # the one scored, for the report
         with hf_model_dir(args.load, args.iteration, work_dir=args.output) as model_dir:
+            raw = fresh_run_dir(args.output / "lmms_eval")
             cmd = lmms_command(
                 model_dir,
                 tasks,
@@ -86,29 +105,31 @@ def main(argv=None) -> int:
                 extra_model_args=args.model_arg,
             )
             print("evaluate:", shlex.join(cmd), flush=True)
-            run_lmms(cmd, args.output / "lmms_eval.log", offline=args.offline)
+            run_lmms(cmd, log, offline=args.offline)
+        lmms, samples = read_lmms_results(raw, tasks)
     except EvaluationSetupError as e:
         print(f"evaluate.py: {e}", file=sys.stderr)
         return 2
     except subprocess.CalledProcessError as e:
-        print(
-            f"evaluate.py: lmms-eval failed (exit {e.returncode}); see {args.output / 'lmms_eval.log'}", file=sys.stderr
-        )
+        print(f"evaluate.py: lmms-eval failed (exit {e.returncode}); see {log}", file=sys.stderr)
         return 1
-    lmms, samples = read_lmms_results(raw)
+    except MissingResultsError as e:
+        print(f"evaluate.py: lmms-eval failed ({e}); see {log}", file=sys.stderr)
+        return 1
     table = rows(lmms)
-    title = f"{args.load}" + (f" (iteration {args.iteration})" if args.iteration is not None else "")
+    title = f"{args.load}" + (f" (iteration {iteration})" if iteration is not None else "")
     report = {
         "checkpoint": str(args.load),
-        "iteration": args.iteration,
+        "iteration": iteration,
         "tasks": tasks,
         "limit": args.limit,
         "template": args.template,
-        "lmms_eval_version": lmms.get("lmms_eval_version", LMMS_EVAL_VERSION),
+        "lmms_eval_version": installed_lmms_eval_version(),
+        "lmms_eval_git": lmms.get("lmms_eval_version"),  # lmms-eval's own field: the git branch@commit of its cwd
         "command": cmd,
         "rows": summary(table),
         "samples": [str(p) for p in samples],
-        "lmms_eval": {k: lmms[k] for k in ("results", "n-samples", "higher_is_better") if k in lmms},
+        "lmms_eval": {k: lmms[k] for k in ("results", "group_subtasks", "n-samples", "higher_is_better") if k in lmms},
     }
     write_atomic(args.output / "results.json", json.dumps(report, indent=2) + "\n")
     md = markdown(table, title)

@@ -113,3 +113,40 @@ def test_helpers():
     assert greedy == bool(logp[1].argmax() == 3 and logp[2].argmax() == 4)
     with pytest.raises(ValueError, match="span"):
         continuation_scores(logits, tokens, [0], [2])
+
+
+def test_solo7b_template_is_the_released_models_trained_layout(tiny_export, tokenizer, images):
+    """Reference spec §8.1-8.2: every image first, closed by <vision> (the SFT quirk), then BOS and
+    ``[INST] q [/INST]`` (the question stripped); the processor's patches are the images' own."""
+    from megatron.solo.image import process_image
+
+    runner = SoloRunner(tiny_export, template="solo7b", device="cpu")
+    assert runner.image_end_token == "<vision>"
+    batch = runner._encode([Request([images[0], images[1]], "<image> Which is taller? "), Request([], "Hi")])
+    layouts = []
+    for path in images[:2]:
+        im = process_image(path)
+        layouts += tokenizer.image_layout_ids(im.n_rows, im.n_cols, end_token="<vision>")
+    keep = batch["attention_mask"].bool()
+    assert batch["input_ids"][0][keep[0]].tolist() == layouts + tokenizer.encode(
+        "[INST] Which is taller? [/INST]", bos=True
+    )
+    assert batch["input_ids"][1][keep[1]].tolist() == tokenizer.encode("[INST] Hi [/INST]", bos=True)
+    assert tokenizer.vision_end_id not in batch["input_ids"].tolist()[0]
+    n_patches = sum(process_image(p).n_rows * process_image(p).n_cols for p in images[:2])
+    assert batch["vision_patch_indices"][0].ge(0).sum() == n_patches == batch["vision_patches"].shape[0]
+    assert len(runner.generate(requests(images), max_new_tokens=2)) == 3
+    # the closer can still be overridden (a checkpoint trained here with this order)
+    assert SoloRunner(tiny_export, template="solo7b", image_end_token="</vision>", device="cpu").image_end_token == (
+        "</vision>"
+    )
+
+
+def test_dtype_names():
+    from megatron.solo.evaluation.hf_runner import parse_dtype
+
+    assert parse_dtype("bf16") is parse_dtype("bfloat16") is torch.bfloat16
+    assert parse_dtype("fp16") is torch.float16 and parse_dtype("float32") is torch.float32
+    assert parse_dtype("auto") is None and parse_dtype(None) is None and parse_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="dtype must be auto or one of bfloat16, bf16"):
+        parse_dtype("bfloat")

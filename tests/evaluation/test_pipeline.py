@@ -2,7 +2,11 @@
 entry point, and the local task's data (what the demo's generator makes)."""
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +15,13 @@ from conftest import TASKS
 from PIL import Image
 
 from megatron.solo.evaluation import LMMS_EVAL_VERSION
-from megatron.solo.evaluation.pipeline import EvaluationSetupError, check_environment, hf_model_dir, lmms_command
+from megatron.solo.evaluation.pipeline import (
+    EvaluationSetupError,
+    check_environment,
+    hf_model_dir,
+    lmms_command,
+    scored_iteration,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,11 +54,15 @@ def test_lmms_command(tmp_path):
 
 
 def test_an_hf_export_is_used_in_place_and_iteration_is_refused_for_it(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text('{"model_type": "solo"}')
     with hf_model_dir(tmp_path) as d:
         assert d == tmp_path
     with pytest.raises(EvaluationSetupError, match="--iteration"):
         with hf_model_dir(tmp_path, iteration=3):
+            pass
+    (tmp_path / "config.json").write_text('{"model_type": "haplo"}')  # a HaploVL export: not what `solo` runs
+    with pytest.raises(EvaluationSetupError, match="model_type 'haplo'; evaluation scores SOLO exports"):
+        with hf_model_dir(tmp_path):
             pass
 
 
@@ -110,3 +124,99 @@ def test_the_label_images_are_the_demos_heldout_images(tmp_path):
         assert mine["label"] == r["label"]
         a = np.asarray(Image.open(tmp_path / "raw" / "labels" / r["image"]))
         assert np.array_equal(a, np.asarray(Image.open(TASKS / "solo_shapes" / "data" / mine["image"])))
+
+
+def fake_lmms_eval_version(root: Path, version: str) -> None:
+    """An installed-package record of another lmms-eval release, first on sys.path."""
+    info = root / f"lmms_eval-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: lmms-eval\nVersion: {version}\n")
+
+
+def test_another_lmms_eval_release_is_refused_naming_the_pin(tmp_path, monkeypatch):
+    fake_lmms_eval_version(tmp_path, "0.8.0")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fix = rf"lmms-eval 0\.8\.0 is installed.*pip install --no-deps lmms-eval=={LMMS_EVAL_VERSION}"
+    with pytest.raises(EvaluationSetupError, match=fix):
+        check_environment()
+    from megatron.solo.evaluation.lmms_model import Solo
+
+    with pytest.raises(EvaluationSetupError, match=fix):
+        Solo(pretrained=str(tmp_path))  # before anything is loaded
+
+
+def test_the_iteration_scored_and_what_cannot_be_scored(tiny_megatron, tmp_path, capsys):
+    assert scored_iteration(tiny_megatron, None) == 3 and scored_iteration(tiny_megatron, 3) == 3
+    with pytest.raises(EvaluationSetupError, match=r"no iter_0000007 \(--iteration 7; .*iter_0000003"):
+        scored_iteration(tiny_megatron, 7)
+    with pytest.raises(EvaluationSetupError, match=f"pass --load {tiny_megatron} --iteration N"):
+        with hf_model_dir(tiny_megatron / "iter_0000003"):
+            pass
+
+    from megatron.solo.checkpointing import CheckpointMetadata
+    from megatron.solo.families import get_preset
+
+    haplo = tmp_path / "haplo"
+    (haplo / "iter_0000001").mkdir(parents=True)
+    (haplo / "latest_checkpointed_iteration.txt").write_text("1")
+    cfg = get_preset("haplo-tiny")
+    CheckpointMetadata(cfg, cfg.padded_vocab_size()).write(haplo)
+    with pytest.raises(EvaluationSetupError, match="a haplo checkpoint; evaluation scores SOLO checkpoints only"):
+        scored_iteration(haplo, None)
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import evaluate
+
+    for load, iteration in ((tiny_megatron, ["--iteration", "7"]), (tiny_megatron / "iter_0000003", []), (haplo, [])):
+        argv = ["--load", str(load), *iteration, "--tasks", "mme", "--output", str(tmp_path / "o")]
+        assert evaluate.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("evaluate.py: ") and err.count("\n") == 1  # one line, no traceback
+
+
+FAKE_LMMS_EVAL = """
+import os, time
+print(f"fake lmms-eval pid {os.getpid()}", flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_stops_lmms_eval_and_removes_the_temporary_export(tiny_megatron, tmp_path):
+    """The child is a stand-in for lmms-eval that only waits (python -m lmms_eval finds it first on PYTHONPATH):
+    SIGTERM to tools/evaluate.py while it runs ends both, and the export in --output is gone."""
+    fake = tmp_path / "fake" / "lmms_eval"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "__main__.py").write_text(textwrap.dedent(FAKE_LMMS_EVAL))
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(fake.parent), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--load", str(tiny_megatron), "--tasks", "x"]
+    proc = subprocess.Popen(
+        [*cmd, "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    child = None
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("fake lmms-eval pid "):
+                child = int(line.split()[-1])
+                break
+        assert child is not None, "".join(lines[-30:])
+        assert [p for p in out.iterdir() if p.name.startswith("solo-eval-export-")]  # the export, meanwhile
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
+        child = None
+        assert not [p for p in out.iterdir() if p.name.startswith("solo-eval-export-")]
+        assert not (out / "results.json").exists()
+    finally:
+        for pid in (proc.pid, child):
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        proc.wait(timeout=30)

@@ -4,7 +4,11 @@ Everything goes through the export's own ``AutoProcessor`` and ``AutoModelForCau
 user of the export would: a request is images (PIL images, paths or bytes) with a text;
 ``template="mistral"`` wraps it in the export's chat template (``[INST] … [/INST]``, instruction-tuned
 checkpoints), ``template="none"`` continues the pretraining format (a label or caption follows the image
-directly). The processor lays a batch out left-padded (``input_ids``, ``attention_mask``, ``vision_patches``,
+directly), ``template="solo7b"`` is the released SOLO-7B's trained layout (reference spec §8.1-8.2): every image
+first, closed by ``<vision>`` (its quirk; ``image_end_token`` defaults to it), then ``<s>[INST] q [/INST]``,
+the image before BOS. Use ``solo7b`` to score the released checkpoint (converted with
+``tools/convert_checkpoint.py``); checkpoints trained here use ``mistral``, the image inside the question.
+The processor lays a batch out left-padded (``input_ids``, ``attention_mask``, ``vision_patches``,
 ``vision_patch_indices``) with the ids preprocessing gives the same sample.
 """
 
@@ -17,7 +21,18 @@ from pathlib import Path
 
 import torch
 
-TEMPLATES = ("none", "mistral")
+TEMPLATES = ("none", "mistral", "solo7b")
+SOLO7B_IMAGE_END = "<vision>"
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
 IMAGE_PLACEHOLDER = "<image>"
 
 
@@ -34,6 +49,9 @@ def prompt_text(processor, request: Request, template: str) -> str:
     """The processor's text for ``request``: as is (``none``) or rendered by the export's chat template."""
     if template == "none":
         return request.text
+    if template == "solo7b":  # the released model's demo prompt: images, then BOS and the instruction
+        question = request.text.replace(IMAGE_PLACEHOLDER, " ").strip()
+        return IMAGE_PLACEHOLDER * len(request.images) + f"<s>[INST] {question} [/INST]"
     if template != "mistral":
         raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
     if request.text.count(IMAGE_PLACEHOLDER) == len(request.images) and request.images:
@@ -109,7 +127,10 @@ class SoloRunner:
         if not (pretrained / "config.json").is_file():
             raise FileNotFoundError(f"{pretrained}: no config.json; pretrained= must be an HF SOLO export directory")
         self.template = template
+        if image_end_token is None and template == "solo7b":
+            image_end_token = SOLO7B_IMAGE_END
         self.image_end_token = image_end_token
+        dtype = parse_dtype(dtype)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.processor = AutoProcessor.from_pretrained(pretrained, trust_remote_code=True)
         self.model = AutoModelForCausalLM.from_pretrained(pretrained, trust_remote_code=True, dtype=dtype or "auto")
@@ -180,6 +201,16 @@ class SoloRunner:
         return continuation_scores(logits, batch["input_ids"], [s] * len(conts), [len(c) for c in conts], suppressed)
 
 
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from its name (``bfloat16``/``bf16``, ``float16``/``fp16``, ``float32``/``fp32``);
+    ``None`` or ``"auto"``: the export's own."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return None if dtype == "auto" else dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def cut_at(text: str, until: Sequence[str]) -> str:
     """``text`` up to the first occurrence of any stop string."""
     for stop in until:
@@ -188,4 +219,12 @@ def cut_at(text: str, until: Sequence[str]) -> str:
     return text
 
 
-__all__ = ["Request", "SoloRunner", "append_right", "continuation_scores", "cut_at", "prompt_text"]
+__all__ = [
+    "Request",
+    "SoloRunner",
+    "append_right",
+    "continuation_scores",
+    "cut_at",
+    "parse_dtype",
+    "prompt_text",
+]

@@ -1,6 +1,6 @@
 """The lmms-eval model ``solo``: an HF SOLO export scored by lmms-eval like its own models.
 
-    python -m lmms_eval --model solo --model_args pretrained=EXPORT_DIR[,template=none][,batch_size=8] \
+    python -m lmms_eval --model solo --model_args pretrained=EXPORT_DIR[,template=none|solo7b][,batch_size=8] \
         --tasks mmstar,ai2d [--include_path DIR] --output_path OUT
 
 Registered through lmms-eval's entry-point group ``lmms_eval.models`` (setup.py → :mod:`.lmms_plugin`);
@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from megatron.solo.evaluation.hf_runner import Request, SoloRunner
+from megatron.solo.evaluation.pipeline import check_lmms_eval_version
 
 
 class Solo(lmms):
@@ -47,6 +48,7 @@ class Solo(lmms):
         **kwargs,
     ) -> None:
         super().__init__()
+        check_lmms_eval_version()  # the conventions below are 0.7.3's
         unknown = {k: v for k, v in kwargs.items() if k not in ("max_batch_size",)}
         if unknown:
             raise ValueError(
@@ -63,7 +65,7 @@ class Solo(lmms):
             pretrained,
             template=template,
             device=device,
-            dtype=getattr(torch, dtype) if dtype and dtype != "auto" else None,
+            dtype=dtype,
             image_end_token=image_end_token,
         )
 
@@ -105,6 +107,12 @@ class Solo(lmms):
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
         args = [r.args for r in requests]
+        short = next((r for r in requests if len(r.args) != 6), None)
+        if short is not None:  # before any work: acc_mutual_info's unconditional requests are (context, continuation)
+            raise NotImplementedError(
+                f"solo: task {short.task_name}: a loglikelihood request of {len(short.args)} arguments, without "
+                "images or document (the acc_mutual_info metric's unconditional requests): not supported, use acc"
+            )
         order = sorted(range(len(args)), key=lambda i: -len(args[i][0]))
         scores: list[GenerationResult | None] = [None] * len(args)
         for chunk in tqdm(_chunks(order, self.batch_size), disable=self.rank != 0, desc="solo loglikelihood"):
