@@ -359,6 +359,19 @@ def test_bomb_refused_before_decoding(tmp_path):
     assert err.value.reason == "truncated_image"
 
 
+def test_truncated_data_refused_even_where_pillow_was_told_to_accept_it(tmp_path, monkeypatch):
+    # lmms-eval's task module sets this process-wide flag at import; our loader must not inherit it
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    path = tmp_path / "cut.png"
+    path.write_bytes(_png_header_claiming(64, 64))
+    with pytest.raises(ImageError) as err:
+        im.load_image(path)
+    assert err.value.reason == "truncated_image"
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is left as it was
+
+
 def test_pillow_hard_limit_still_applies(tmp_path):
     path = tmp_path / "huge.png"
     path.write_bytes(_png_header_claiming(40_000, 40_000))  # 1.6 G pixels in 57 bytes

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 PATCH_SIZE = 32
 MAX_SIZE = 1024
@@ -169,7 +169,7 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
     else:
         img = _open(source, name, max_pixels)
     try:
-        img.load()
+        _load_strictly(img)
         if img.getexif().get(ORIENTATION_TAG, 1) != 1:  # exif_transpose copies even when nothing changes
             img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as e:
@@ -177,6 +177,17 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise _decode_error(e, name) from e
     return to_rgb(img)
+
+
+def _load_strictly(img: Image.Image) -> None:
+    """Decode, refusing truncated data even where an imported library (lmms-eval's task module does) has set
+    Pillow's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES``, which would pad a cut file with grey pixels."""
+    lenient = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        img.load()
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = lenient
 
 
 def describe_source(source: ImageSource) -> str:
