@@ -1,9 +1,13 @@
 #!/usr/bin/env python
-"""HF Mistral/SOLO ↔ Megatron SOLO checkpoints.
+"""HF Mistral/SOLO ↔ Megatron SOLO checkpoints; HaploVL's stage-1 start from an HF LLM and CLIP.
 
     python tools/convert_checkpoint.py hf-to-megatron --hf-model DIR --out DIR \
         [--tensor-model-parallel-size N] [--pipeline-model-parallel-size M] [--tokenizer-model PATH]
     python tools/convert_checkpoint.py megatron-to-hf --load DIR --out DIR [--iteration K] [--dtype fp32|bf16|fp16]
+    python tools/convert_checkpoint.py haplo-init --llm DIR (--clip DIR [--clip-layers N] | --pre-decoder-init random)
+        --out DIR [--preset haplo-vicuna-7b] [--text-embedding-init project|random]
+        [--connector-init random|projection] [--tensor-model-parallel-size N] [--tokenizer-model PATH]
+        [--dtype fp32|bf16|fp16] [--seed S]
 
 hf-to-megatron: a HF ``MistralForCausalLM`` directory (e.g. Mistral-7B-v0.1) or a SOLO-7B HF checkpoint →
 a Megatron dist checkpoint (layout-free: it loads at any TP/PP/DP; the TP size sets the vocabulary
@@ -12,6 +16,11 @@ projection is loaded from SOLO-7B or initialised at token-embedding scale, and t
 megatron-to-hf: a Megatron checkpoint (the latest iteration, ``release``, or ``--iteration``) → an HF
 directory with safetensors and our ``SoloForCausalLM`` code (``model_type: solo``), loadable with
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``.
+haplo-init: HaploVL's stage-1 starting checkpoint (``megatron.solo.convert.haplo_init`` says what each tensor
+starts from): the LLM (an HF Mistral/Llama directory: Mistral-7B, Vicuna-7B, Llama-3-8B) as the post-decoder,
+its input embedding as stage 1's frozen text targets, the pre-decoder and stem from an HF CLIP vision tower
+(or random), the pre-width text table as the LLM's embedding × a random orthonormal projection (or random).
+``--preset`` gives the image settings (tiles, pinpoints) and, without CLIP, the pre-decoder's geometry.
 """
 
 from __future__ import annotations
@@ -61,7 +70,54 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="default: the checkpoint's own dtype (an fp32 checkpoint stays fp32)",
     )
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _haplo_init_parser(sub)
     return parser.parse_args(argv)
+
+
+def _haplo_init_parser(sub) -> None:
+    init = sub.add_parser("haplo-init", help="HF LLM (+ CLIP) → HaploVL stage-1 starting checkpoint")
+    init.add_argument("--llm", required=True, type=Path, help="HF Mistral/Llama *ForCausalLM directory")
+    source = init.add_mutually_exclusive_group(required=True)
+    source.add_argument("--clip", type=Path, help="HF CLIP (vision) directory: the stem and pre-decoder")
+    source.add_argument(
+        "--pre-decoder-init", choices=["random"], help="random stem and pre-decoder (--preset's geometry)"
+    )
+    init.add_argument("--clip-layers", type=int, default=None, help="CLIP layers the pre-decoder takes (all)")
+    init.add_argument("--out", required=True, type=Path, help="Megatron checkpoint directory to create")
+    init.add_argument(
+        "--preset", default="haplo-vicuna-7b", help="HaploVL preset: image settings (and the pre-decoder without CLIP)"
+    )
+    init.add_argument("--text-embedding-init", choices=["project", "random"], default="project")
+    init.add_argument("--connector-init", choices=["random", "projection"], default="random")
+    init.add_argument("--tensor-model-parallel-size", type=int, default=1, help="sets the vocabulary padding")
+    init.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="validated only")
+    init.add_argument("--tokenizer-model", type=Path, default=None, help="default: the one in --llm")
+    init.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the LLM weights' dtype")
+    init.add_argument("--seed", type=int, default=0, help="seed of every random initialisation")
+
+
+def haplo_init(args: argparse.Namespace):
+    from megatron.solo.convert.haplo_init import haplo_init_checkpoint
+    from megatron.solo.families import get_preset
+    from megatron.solo.haplo.config import HaploConfig
+
+    base = get_preset(args.preset)
+    if not isinstance(base, HaploConfig):
+        raise SystemExit(f"--preset: {args.preset!r} is not a HaploVL preset")
+    return haplo_init_checkpoint(
+        args.llm,
+        args.out,
+        base=base,
+        clip_dir=args.clip,
+        clip_layers=args.clip_layers,
+        text_embedding=args.text_embedding_init,
+        connector=args.connector_init,
+        tensor_parallel_size=args.tensor_model_parallel_size,
+        pipeline_parallel_size=args.pipeline_model_parallel_size,
+        tokenizer_model=args.tokenizer_model,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        seed=args.seed,
+    )
 
 
 def main(argv=None) -> int:
@@ -71,7 +127,14 @@ def main(argv=None) -> int:
 
     install_cpu_backend_if_needed()
 
-    if args.direction == "hf-to-megatron":
+    if args.direction == "haplo-init":
+        meta = haplo_init(args)
+        pre = meta.model.pre_decoder
+        print(
+            f"wrote {args.out}: HaploVL, pre-decoder {pre.num_layers} × {pre.hidden_size}, LLM {meta.model.num_layers} "
+            f"× {meta.model.hidden_size}, vocab {meta.model.vocab_size} (padded {meta.padded_vocab_size})"
+        )
+    elif args.direction == "hf-to-megatron":
         meta = hf_to_megatron_checkpoint(
             args.hf_model,
             args.out,
