@@ -70,12 +70,14 @@ def make_start(out: Path, tokenizer_model: str | None, seed: int, preset: str = 
 
 def evaluate_run(ckpt: str, questions: list[dict]) -> tuple[list[str], list[list[float]]]:
     """Each question's most likely candidate under checkpoint ``ckpt``, and every candidate's score."""
+    from megatron.solo.backend import install_cpu_backend_if_needed
     from megatron.solo.checkpointing import load_full_model
     from megatron.solo.data.encode import EncodeConfig
     from megatron.solo.demo.likelihood import CANDIDATES, rank_answers
     from megatron.solo.haplo.anyres import AnyresConfig
     from megatron.solo.tokenizer import SoloTokenizer
 
+    install_cpu_backend_if_needed()
     model, metadata = load_full_model(ckpt)
     cfg = metadata.model
     if cfg.family != "haplo":
