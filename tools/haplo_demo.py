@@ -3,13 +3,16 @@
 
     python tools/haplo_demo.py teacher --labels RAW/labels --out TEACHER [--steps 300]
     python tools/haplo_demo.py start --out START [--tokenizer-model M] [--seed 1234]
+    python tools/haplo_demo.py llm --out LLM [--tokenizer-model M] [--seed 1234]
     python tools/haplo_demo.py evaluate --questions RAW/sft/heldout.jsonl --image-root RAW/captions \
         --run "with stage 1" CKPT METRICS --run "without stage 1" CKPT METRICS --out OUT [--timings FILE]
 
 ``teacher``: a tiny CLIP vision tower trained on the label images (``megatron.solo.demo.teacher``), saved with
 ``save_pretrained``. ``start``: haplo-tiny at random (the tokenizer's vocabulary), saved as a release
-checkpoint with its tokenizer: stage 1 and the no-stage-1 baseline both start from it. ``evaluate``: every
-held-out question of each run answered by ranking its candidate answers by log-likelihood
+checkpoint with its tokenizer: stage 1 and the no-stage-1 baseline both start from it. ``llm``: a random
+HF Mistral at haplo-tiny's LLM geometry (with the tokenizer), the stand-in for a pre-trained LLM that
+``tools/convert_checkpoint.py haplo-init`` turns into a start (``START_INIT=haplo-init`` in demo.sh).
+``evaluate``: every held-out question of each run answered by ranking its candidate answers by log-likelihood
 (``megatron.solo.demo.likelihood``); writes ``OUT/report.md`` (printed), ``OUT/report.json``,
 ``OUT/answers_<i>.jsonl`` (each question, answer and candidate scores of run ``i``) and ``OUT/loss_curves.png``.
 """
@@ -39,6 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     s.add_argument("--tokenizer-model", default=None, help="default: the bundled Mistral tokenizer")
     s.add_argument("--seed", type=int, default=1234)
     s.add_argument("--preset", default="haplo-tiny")
+    m = sub.add_parser("llm", help="a random HF Mistral at haplo-tiny's LLM geometry, for haplo-init")
+    m.add_argument("--out", required=True, type=Path)
+    m.add_argument("--tokenizer-model", default=None, help="default: the bundled Mistral tokenizer")
+    m.add_argument("--seed", type=int, default=1234)
+    m.add_argument("--preset", default="haplo-tiny")
     e = sub.add_parser("evaluate", help="held-out short answers of each run, side by side")
     e.add_argument("--questions", required=True, type=Path, help="held-out questions {image, kind, question, answer}")
     e.add_argument("--image-root", required=True, type=Path, help="the questions' images are relative to it")
@@ -66,6 +74,36 @@ def make_start(out: Path, tokenizer_model: str | None, seed: int, preset: str = 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)
     save_model(out, model, CheckpointMetadata(cfg, cfg.padded_vocab_size(1)))
+
+
+def make_llm(out: Path, tokenizer_model: str | None, seed: int, preset: str = "haplo-tiny") -> None:
+    """A randomly initialised HF ``MistralForCausalLM`` with ``preset``'s LLM geometry and the tokenizer's base
+    vocabulary, saved with the tokenizer (``tokenizer.model``): what haplo-init reads as the LLM."""
+    import shutil
+
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from megatron.solo.families import get_preset
+    from megatron.solo.tokenizer import default_tokenizer_model
+
+    cfg = get_preset(preset)
+    torch.manual_seed(seed)
+    config = MistralConfig(
+        vocab_size=32000,  # the Mistral tokenizer's own ids; haplo-init adds SOLO's extra ones
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups,
+        max_position_embeddings=cfg.max_sequence_length,
+        rope_theta=cfg.rotary_base,
+        rms_norm_eps=cfg.norm_epsilon,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    )
+    MistralForCausalLM(config).save_pretrained(out)
+    shutil.copyfile(tokenizer_model or default_tokenizer_model(), Path(out) / "tokenizer.model")
 
 
 def evaluate_run(ckpt: str, questions: list[dict]) -> tuple[list[str], list[list[float]]]:
@@ -188,6 +226,10 @@ def main(argv=None) -> int:
     if args.command == "start":
         make_start(args.out, args.tokenizer_model, args.seed, args.preset)
         print(f"start: {args.preset} at random (seed {args.seed}) saved to {args.out}")
+        return 0
+    if args.command == "llm":
+        make_llm(args.out, args.tokenizer_model, args.seed, args.preset)
+        print(f"llm: a random HF Mistral at {args.preset}'s LLM geometry saved to {args.out}")
         return 0
     return evaluate(args)
 

@@ -12,7 +12,8 @@
 #    with a linear probe on the label images, saved with save_pretrained: the frozen stage-1 teacher;
 # 3. tools/preprocess_mm_data.py --image-layout haplo --haplo-tile-size 56: labels, captions, text, SFT;
 # 4. the start (START): haplo-tiny at random with the Mistral tokenizer's vocabulary (tools/haplo_demo.py
-#    start), unless START names a checkpoint (e.g. one made by tools/convert_checkpoint.py haplo-init);
+#    start); START_INIT=haplo-init: tools/convert_checkpoint.py haplo-init from a random tiny HF Mistral
+#    (tools/haplo_demo.py llm), the pre-decoder at random; or START names a checkpoint to start from;
 # 5. stage 1: pretrain_solo.py --distill-teacher, labels + captions + text, from START: the pre-decoder side
 #    distils the teacher at image patches and the LLM's frozen embeddings at text;
 # 6. stage 2 twice, the same data (SFT chats), steps, schedule and seed: --load stage 1 --finetune, and
@@ -30,7 +31,7 @@ SMOKE=0
 for arg in "$@"; do
   case $arg in
     --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -108,9 +109,22 @@ step preprocess preprocess_all
 
 # The stage-1 start: a checkpoint given as START (e.g. tools/convert_checkpoint.py haplo-init's), else
 # haplo-tiny at random. Stage 2 without stage 1 starts from the same one.
+# START_INIT=haplo-init: tools/convert_checkpoint.py haplo-init from a random tiny HF Mistral (the stand-in
+# for a pre-trained LLM; stage 1's text targets are then its input embeddings), the pre-decoder at random.
+START_INIT=${START_INIT:-random}
 if [ -z "${START:-}" ]; then
   START=$OUT/ckpt/start
-  step start "$PYTHON" tools/haplo_demo.py start --out "$START" --tokenizer-model "$TOKENIZER" --seed 1234
+  case $START_INIT in
+    random) step start "$PYTHON" tools/haplo_demo.py start --out "$START" --tokenizer-model "$TOKENIZER" --seed 1234 ;;
+    haplo-init)
+      make_start() {
+        "$PYTHON" tools/haplo_demo.py llm --out "$OUT/llm" --tokenizer-model "$TOKENIZER" --seed 1234
+        "$PYTHON" tools/convert_checkpoint.py haplo-init --llm "$OUT/llm" --pre-decoder-init random \
+            --preset haplo-tiny --tokenizer-model "$TOKENIZER" --seed 1234 --out "$START"
+      }
+      step start make_start ;;
+    *) echo "demo.sh: START_INIT must be random or haplo-init, got $START_INIT" >&2; exit 2 ;;
+  esac
 fi
 
 TRAIN=(--tokenizer-model "$TOKENIZER" --seq-length "$SEQ" --micro-batch-size 1 --global-batch-size 1
