@@ -27,7 +27,7 @@ ALLOWED = {
     "convert": {"checkpointing", "config", "families", "haplo", "image", "model", "parallel", "tokenizer", "io"},
     "inference": FOUNDATION | {"checkpointing", "data"},
     "training": FOUNDATION | {"backend", "checkpointing", "data", "families", "haplo", "model", "parallel", "faults"},
-    "demo": FOUNDATION | {"data"},
+    "demo": FOUNDATION | {"data", "haplo"},  # haplo.anyres: the HaploVL miniature's teacher sees tiles
     "evaluation": {"backend", "checkpointing", "convert"},  # checkpointing: which iteration is scored
     "faults": set(),
 }
