@@ -1,11 +1,7 @@
 """A tiny random Megatron checkpoint and its HF export, shared by the evaluation tests."""
 
-from pathlib import Path
-
 import pytest
 from tiny_checkpoint import write_tiny_checkpoint
-
-TASKS = Path(__file__).resolve().parents[2] / "examples" / "solo" / "lmms_tasks"
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TASKS
+from tiny_checkpoint import TASKS
 
 from megatron.solo.evaluation import LMMS_EVAL_VERSION
 from megatron.solo.evaluation.results import read_lmms_results, rows

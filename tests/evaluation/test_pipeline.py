@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TASKS
 from PIL import Image
+from tiny_checkpoint import TASKS
 
 from megatron.solo.evaluation import LMMS_EVAL_VERSION
 from megatron.solo.evaluation.pipeline import (

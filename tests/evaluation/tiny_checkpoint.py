@@ -4,6 +4,9 @@ from pathlib import Path
 
 import torch
 
+# the local lmms-eval task folder (not in conftest.py: "from conftest import" picks whichever conftest came first)
+TASKS = Path(__file__).resolve().parents[2] / "examples" / "solo" / "lmms_tasks"
+
 
 def write_tiny_checkpoint(root: Path, tokenizer, seed: int = 0) -> Path:
     """The ``tiny`` preset, random weights, saved at iteration 3 with its tokenizer; returns ``root``."""
