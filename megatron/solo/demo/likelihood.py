@@ -24,15 +24,7 @@ from megatron.solo.data.errors import Origin
 from megatron.solo.data.packed_format import encode_pack, view_pack_record
 from megatron.solo.data.packing import Pack
 from megatron.solo.data.samples import ImageRef, Sample, Turn
-from megatron.solo.demo.scenes import COLOURS, NUMBERS, SHAPES
-
-CANDIDATES: dict[str, tuple[str, ...]] = {
-    "count": NUMBERS[1:],  # at most two groups of three
-    "colour": tuple(COLOURS),
-    "shape": SHAPES,
-    "relation": ("yes", "no"),
-}
-"""The demo's held-out question kinds → every answer a question of that kind can have."""
+from megatron.solo.demo.scenes import CANDIDATES
 
 
 def chat_example(

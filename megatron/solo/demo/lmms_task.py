@@ -27,12 +27,7 @@ from megatron.solo.demo.data import _render_one, _scene
 
 def choices(kind: str) -> list[str]:
     """Every answer a question of ``kind`` can have (a scene holds at most two groups of three)."""
-    return {
-        "count": list(scenes.NUMBERS[1:]),
-        "colour": list(scenes.COLOURS),
-        "shape": list(scenes.SHAPES),
-        "relation": ["yes", "no"],
-    }[kind]
+    return list(scenes.CANDIDATES[kind])
 
 
 def write_task_data(

@@ -248,7 +248,17 @@ def _regions(grid: Grid, relation: str | None) -> list[list[tuple[int, int]]]:
     return [cells]
 
 
+CANDIDATES: dict[str, tuple[str, ...]] = {
+    "count": NUMBERS[1:],  # at most two groups of three
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "relation": ("yes", "no"),
+}
+"""The demo's held-out question kinds → every answer a question of that kind can have."""
+
+
 __all__ = [
+    "CANDIDATES",
     "COLOURS",
     "QUESTION_KINDS",
     "RELATIONS",
