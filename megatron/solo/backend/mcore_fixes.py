@@ -9,7 +9,8 @@ installed (the GPU product), torch's ``AdamW`` otherwise (CPU machines, and a GP
   increments once per param, silently breaking bias correction; ``:940`` ``fully_reshardable`` loads fail
   with ``KeyError: 'step'``.
 - :func:`own_checkpoint_writer_queue`: every torch_dist save, any device. ``filesystem_async.py:51-56``
-  starts a manager process that outlives a killed trainer (and keeps the resource tracker alive).
+  starts a manager process, and ``:266-295`` forks writer workers, that outlive a killed trainer (and keep the
+  resource tracker alive).
 - :func:`init_torch_optimizer_state`: torch's Adam(W) only (TE's/Apex's FusedAdam ``state_dict()`` raises
   ``KeyError: 'step'`` with it). ``distrib_optimizer.py:642`` asserts a single shared step on a fresh
   optimizer.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.managers
 import os
+import threading
 
 import torch
 
@@ -92,29 +94,72 @@ def init_torch_optimizer_state(megatron_optimizer) -> None:
                     )
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Runs first in the writer's manager process: ask Linux to kill it when its parent dies."""
+def _prctl_death_signal():
+    """libc's ``prctl`` bound to PR_SET_PDEATHSIG/SIGKILL, or None off Linux. Resolved before any fork: a forked
+    child of a threaded process must not ``dlopen`` (another thread may have held the loader's lock)."""
     import ctypes
     import signal
 
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: the manager then ends as before (when its parent shuts it down)
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except OSError:
+        return None
+    return lambda: prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _die_with_parent(parent_pid: int, request=None) -> None:
+    """Runs first in a helper process: ask Linux to kill it when its parent dies."""
+    request = request or _prctl_death_signal()
+    if request is None:  # not Linux: the helper then ends as before (when its parent shuts it down)
         return
+    request()
     if os.getppid() != parent_pid:  # the parent died before the request took effect
         os._exit(0)
 
 
+_fork_state = {"installed": False, "request": None, "parent": 0, "main_thread": False}
+
+
+def _before_fork() -> None:
+    _fork_state["parent"] = os.getpid()
+    _fork_state["main_thread"] = threading.current_thread() is threading.main_thread()
+
+
+def _after_fork_in_child() -> None:
+    # Linux sends the signal when the forking *thread* ends: only the main thread lives as long as the process,
+    # so children forked by other threads are left as they were.
+    if _fork_state["main_thread"]:
+        _die_with_parent(_fork_state["parent"], _fork_state["request"])
+
+
+def forked_children_die_with_this_process() -> None:
+    """Every child this process's main thread forks from now on is killed by Linux when this process dies.
+
+    megatron-core's checkpoint writer forks one worker per file (``filesystem_async.py:266-295``, ``fork``),
+    which sends its results through a ``multiprocessing.Queue`` to the trainer. Killed mid-save (OOM killer, a
+    failed node), the trainer never reads them: a worker whose results exceed the pipe's buffer blocks in its
+    queue's feeder thread forever, and keeps the resource tracker alive with it. Idempotent; Linux only.
+    """
+    if _fork_state["installed"]:
+        return
+    _fork_state.update(installed=True, request=_prctl_death_signal())
+    if _fork_state["request"] is not None:
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
 def own_checkpoint_writer_queue() -> None:
-    """Start the manager process of megatron-core's checkpoint writer ourselves, tied to this process's life.
+    """Tie megatron-core's checkpoint writer's helper processes to this process's life.
 
     ``dist_checkpointing``'s torch_dist writer lazily starts a ``multiprocessing`` manager (``spawn``) for
-    its results queue (``filesystem_async.py:51-56``). If the trainer is killed (OOM killer, a failed node),
-    that manager, and through it the resource tracker, outlive it for minutes. Started here instead, the
-    manager dies with the trainer, and a clean exit shuts it down as before. Idempotent; all devices.
+    its results queue (``filesystem_async.py:51-56``), and forks a worker per file for every save. If the
+    trainer is killed (OOM killer, a failed node), both, and through them the resource tracker, outlive it
+    (the manager for minutes, a worker blocked on its results forever). Started here instead, the manager dies
+    with the trainer, as do the forked workers (:func:`forked_children_die_with_this_process`); a clean exit
+    shuts them down as before. Idempotent; all devices.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    forked_children_die_with_this_process()
     if filesystem_async._results_queue is not None:
         return
     manager = mp.managers.SyncManager(ctx=mp.get_context("spawn"))
