@@ -16,7 +16,8 @@ ALLOWED = {
     "checksums": {"io"},
     "batch": {"image"},
     "backend": set(),
-    "tokenizer": {"image", "io"},
+    "tokenizer": {"image", "io", "tokenizer_json"},
+    "tokenizer_json": {"io"},
     "config": {"image", "tokenizer"},
     "data": FOUNDATION | {"faults", "haplo"},  # haplo.anyres only: HaploVL's tiling (numpy/PIL)
     "model": {"config", "batch"},
