@@ -60,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="validated against the layer count only: the checkpoint loads at any PP",
     )
     to_mg.add_argument(
-        "--tokenizer-model", type=Path, default=None, help="tokenizer.model (default: the one in --hf-model)"
+        "--tokenizer-model",
+        type=Path,
+        default=None,
+        help="tokenizer.model or a directory with it or a tokenizer.json (default: the one in --hf-model)",
     )
     to_mg.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the HF weights' dtype")
     to_mg.add_argument("--seed", type=int, default=0, help="seed of the patch projection's initialisation")

@@ -11,7 +11,8 @@ The directory (written atomically, as SOLO's export)::
     chat_template.jinja          the Mistral [INST] … [/INST] template preprocessing writes
     generation_config.json       bos/eos/pad ids; the vision ids are suppressed (a generated <vpatch> has no image)
     model.safetensors            the release's names (``haplo/release_layout.py``), or shards + index
-    tokenizer.json, tokenizer_config.json, tokenizer.model, solo_tokenizer.json   as SOLO's export
+    tokenizer.json, tokenizer_config.json, tokenizer.model, solo_tokenizer.json   as SOLO's export; for a
+                                 tokenizer.json base (Llama-3) solo_base_tokenizer*.json instead of tokenizer.model
 
 The image token (``image_token_index``) is the stack's placeholder, ``<vpatch>``; an LLM without biases exports
 zero biases (the release has them everywhere); the stage-1 tensors (heads, text targets) are not exported.
@@ -30,7 +31,7 @@ from megatron.solo.checkpointing import CheckpointMetadata, checkpoint_dtype, lo
 from megatron.solo.convert.hf_export import DEFAULT_MAX_SHARD_BYTES, _replace_dir, _write_weights
 from megatron.solo.haplo.config import HaploConfig
 from megatron.solo.haplo.release_layout import megatron_to_release, release_config
-from megatron.solo.tokenizer import SoloTokenizer
+from megatron.solo.tokenizer import SoloTokenizer, has_tokenizer
 
 
 def hf_haplo_config(cfg: HaploConfig, tokenizer: SoloTokenizer):
@@ -170,8 +171,9 @@ def haplo_hf_to_megatron(
 ) -> CheckpointMetadata:
     """A directory in the released HaploVL layout (``config.json`` with ``pre_config``, the release's tensor names)
     → a Megatron release checkpoint (layout-free). The LLM's biases are kept as the checkpoint has them
-    (:func:`detect_llm_bias`); the tokenizer is SentencePiece (``tokenizer.model``) with the stack's ids and must
-    have the checkpoint's vocabulary size (the released Qwen2-based model's tokenizer is not supported)."""
+    (:func:`detect_llm_bias`); the tokenizer is the stack's (``tokenizer.model``, or an export's
+    ``solo_base_tokenizer.json`` / a ``tokenizer.json`` without the stack's tokens) and must give the checkpoint's
+    vocabulary size (the released Qwen2-based model's tokenizer, which carries them differently, is not supported)."""
     import json
 
     from megatron.solo.checkpointing import load_model_state, save_model
@@ -185,8 +187,8 @@ def haplo_hf_to_megatron(
     if (out_dir / "latest_checkpointed_iteration.txt").exists():
         raise FileExistsError(f"{out_dir} already holds a checkpoint; choose an empty --out")
     config = json.loads((hf_dir / "config.json").read_text())
-    if tokenizer_model is None and not (hf_dir / "tokenizer.model").is_file():
-        raise FileNotFoundError(f"{hf_dir}: no tokenizer.model (a SentencePiece tokenizer); pass --tokenizer-model")
+    if tokenizer_model is None and not has_tokenizer(hf_dir):
+        raise FileNotFoundError(f"{hf_dir}: no tokenizer (tokenizer.model or tokenizer.json); pass --tokenizer-model")
     tokenizer = SoloTokenizer(tokenizer_model if tokenizer_model is not None else hf_dir)
     sd = dict(_read_weights(hf_dir).items())
     pre_layers = int((config.get("pre_config") or {})["num_hidden_layers"])

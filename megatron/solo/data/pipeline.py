@@ -64,7 +64,7 @@ class PreprocessConfig:
     """ImageNet: the seed of the order images are read in (None: sorted, class by class, so that every
     pack holds a single class)."""
     tokenizer_model: str | None = None
-    """tokenizer.model (or a directory holding one); None: Mistral-7B-v0.1's."""
+    """tokenizer.model, or a directory holding one or an HF tokenizer.json; None: Mistral-7B-v0.1's."""
     encode: EncodeConfig = EncodeConfig()
     pack: PackConfig = PackConfig()
     workers: int = field(default_factory=default_workers)

@@ -32,12 +32,12 @@ from transformers import BatchFeature, ProcessorMixin
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_TOKEN = "<vpatch>"
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
-_SEGMENT = re.compile(r"(<image>|<s>|</s>|\[INST\]|\[/INST\])")
 _ORIENTATION_TAG = 0x0112
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# The Mistral-instruct v0.1 layout preprocessing's "mistral" template writes (SoloProcessor's).
+# The Mistral-instruct v0.1 layout preprocessing's "mistral" template writes (SoloProcessor's), with the
+# tokenizer's own BOS/EOS (Llama-3's <|begin_of_text|>/<|end_of_text|>, Mistral's <s>/</s>).
 MISTRAL_CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
@@ -56,7 +56,7 @@ MISTRAL_CHAT_TEMPLATE = (
     '{%- set ns.system = "" -%}'
     '{%- elif message.role == "assistant" -%}'
     "{%- if ns.system %}[INST] {{ ns.system }}[/INST]{% set ns.system = '' %}{% endif -%}"
-    "{{ ' ' ~ render(message.content) }}{%- if not loop.last -%}</s>{%- endif -%}"
+    "{{ ' ' ~ render(message.content) }}{%- if not loop.last -%}{{ eos_token }}{%- endif -%}"
     '{%- else -%}{{ raise_exception("roles must be system, user or assistant, got " ~ message.role) }}'
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -114,7 +114,7 @@ class HaploProcessor(ProcessorMixin):
     def _encode(self, text: str, images: list, sample: int):
         """One sample → (ids, [tiles, 3, T, T] arrays per image, (height, width) per image)."""
         tok = self.tokenizer
-        pieces = _SEGMENT.split(text)
+        pieces = _segments(tok).split(text)
         n_slots = pieces.count(IMAGE_PLACEHOLDER)
         if n_slots and n_slots != len(images):
             raise ValueError(f"sample {sample}: its text has {n_slots} {IMAGE_PLACEHOLDER} but {len(images)} images")
@@ -247,6 +247,12 @@ def resized_size(height: int, width: int, target) -> tuple[int, int]:
 
 
 # -- inputs (SoloProcessor's rules) ------------------------------------------------------------------------
+
+
+def _segments(tok) -> re.Pattern:
+    """The markers a text is split at: each piece between them is tokenized on its own (preprocessing's parts)."""
+    markers = (IMAGE_PLACEHOLDER, tok.bos_token, tok.eos_token, "[INST]", "[/INST]")  # Mistral: <s>, </s>
+    return re.compile("(" + "|".join(re.escape(m) for m in dict.fromkeys(markers)) + ")")
 
 
 def _is_image(x) -> bool:

@@ -1,0 +1,158 @@
+"""A Llama-3-8B start, in miniature and offline: a tiny random ``LlamaForCausalLM`` beside a byte-level BPE
+``tokenizer.json`` with Llama-3's special-token names (tests/convert/tiny_llama3.py) → ``haplo-init`` (the LLM's
+rows, the stack's ids after the base's 16 added tokens, the tokenizer carried) → data preprocessed with that
+tokenizer → ``pretrain_solo.py`` trains two iterations (data made with another tokenizer is refused) → the export
+loads with ``AutoModelForCausalLM``/``AutoProcessor`` (trust_remote_code), its processor gives preprocessing's ids
+and it generates; ``hf-to-megatron`` reads the export back with the same tokenizer."""
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+from pretrain_helpers import losses, recipe_args, run_pretrain  # noqa: E402
+from test_convert_export import test_chat_messages_and_a_padded_batch_are_preprocessings as check_chat  # noqa: E402
+from test_convert_init import hf_weights, plain  # noqa: E402
+from tiny_llama3 import SPECIAL_NAMES, llama3_dir  # noqa: E402
+
+from megatron.solo import image as im  # noqa: E402
+
+pytestmark = pytest.mark.timeout(600)
+SEQ_LENGTH = 160
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return llama3_dir(tmp_path_factory.mktemp("llama3") / "llm")
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer(llama):
+    from megatron.solo.tokenizer import SoloTokenizer
+
+    return SoloTokenizer(llama)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(llama, tmp_path_factory, megatron_world) -> Path:
+    from tools.convert_checkpoint import main
+
+    out = tmp_path_factory.mktemp("llama3-init") / "ckpt"
+    argv = ["haplo-init", "--llm", str(llama), "--pre-decoder-init", "random", "--preset", "haplo-tiny"]
+    assert main([*argv, "--out", str(out)]) == 0
+    return out
+
+
+def preprocess(prefix: Path, records: list[dict], tokenizer_model: Path | None) -> str:
+    from megatron.solo.data.encode import EncodeConfig
+    from megatron.solo.data.packing import PackConfig
+    from megatron.solo.data.pipeline import PreprocessConfig
+    from megatron.solo.data.pipeline import preprocess as run
+    from tools.preprocess_mm_data import haplo_tiling
+
+    source = prefix.with_suffix(".jsonl")
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = PreprocessConfig(
+        inputs=(str(source),),
+        output_prefix=str(prefix),
+        encode=EncodeConfig(layout="haplo", anyres=haplo_tiling(56), image_format="png"),
+        pack=PackConfig(seq_length=SEQ_LENGTH),
+        tokenizer_model=None if tokenizer_model is None else str(tokenizer_model),
+        workers=0,
+        progress=False,
+    )
+    run(config, stream=io.StringIO())
+    return str(prefix)
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory, sample_photos) -> tuple[Path, list[dict]]:
+    root = tmp_path_factory.mktemp("llama3-data")
+    records = []
+    for i, size in enumerate([(96, 64), (64, 96), (70, 50), (120, 120)]):
+        path = root / f"photo{i}.png"
+        im.load_image(sample_photos[i % len(sample_photos)]).resize(size).save(path)
+        records.append({"image": path.name, "caption": f"photo number {i} of a series — Größe 😀"})
+    return root, records
+
+
+def test_init_carries_the_llms_rows_and_tokenizer(llama, llama_tokenizer, checkpoint):
+    from megatron.solo.checkpointing import CheckpointMetadata
+    from megatron.solo.tokenizer import JsonSoloTokenizer, SoloTokenizer
+
+    hf_vocab = json.loads((llama / "config.json").read_text())["vocab_size"]
+    assert llama_tokenizer.base_vocab_size == hf_vocab  # the 16 added tokens are base ids
+    assert llama_tokenizer.vision_start_id == hf_vocab and llama_tokenizer.bos_id == hf_vocab - len(SPECIAL_NAMES)
+    cfg = CheckpointMetadata.read(checkpoint).model
+    assert cfg.vocab_size == hf_vocab + 1029
+    saved = SoloTokenizer.from_pretrained(checkpoint)
+    assert isinstance(saved, JsonSoloTokenizer) and saved.fingerprint() == llama_tokenizer.fingerprint()
+    got, hf = plain(checkpoint), hf_weights(llama)
+    for name, hf_name in (
+        ("llm_embedding.weight", "model.embed_tokens.weight"),
+        ("output_layer.weight", "lm_head.weight"),
+    ):
+        assert torch.equal(got[name][:hf_vocab], hf[hf_name]), name
+        assert torch.allclose(got[name][hf_vocab : cfg.vocab_size], hf[hf_name].mean(0).expand(1029, -1))
+    assert torch.equal(got["decoder.layers.1.mlp.linear_fc2.weight"], hf["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_stage2_trains_on_data_of_that_tokenizer_and_refuses_anothers(records, llama, checkpoint, tmp_path):
+    from megatron.solo.data.packed_format import PackedDataset
+    from megatron.solo.tokenizer import SoloTokenizer
+
+    root, recs = records
+    prefix = preprocess(root / "llama", recs, llama)
+    mistral = preprocess(root / "mistral", recs, None)
+    fingerprint = SoloTokenizer.from_pretrained(checkpoint).fingerprint()
+    PackedDataset(prefix).check_tokenizer(fingerprint)
+    with pytest.raises(ValueError, match="tokenizer"):
+        PackedDataset(mistral).check_tokenizer(fingerprint)
+
+    args = recipe_args(["1.0", prefix], str(checkpoint), SEQ_LENGTH, 2, "--metrics-file", str(tmp_path / "m"))
+    run_pretrain([*args, "--save", str(tmp_path / "s2")])
+    got = losses(tmp_path / "m")
+    assert sorted(got) == [1, 2] and all(v == v and v > 0 for v in got.values()), got
+    assert SoloTokenizer.from_pretrained(tmp_path / "s2").fingerprint() == fingerprint  # saved with the run
+
+    proc = run_pretrain(recipe_args(["1.0", mistral], str(checkpoint), SEQ_LENGTH, 1), expect_rc=None)
+    assert proc.returncode != 0 and "tokenizer" in proc.stdout + proc.stderr
+
+
+def test_the_export_loads_processes_like_preprocessing_and_generates(checkpoint, llama_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from megatron.solo.tokenizer import SoloTokenizer
+    from tools.convert_checkpoint import main
+
+    out = tmp_path / "hf"
+    assert main(["megatron-to-hf", "--load", str(checkpoint), "--out", str(out)]) == 0
+    assert not (out / "tokenizer.model").exists() and (out / "solo_base_tokenizer.json").is_file()
+    processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    text = "Größe 😀 photo number"
+    inputs = processor(text=text)
+    assert inputs["input_ids"][0].tolist() == llama_tokenizer.encode(text, bos=True)
+    assert processor.tokenizer.convert_tokens_to_ids("<vpatch>") == llama_tokenizer.vision_patch_id
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    new = generated[0, inputs["input_ids"].shape[1] :].tolist()
+    assert 1 <= len(new) <= 4 and all(0 <= t < llama_tokenizer.vocab_size for t in new)
+    assert not set(new) & set(llama_tokenizer.vision_token_ids)  # suppressed by the generation config
+
+    back = tmp_path / "back"
+    assert main(["hf-to-megatron", "--hf-model", str(out), "--out", str(back)]) == 0
+    assert SoloTokenizer.from_pretrained(back).fingerprint() == llama_tokenizer.fingerprint()
+    before, after = plain(checkpoint), plain(back)
+    assert torch.equal(before["output_layer.weight"], after["output_layer.weight"])
+
+
+def test_the_processors_chat_and_batches_are_preprocessings(llama_tokenizer, sample_photos, tmp_path):
+    """The Mistral-layout chat test of the SentencePiece export, with the Llama-3 tokenizer's HF twin: its
+    BOS/EOS names (<|begin_of_text|>, <|end_of_text|>) replace <s>/</s> in the template and the processor."""
+    check_chat(llama_tokenizer, sample_photos, tmp_path)
