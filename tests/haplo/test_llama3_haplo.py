@@ -156,3 +156,23 @@ def test_the_processors_chat_and_batches_are_preprocessings(llama_tokenizer, sam
     """The Mistral-layout chat test of the SentencePiece export, with the Llama-3 tokenizer's HF twin: its
     BOS/EOS names (<|begin_of_text|>, <|end_of_text|>) replace <s>/</s> in the template and the processor."""
     check_chat(llama_tokenizer, sample_photos, tmp_path)
+
+
+def test_an_llm_with_more_rows_than_its_tokenizer_is_refused(llama, tmp_path):
+    """The stack's ids would start inside the LLM's own rows (e.g. a padded embedding): refused, naming both."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    from megatron.solo.convert.haplo_init import haplo_init_checkpoint
+    from megatron.solo.convert.name_table import ConversionError
+    from megatron.solo.families import get_preset
+
+    padded = tmp_path / "padded"
+    model = LlamaForCausalLM.from_pretrained(llama)
+    model.resize_token_embeddings(model.config.vocab_size + 8)
+    model.save_pretrained(padded)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(llama / name, padded / name)
+    with pytest.raises(ConversionError, match=r"the LLM has \d+ vocabulary rows but its tokenizer \d+ ids"):
+        haplo_init_checkpoint(padded, tmp_path / "out", base=get_preset("haplo-tiny"))

@@ -143,6 +143,12 @@ def haplo_init_checkpoint(
         )
     tokenizer = SoloTokenizer(tokenizer_model if tokenizer_model is not None else llm_dir)
     hf_sd, llm_config = read_llm(llm_dir)
+    if llm_config.vocab_size > tokenizer.base_vocab_size:
+        raise ConversionError(
+            f"{llm_dir}: the LLM has {llm_config.vocab_size} vocabulary rows but its tokenizer "
+            f"{tokenizer.base_vocab_size} ids: the stack's tokens (from id {tokenizer.base_vocab_size}) would take "
+            "the LLM's own rows; pass the tokenizer that has them (--tokenizer-model)"
+        )
     clip_sd = clip_config = None
     if clip_dir is not None:
         from transformers import AutoConfig
