@@ -80,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="default: the checkpoint's own dtype (an fp32 checkpoint stays fp32)",
     )
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    to_hf.add_argument(
+        "--chat-template",
+        choices=["mistral", "llama3"],
+        default="mistral",
+        help="the processor's chat layout: preprocessing's --chat-template of the training data (llama3: HaploVL)",
+    )
     _haplo_init_parser(sub)
     return parser.parse_args(argv)
 
@@ -166,6 +172,7 @@ def main(argv=None) -> int:
             iteration=iteration,
             dtype=DTYPES[args.dtype] if args.dtype else None,
             overwrite=args.overwrite,
+            chat_template=args.chat_template,
         )
         print(f"wrote {out}")
     return 0

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-template",
         default="mistral",
         choices=encode.TEMPLATES,
-        help="mistral: [INST] user [/INST] assistant</s> (default); plain: the reference's concatenation",
+        help="mistral: [INST] user [/INST] assistant</s> (default); plain: the reference's concatenation; "
+        "llama3: Llama-3-Instruct's <|start_header_id|>role<|end_header_id|> … <|eot_id|> (its tokenizer)",
     )
     g.add_argument(
         "--image-layout",

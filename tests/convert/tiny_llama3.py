@@ -18,6 +18,18 @@ SENTENCES = [
     "日本語のテキストも少し。東京は大きい。",
     "numbers 0123456789 and symbols !?.,;:()[]<>",
 ]
+# Llama-3's pre-tokenizer split (its tokenizer.json), then byte-level pieces without GPT-2's own split
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Llama-3-8B-Instruct's chat template (its tokenizer_config.json), the reference the "llama3" layout is checked on
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 NUM_SPECIALS = 16  # Llama-3 has 256; the names that matter keep their offsets
 SPECIAL_NAMES = [
     "<|begin_of_text|>",
@@ -36,10 +48,15 @@ SPECIAL_NAMES = [
 
 def llama3_tokenizer_dir(out: Path, vocab_size: int = 400) -> tuple[int, int]:
     """Write tokenizer.json + tokenizer_config.json into ``out``; returns (BPE pieces, total ids)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False

@@ -131,17 +131,20 @@ def test_the_export_loads_processes_like_preprocessing_and_generates(checkpoint,
     from tools.convert_checkpoint import main
 
     out = tmp_path / "hf"
-    assert main(["megatron-to-hf", "--load", str(checkpoint), "--out", str(out)]) == 0
+    assert main(["megatron-to-hf", "--load", str(checkpoint), "--out", str(out), "--chat-template", "llama3"]) == 0
     assert not (out / "tokenizer.model").exists() and (out / "solo_base_tokenizer.json").is_file()
     processor = AutoProcessor.from_pretrained(out, trust_remote_code=True)
+    assert processor.chat_format == "llama3" and "<|start_header_id|>" in processor.chat_template
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     text = "Größe 😀 photo number"
     inputs = processor(text=text)
     assert inputs["input_ids"][0].tolist() == llama_tokenizer.encode(text, bos=True)
     assert processor.tokenizer.convert_tokens_to_ids("<vpatch>") == llama_tokenizer.vision_patch_id
+    chat = processor.apply_chat_template([{"role": "user", "content": text}], tokenize=True)
+    assert chat["input_ids"][0].tolist() == _llama3_prompt(llama_tokenizer, text)
     with torch.no_grad():
-        generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    new = generated[0, inputs["input_ids"].shape[1] :].tolist()
+        generated = model.generate(**chat, max_new_tokens=4, do_sample=False)
+    new = generated[0, chat["input_ids"].shape[1] :].tolist()
     assert 1 <= len(new) <= 4 and all(0 <= t < llama_tokenizer.vocab_size for t in new)
     assert not set(new) & set(llama_tokenizer.vision_token_ids)  # suppressed by the generation config
 
@@ -176,3 +179,57 @@ def test_an_llm_with_more_rows_than_its_tokenizer_is_refused(llama, tmp_path):
         shutil.copyfile(llama / name, padded / name)
     with pytest.raises(ConversionError, match=r"the LLM has \d+ vocabulary rows but its tokenizer \d+ ids"):
         haplo_init_checkpoint(padded, tmp_path / "out", base=get_preset("haplo-tiny"))
+
+
+def _llama3_prompt(tokenizer, text: str) -> list[int]:
+    from megatron.solo.data.encode import EncodeConfig, encode_turns
+    from megatron.solo.data.errors import Origin
+    from megatron.solo.data.samples import Turn
+
+    config = EncodeConfig(layout="haplo", chat_template="llama3", append_eod=False)
+    return encode_turns((Turn("user", (text,)),), tokenizer, config, Origin("<test>"))[0].tolist()
+
+
+def test_the_llama3_chat_layout_is_preprocessings_and_llama3s(llama, llama_tokenizer, sample_photos, tmp_path):
+    """``chat_format="llama3"``: a system turn, images inside turns and a follow-up give preprocessing's
+    ``--chat-template llama3`` ids; the text of a text-only chat is Llama-3-Instruct's own template's."""
+    from tiny_llama3 import LLAMA3_CHAT_TEMPLATE
+    from transformers import AutoTokenizer
+
+    from megatron.solo.convert.haplo_export import haplo_processor
+    from megatron.solo.data.encode import EncodeConfig, encode_turns
+    from megatron.solo.data.errors import Origin
+    from megatron.solo.data.samples import ImageRef, Turn
+    from megatron.solo.families import get_preset
+    from tools.preprocess_mm_data import haplo_tiling
+
+    cfg = get_preset("haplo-tiny")
+    processor = haplo_processor(cfg, llama_tokenizer, "llama3")
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    im.load_image(sample_photos[0]).resize((150, 60)).save(a)
+    im.load_image(sample_photos[3]).resize((40, 130)).save(b)
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "image", "image": str(a)}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A person."},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image", "path": str(b)}]},
+    ]
+    out = processor.apply_chat_template(messages, tokenize=True)
+    turns = (
+        Turn("system", ("Answer briefly.",)),
+        Turn("user", (ImageRef(str(a)), "What is it?")),
+        Turn("assistant", ("A person.",)),
+        Turn("user", ("And this?", ImageRef(str(b)))),
+    )
+    config = EncodeConfig(
+        layout="haplo", anyres=haplo_tiling(cfg.tile_size), image_format="raw", chat_template="llama3", append_eod=False
+    )
+    ids, _, _ = encode_turns(turns, llama_tokenizer, config, Origin("<test>"))
+    assert out["input_ids"][0].tolist() == ids.tolist()
+    assert out["image_sizes"].tolist() == [[60, 150], [130, 40]]
+
+    text_chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " Größe? "}]
+    official = AutoTokenizer.from_pretrained(str(llama)).apply_chat_template(
+        text_chat, chat_template=LLAMA3_CHAT_TEMPLATE, add_generation_prompt=True, tokenize=False
+    )
+    assert processor.apply_chat_template(text_chat) == official

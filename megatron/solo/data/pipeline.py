@@ -30,7 +30,7 @@ from typing import TextIO
 
 from megatron.solo import faults
 from megatron.solo.data import packed_format, sources
-from megatron.solo.data.encode import Document, EncodeConfig
+from megatron.solo.data.encode import Document, EncodeConfig, check_template
 from megatron.solo.data.errors import TRUNCATED, SampleError
 from megatron.solo.data.packing import Pack, PackConfig, Packer
 from megatron.solo.data.progress import Progress, ordered_map
@@ -194,6 +194,7 @@ def preprocess(config: PreprocessConfig, *, stream: TextIO | None = None) -> dic
     fmt = config.input_format if config.input_format != "auto" else sources.detect_format(files)
     class_names = _class_names(config, fmt)
     tokenizer = SoloTokenizer(config.tokenizer_model)
+    check_template(tokenizer, config.encode.chat_template)
     meta = _metadata(config, fmt, files, tokenizer)
     with WorkDir(config.output_prefix) as work:
         state = _start(work, config, meta["fingerprint"])
