@@ -21,6 +21,7 @@ setup(
         "pillow>=10.3",  # 16-bit grey PNGs open as I;16 from 10.3 on
         "sentencepiece>=0.2",
         "protobuf>=4.21",  # sentencepiece's model proto: reading tokenizers that carry SOLO's pieces
+        "tokenizers>=0.21",  # HF tokenizer.json bases (Llama-3-8B's byte-level BPE): megatron/solo/tokenizer_json.py
         "psutil>=5.9",  # dist_checkpointing's writer hangs without it (megatron_core_cpu.md §3)
         "zstandard>=0.22",  # preprocessing reads .zst inputs (SlimPajama ships .jsonl.zst)
     ],

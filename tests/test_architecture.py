@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron" / "solo"
 
 # part → the parts it may import (docs/architecture.md, "Parts and import directions"). A part is a top-level
 # module or subpackage of megatron.solo; "solo" is the package's own __init__.
-FOUNDATION = {"solo", "image", "tokenizer", "config", "batch", "io", "checksums"}
+FOUNDATION = {"solo", "image", "tokenizer", "tokenizer_json", "config", "batch", "io", "checksums"}
 ALLOWED = {
     "solo": set(),
     "image": set(),
@@ -16,7 +16,8 @@ ALLOWED = {
     "checksums": {"io"},
     "batch": {"image"},
     "backend": set(),
-    "tokenizer": {"image", "io"},
+    "tokenizer": {"image", "io", "tokenizer_json"},
+    "tokenizer_json": {"io"},
     "config": {"image", "tokenizer"},
     "data": FOUNDATION | {"faults", "haplo"},  # haplo.anyres only: HaploVL's tiling (numpy/PIL)
     "model": {"config", "batch"},

@@ -60,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="validated against the layer count only: the checkpoint loads at any PP",
     )
     to_mg.add_argument(
-        "--tokenizer-model", type=Path, default=None, help="tokenizer.model (default: the one in --hf-model)"
+        "--tokenizer-model",
+        type=Path,
+        default=None,
+        help="tokenizer.model or a directory with it or a tokenizer.json (default: the one in --hf-model)",
     )
     to_mg.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the HF weights' dtype")
     to_mg.add_argument("--seed", type=int, default=0, help="seed of the patch projection's initialisation")
@@ -77,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="default: the checkpoint's own dtype (an fp32 checkpoint stays fp32)",
     )
     to_hf.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    to_hf.add_argument(
+        "--chat-template",
+        choices=["mistral", "llama3"],
+        default="mistral",
+        help="the processor's chat layout: preprocessing's --chat-template of the training data (llama3: HaploVL)",
+    )
     _haplo_init_parser(sub)
     return parser.parse_args(argv)
 
@@ -163,6 +172,7 @@ def main(argv=None) -> int:
             iteration=iteration,
             dtype=DTYPES[args.dtype] if args.dtype else None,
             overwrite=args.overwrite,
+            chat_template=args.chat_template,
         )
         print(f"wrote {out}")
     return 0

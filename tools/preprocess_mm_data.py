@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--tokenizer-model",
         default=None,
-        help="tokenizer.model or a directory holding one (default: Mistral-7B-v0.1's, from mistral-common)",
+        help="tokenizer.model, or a directory holding one or an HF tokenizer.json (Llama-3's) "
+        "(default: Mistral-7B-v0.1's, from mistral-common)",
     )
     g.add_argument("--seq-length", type=int, default=packing.DEFAULT_SEQ_LENGTH, help="tokens per pack (default 32768)")
     g.add_argument(
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-template",
         default="mistral",
         choices=encode.TEMPLATES,
-        help="mistral: [INST] user [/INST] assistant</s> (default); plain: the reference's concatenation",
+        help="mistral: [INST] user [/INST] assistant</s> (default); plain: the reference's concatenation; "
+        "llama3: Llama-3-Instruct's <|start_header_id|>role<|end_header_id|> … <|eot_id|> (its tokenizer)",
     )
     g.add_argument(
         "--image-layout",

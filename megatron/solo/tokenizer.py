@@ -16,6 +16,10 @@ Special tokens live *outside* the SentencePiece encoder, so user text that liter
 already carries these pieces (SOLO-7B's, 33029 pieces) is accepted: its encoder is rebuilt from the base
 pieces only, for the same guarantee. With another base vocabulary of N pieces the layout starts at N.
 
+A directory with no ``tokenizer.model`` but an HF ``tokenizer.json`` (Llama-3-8B's byte-level BPE) gives the same
+interface over that encoder (``kind == "tokenizers"``, ``tokenizer_json.py``): the layout starts after every id
+the file defines, its own added tokens included (Llama-3: ``<vision>`` = 128256, vocab size 129285).
+
 Image layout (``image_token_ids``)::
 
     <vision> <vpatch>×cols <vrow_sep> <vpatch>×cols … <vpatch>×cols </vision>
@@ -35,6 +39,7 @@ import sentencepiece as spm
 
 from megatron.solo import image as _image
 from megatron.solo.io import write_atomic
+from megatron.solo.tokenizer_json import JsonEncoder, json_tokenizer_files
 
 VISION_START = "<vision>"
 VISION_PATCH = "<vpatch>"
@@ -83,6 +88,14 @@ class SoloTokenizer:
     ``model_path``: a ``tokenizer.model`` file, a directory holding one (e.g. one written by
     :meth:`save_pretrained` or a SOLO-7B checkpoint), or None for Mistral-7B-v0.1's from mistral-common.
     """
+
+    kind = "sentencepiece"
+
+    def __new__(cls, model_path: str | os.PathLike | None = None):
+        # A directory (or file) with an HF tokenizer.json and no tokenizer.model: the tokenizers-library kind.
+        if cls is SoloTokenizer and model_path is not None and _is_json_tokenizer(Path(model_path)):
+            cls = JsonSoloTokenizer
+        return super().__new__(cls)
 
     def __init__(self, model_path: str | os.PathLike | None = None):
         path = Path(model_path) if model_path is not None else default_tokenizer_model()
@@ -220,7 +233,7 @@ class SoloTokenizer:
     def from_pretrained(cls, directory: str | os.PathLike) -> SoloTokenizer:
         """Load from a directory written by :meth:`save_pretrained` (or any holding a tokenizer.model)."""
         directory = Path(directory)
-        tok = cls(directory / MODEL_FILE)
+        tok = cls(directory if _is_json_tokenizer(directory) else directory / MODEL_FILE)
         meta_path = directory / METADATA_FILE
         if meta_path.is_file():
             meta = json.loads(meta_path.read_text())
@@ -280,6 +293,126 @@ class SoloTokenizer:
         return f"SoloTokenizer({str(self.model_path)!r}, vocab_size={self.vocab_size})"
 
 
+class JsonSoloTokenizer(SoloTokenizer):
+    """:class:`SoloTokenizer` over an HF ``tokenizer.json`` (``tokenizer_json.py``): Llama-3-8B's byte-level BPE.
+
+    ``model_path``: a directory with ``tokenizer.json`` (+ ``tokenizer_config.json`` for BOS/EOS/PAD) or one
+    written by :meth:`save_pretrained` (``solo_base_tokenizer*.json``), or a ``tokenizer.json`` file.
+    """
+
+    kind = "tokenizers"
+
+    def __init__(self, model_path: str | os.PathLike):
+        path = Path(model_path)
+        files = json_tokenizer_files(path)
+        if files is None:
+            raise FileNotFoundError(f"no tokenizer.json in {path}")
+        self._encoder = JsonEncoder(*files, special_tokens=SPECIAL_TOKENS)
+        self.model_path = files[0]
+        self._model_bytes = self._encoder.json_bytes  # what metadata()'s tokenizer_model_sha256 hashes
+        self.base_vocab_size = self._encoder.size
+        self._special_to_id = {name: self.base_vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self._id_to_special = {i: name for name, i in self._special_to_id.items()}
+        self.vocab_size = self.base_vocab_size + len(SPECIAL_TOKENS)
+        self.unk_id, self.bos_id, self.eos_id, self.pad_id = (
+            self._encoder.unk_id,
+            self._encoder.bos_id,
+            self._encoder.eos_id,
+            self._encoder.pad_id,
+        )
+        (
+            self.vision_start_id,
+            self.vision_patch_id,
+            self.vision_row_sep_id,
+            self.vision_frame_sep_id,
+            self.vision_end_id,
+        ) = (self._special_to_id[t] for t in VISION_TOKENS)
+
+    def token_to_id(self, token: str) -> int:
+        """Id of a special token or a base token (a byte-level piece, e.g. "Ġthe", or an added token)."""
+        idx = self._special_to_id.get(token, self._encoder.token_to_id(token))
+        if idx is None:
+            raise KeyError(f"unknown token {token!r}")
+        return idx
+
+    def id_to_token(self, idx: int) -> str:
+        if idx in self._id_to_special:
+            return self._id_to_special[idx]
+        token = self._encoder.id_to_token(idx) if 0 <= idx < self.base_vocab_size else None
+        if token is None:
+            raise KeyError(f"token id {idx} is outside the vocabulary (size {self.vocab_size})")
+        return token
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Text → base ids (no BOS/EOS unless asked). Never yields a special id, the base's own included."""
+        ids = self._encoder.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids → text. Vision tokens and the base's special tokens are skipped; ``<loc_k>`` are written out."""
+        pieces: list[str] = []
+        run: list[int] = []
+        for idx in ids:
+            idx = int(idx)
+            if 0 <= idx < self.base_vocab_size:
+                run.append(idx)
+                continue
+            if idx not in self._id_to_special:
+                raise ValueError(f"cannot decode id {idx}: outside the vocabulary (size {self.vocab_size})")
+            pieces.append(self._encoder.decode(run))
+            run.clear()
+            if idx not in self.vision_token_ids:
+                pieces.append(self._id_to_special[idx])
+        pieces.append(self._encoder.decode(run))
+        return "".join(pieces)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``solo_base_tokenizer.json`` (+ ``solo_base_tokenizer_config.json``), the bytes loaded, and
+        ``solo_tokenizer.json`` atomically; a ``tokenizer.json`` already there (an export's HF twin) is kept."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._encoder.save(directory)
+        write_atomic(directory / METADATA_FILE, (json.dumps(self.metadata(), indent=2) + "\n").encode())
+        return directory
+
+    def fingerprint(self) -> dict:
+        """As :meth:`SoloTokenizer.fingerprint`, the encoder's hash being the ``tokenizer.json`` bytes'."""
+        return {
+            "encoder_sha256": self._encoder.sha256,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "vision_ids": list(self.vision_token_ids),
+        }
+
+    def metadata(self) -> dict:
+        """The id layout; ``tokenizer_model_sha256`` is the ``tokenizer.json``'s."""
+        return {
+            **super().metadata(),
+            "kind": self.kind,
+            "bos_token": self._encoder.bos_token,
+            "eos_token": self._encoder.eos_token,
+            "pad_token": self._encoder.pad_token,
+        }
+
+    def base_json(self) -> str:
+        """The base ``tokenizer.json`` as loaded (for the HF export's tokenizer)."""
+        return self._encoder.json_bytes.decode("utf-8")
+
+
+def has_tokenizer(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a tokenizer :class:`SoloTokenizer` reads (either kind)."""
+    directory = Path(directory)
+    return (directory / MODEL_FILE).is_file() or _is_json_tokenizer(directory)
+
+
+def _is_json_tokenizer(path: Path) -> bool:
+    """A ``*.json`` file, or a directory with no ``tokenizer.model`` but a tokenizer.json (or our saved base)."""
+    if path.is_dir() and (path / MODEL_FILE).is_file():
+        return False
+    return json_tokenizer_files(path) is not None
+
+
 def _find_special_block(sp: spm.SentencePieceProcessor, path: Path) -> int:
     """Index where SOLO's 1029 special pieces start inside the model, or its size if it has none."""
     size = sp.get_piece_size()
@@ -316,7 +449,9 @@ __all__ = [
     "VISION_ROW_SEP",
     "VISION_START",
     "VISION_TOKENS",
+    "JsonSoloTokenizer",
     "SoloTokenizer",
     "default_tokenizer_model",
+    "has_tokenizer",
     "padded_vocab_size",
 ]

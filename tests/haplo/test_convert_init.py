@@ -243,14 +243,14 @@ def test_a_llama_layout_llm_and_its_export(sources, tmp_path, megatron_world):
     assert not [k for k in exported if "distill" in k or "llm_embedding" in k]
 
 
-def test_an_llm_without_a_sentencepiece_tokenizer_is_refused_by_name(sources, tmp_path):
+def test_an_llm_without_a_tokenizer_is_refused_by_name(sources, tmp_path):
     from megatron.solo.convert.haplo_init import haplo_init_checkpoint
     from megatron.solo.families import get_preset
 
     llm = tmp_path / "llm"
     shutil.copytree(sources[0], llm)
     (llm / "tokenizer.model").unlink()
-    with pytest.raises(FileNotFoundError, match="no tokenizer.model; pass --tokenizer-model"):
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer.model \(SentencePiece\) or tokenizer.json \(HF\)"):
         haplo_init_checkpoint(llm, tmp_path / "out", base=get_preset("haplo-tiny"))
 
 

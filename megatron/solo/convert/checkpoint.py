@@ -136,17 +136,23 @@ def megatron_to_hf_checkpoint(
     iteration: int | None | str = "latest",
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    chat_template: str = "mistral",
 ) -> Path:
     """Export a Megatron SOLO checkpoint as an HF ``SoloForCausalLM`` directory (safetensors + code) (a HaploVL
     checkpoint: ``haplo_export``'s ``HaploForCausalLM`` directory), in
-    ``dtype`` (default: the checkpoint's own, so an fp32 checkpoint keeps its precision)."""
+    ``dtype`` (default: the checkpoint's own, so an fp32 checkpoint keeps its precision); ``chat_template``:
+    the processor's chat layout (``llama3``: HaploVL only)."""
     family = CheckpointMetadata.read(load_dir).model.family
     if family == "haplo":  # the family comes from the checkpoint's own config: no flag
         from megatron.solo.convert.haplo_export import haplo_megatron_to_hf
 
-        return haplo_megatron_to_hf(load_dir, out_dir, iteration=iteration, dtype=dtype, overwrite=overwrite)
+        return haplo_megatron_to_hf(
+            load_dir, out_dir, iteration=iteration, dtype=dtype, overwrite=overwrite, chat_template=chat_template
+        )
     if family != "solo":
         raise ValueError(f"{load_dir}: a {family} checkpoint; no HF export for it")
+    if chat_template != "mistral":
+        raise ValueError(f"chat_template {chat_template!r}: a SOLO export has the mistral template only")
     dtype = dtype or checkpoint_dtype(load_dir, iteration)
     model, metadata = load_full_model(load_dir, iteration=iteration, dtype=dtype)
     state = {name: tensor for name, tensor in model.state_dict().items() if not name.endswith("_extra_state")}

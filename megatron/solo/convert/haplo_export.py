@@ -8,10 +8,11 @@ The directory (written atomically, as SOLO's export)::
     modeling_haplo.py            trust_remote_code=True where solo-megatron is not installed
     processing_haplo.py
     processor_config.json        HaploProcessor's settings (tile, patch, pinpoints, CLIP mean/std)
-    chat_template.jinja          the Mistral [INST] … [/INST] template preprocessing writes
+    chat_template.jinja          the Mistral [INST] … [/INST] template preprocessing writes (or Llama-3's)
     generation_config.json       bos/eos/pad ids; the vision ids are suppressed (a generated <vpatch> has no image)
     model.safetensors            the release's names (``haplo/release_layout.py``), or shards + index
-    tokenizer.json, tokenizer_config.json, tokenizer.model, solo_tokenizer.json   as SOLO's export
+    tokenizer.json, tokenizer_config.json, tokenizer.model, solo_tokenizer.json   as SOLO's export; for a
+                                 tokenizer.json base (Llama-3) solo_base_tokenizer*.json instead of tokenizer.model
 
 The image token (``image_token_index``) is the stack's placeholder, ``<vpatch>``; an LLM without biases exports
 zero biases (the release has them everywhere); the stage-1 tensors (heads, text targets) are not exported.
@@ -30,7 +31,7 @@ from megatron.solo.checkpointing import CheckpointMetadata, checkpoint_dtype, lo
 from megatron.solo.convert.hf_export import DEFAULT_MAX_SHARD_BYTES, _replace_dir, _write_weights
 from megatron.solo.haplo.config import HaploConfig
 from megatron.solo.haplo.release_layout import megatron_to_release, release_config
-from megatron.solo.tokenizer import SoloTokenizer
+from megatron.solo.tokenizer import SoloTokenizer, has_tokenizer
 
 
 def hf_haplo_config(cfg: HaploConfig, tokenizer: SoloTokenizer):
@@ -56,8 +57,9 @@ def hf_haplo_config(cfg: HaploConfig, tokenizer: SoloTokenizer):
     )
 
 
-def haplo_processor(cfg: HaploConfig, tokenizer: SoloTokenizer):
-    """``HaploProcessor`` around the HF twin of ``tokenizer``, with ``cfg``'s tiling."""
+def haplo_processor(cfg: HaploConfig, tokenizer: SoloTokenizer, chat_template: str = "mistral"):
+    """``HaploProcessor`` around the HF twin of ``tokenizer``, with ``cfg``'s tiling and the chat layout
+    preprocessing's ``--chat-template`` gave the training data (``mistral`` or ``llama3``)."""
     from megatron.solo.convert.hf_tokenizer import build_hf_tokenizer
     from megatron.solo.haplo.anyres import CLIP_MEAN, CLIP_STD
     from megatron.solo.haplo.hf_haplo import HaploProcessor
@@ -69,6 +71,7 @@ def haplo_processor(cfg: HaploConfig, tokenizer: SoloTokenizer):
         image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
         image_mean=CLIP_MEAN,
         image_std=CLIP_STD,
+        chat_format=chat_template,
     )
 
 
@@ -80,9 +83,11 @@ def haplo_megatron_to_hf(
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    chat_template: str = "mistral",
 ) -> Path:
     """Export a Megatron HaploVL checkpoint (any iteration, stage 1 or 2) as an HF ``HaploForCausalLM`` directory
-    in ``dtype`` (default: the checkpoint's own)."""
+    in ``dtype`` (default: the checkpoint's own); ``chat_template``: the processor's chat layout (``mistral``,
+    or ``llama3`` for a model trained on ``--chat-template llama3`` data)."""
     from transformers import GenerationConfig
 
     from megatron.solo.haplo.hf_haplo import AUTO_MAP, MODELING_FILES
@@ -93,11 +98,12 @@ def haplo_megatron_to_hf(
     cfg = CheckpointMetadata.read(load_dir).model
     if not isinstance(cfg, HaploConfig):
         raise ValueError(f"{load_dir}: a {cfg.family} checkpoint, not HaploVL")
+    tokenizer = SoloTokenizer.from_pretrained(load_dir)
+    processor = haplo_processor(cfg, tokenizer, chat_template)  # before the weights: a bad template fails fast
     dtype = dtype or checkpoint_dtype(load_dir, iteration)
     model, metadata = load_full_model(load_dir, iteration=iteration, dtype=dtype)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     hf_sd = megatron_to_release(state, pre=cfg.pre_decoder, llm=cfg, vocab_size=cfg.vocab_size)
-    tokenizer = SoloTokenizer.from_pretrained(load_dir)
     config = hf_haplo_config(cfg, tokenizer)
     config.architectures = ["HaploForCausalLM"]
     config.auto_map = dict(AUTO_MAP)
@@ -115,7 +121,7 @@ def haplo_megatron_to_hf(
         ).save_pretrained(tmp)
         for source in MODELING_FILES:
             shutil.copyfile(source, tmp / source.name)
-        haplo_processor(cfg, tokenizer).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # after HF's files: tokenizer.model must be SoloTokenizer's bytes
         _replace_dir(tmp, out_dir)
     except BaseException:
@@ -170,8 +176,9 @@ def haplo_hf_to_megatron(
 ) -> CheckpointMetadata:
     """A directory in the released HaploVL layout (``config.json`` with ``pre_config``, the release's tensor names)
     → a Megatron release checkpoint (layout-free). The LLM's biases are kept as the checkpoint has them
-    (:func:`detect_llm_bias`); the tokenizer is SentencePiece (``tokenizer.model``) with the stack's ids and must
-    have the checkpoint's vocabulary size (the released Qwen2-based model's tokenizer is not supported)."""
+    (:func:`detect_llm_bias`); the tokenizer is the stack's (``tokenizer.model``, or an export's
+    ``solo_base_tokenizer.json`` / a ``tokenizer.json`` without the stack's tokens) and must give the checkpoint's
+    vocabulary size (the released Qwen2-based model's tokenizer, which carries them differently, is not supported)."""
     import json
 
     from megatron.solo.checkpointing import load_model_state, save_model
@@ -185,8 +192,8 @@ def haplo_hf_to_megatron(
     if (out_dir / "latest_checkpointed_iteration.txt").exists():
         raise FileExistsError(f"{out_dir} already holds a checkpoint; choose an empty --out")
     config = json.loads((hf_dir / "config.json").read_text())
-    if tokenizer_model is None and not (hf_dir / "tokenizer.model").is_file():
-        raise FileNotFoundError(f"{hf_dir}: no tokenizer.model (a SentencePiece tokenizer); pass --tokenizer-model")
+    if tokenizer_model is None and not has_tokenizer(hf_dir):
+        raise FileNotFoundError(f"{hf_dir}: no tokenizer (tokenizer.model or tokenizer.json); pass --tokenizer-model")
     tokenizer = SoloTokenizer(tokenizer_model if tokenizer_model is not None else hf_dir)
     sd = dict(_read_weights(hf_dir).items())
     pre_layers = int((config.get("pre_config") or {})["num_hidden_layers"])

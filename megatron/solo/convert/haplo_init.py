@@ -31,8 +31,9 @@ The stage-1 heads (``distill_heads.*``) are not written: the trainer initialises
 entries of a stage-1 model). The LLM's geometry, vocabulary and RoPE come from the HF config; the image
 settings (tiles, pinpoints) and, without CLIP, the pre-decoder's geometry from ``base`` (a HaploVL preset);
 with CLIP, the patch and tile size are CLIP's. HaploVL attends to whole documents: Mistral's sliding window is
-dropped. The tokenizer is the stack's (SentencePiece ``tokenizer.model`` with SOLO's extra ids appended, which
-start at the mean row): Vicuna's and Mistral's work; Llama-3's tiktoken tokenizer does not (its LLM layout does).
+dropped. The tokenizer is the stack's (the LLM's own, SentencePiece ``tokenizer.model`` or HF ``tokenizer.json``,
+with SOLO's extra ids appended, which start at the mean row): Vicuna's and Mistral's ``tokenizer.model``, Llama-3's
+byte-level ``tokenizer.json`` (the extra ids from 128256, after its 256 special tokens).
 Random parts are drawn from ``seed`` (megatron's model-parallel RNG), so a conversion is reproducible.
 """
 
@@ -55,7 +56,7 @@ from megatron.solo.haplo.clip import clip_to_haplo, pre_decoder_config_from_clip
 from megatron.solo.haplo.config import HaploConfig
 from megatron.solo.model import make_transformer_config
 from megatron.solo.parallel import ensure_model_parallel_of_one, tensor_parallel_seed
-from megatron.solo.tokenizer import SoloTokenizer
+from megatron.solo.tokenizer import SoloTokenizer, has_tokenizer
 
 TextEmbeddingInit = Literal["project", "random"]
 ConnectorInit = Literal["random", "projection"]
@@ -136,13 +137,18 @@ def haplo_init_checkpoint(
         raise ValueError("connector='projection' is the text projection's transpose: needs text_embedding='project'")
     if (out_dir / "latest_checkpointed_iteration.txt").exists():
         raise FileExistsError(f"{out_dir} already holds a checkpoint; choose an empty --output")
-    if tokenizer_model is None and not (llm_dir / "tokenizer.model").is_file():
+    if tokenizer_model is None and not has_tokenizer(llm_dir):
         raise FileNotFoundError(
-            f"{llm_dir}: no tokenizer.model; pass --tokenizer-model PATH (the stack's tokenizer is SentencePiece: "
-            "a tiktoken tokenizer such as Llama-3's is not supported)"
+            f"{llm_dir}: no tokenizer.model (SentencePiece) or tokenizer.json (HF); pass --tokenizer-model PATH"
         )
     tokenizer = SoloTokenizer(tokenizer_model if tokenizer_model is not None else llm_dir)
     hf_sd, llm_config = read_llm(llm_dir)
+    if llm_config.vocab_size > tokenizer.base_vocab_size:
+        raise ConversionError(
+            f"{llm_dir}: the LLM has {llm_config.vocab_size} vocabulary rows but its tokenizer "
+            f"{tokenizer.base_vocab_size} ids: the stack's tokens (from id {tokenizer.base_vocab_size}) would take "
+            "the LLM's own rows; pass the tokenizer that has them (--tokenizer-model)"
+        )
     clip_sd = clip_config = None
     if clip_dir is not None:
         from transformers import AutoConfig

@@ -15,6 +15,11 @@ Differences that remain, by design: this tokenizer turns the literal text ``<vis
 string that follows an added token as a new segment with its own ``▁`` prefix.
 ``<loc_k>`` tokens are added as *non-special* tokens so ``decode(..., skip_special_tokens=True)`` keeps
 them and drops only the vision tokens, like ``SoloTokenizer.decode``.
+
+A tokenizer of the ``tokenizers`` kind (Llama-3's ``tokenizer.json``) needs no rebuilding: its twin is the base
+``tokenizer.json`` itself (its normaliser, pre-tokeniser, post-processor and added tokens unchanged) with the
+stack's tokens added after it, so text ids are the base's. Unlike ``SoloTokenizer`` it maps the base's special
+tokens written in text (``<|eot_id|>``) to their ids, as every HF tokenizer of that base does.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from megatron.solo.tokenizer import VISION_TOKENS, SoloTokenizer
 
 def build_hf_tokenizer(tokenizer: SoloTokenizer) -> PreTrainedTokenizerFast:
     """The fast-tokenizer twin of ``tokenizer``; raises if any special id would differ."""
+    if tokenizer.kind == "tokenizers":
+        return _json_twin(tokenizer)
     pieces = _base_pieces(tokenizer)
     vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
     backend = Tokenizer(BPE(vocab=vocab, merges=_merges_by_score(pieces, vocab), fuse_unk=True, byte_fallback=True))
@@ -48,6 +55,23 @@ def build_hf_tokenizer(tokenizer: SoloTokenizer) -> PreTrainedTokenizerFast:
         eos_token=eos,
         unk_token=unk,
         pad_token=tokenizer.id_to_token(tokenizer.pad_id),
+        additional_special_tokens=list(VISION_TOKENS),
+        clean_up_tokenization_spaces=False,
+    )
+    _check_special_ids(hf, tokenizer, specials)
+    return hf
+
+
+def _json_twin(tokenizer: SoloTokenizer) -> PreTrainedTokenizerFast:
+    backend = Tokenizer.from_str(tokenizer.base_json())
+    specials = [tokenizer.id_to_token(i) for i in range(tokenizer.base_vocab_size, tokenizer.vocab_size)]
+    backend.add_tokens([AddedToken(t, special=t in VISION_TOKENS, normalized=False) for t in specials])
+    names = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id, "pad_token": tokenizer.pad_id}
+    if tokenizer.unk_id is not None:
+        names["unk_token"] = tokenizer.unk_id
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        **{key: tokenizer.id_to_token(idx) for key, idx in names.items()},
         additional_special_tokens=list(VISION_TOKENS),
         clean_up_tokenization_spaces=False,
     )

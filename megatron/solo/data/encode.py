@@ -12,6 +12,16 @@ Document layout (``chat_template="mistral"``, the default)::
   the last end with ``</s>`` (a target); the last one's ``</s>`` is the ``--append-eod`` one.
 * ``chat_template="plain"`` reproduces the reference's ``--do_pretrain``: parts concatenated in order, no
   markers, no per-turn ``</s>``. Single-assistant-turn samples (captions, labels, text) are the same in both.
+* ``chat_template="llama3"`` is Llama-3-Instruct's format (needs a tokenizer with its special tokens)::
+
+      <|begin_of_text|> <|start_header_id|> role <|end_header_id|> "\n\n" parts <|eot_id|> … (every turn)
+
+  the header markers and ``<|eot_id|>`` by id (text never gives them), the role and ``"\n\n"`` as text
+  parts, a system turn as its own turn; an assistant turn's parts and its ``<|eot_id|>`` are targets. After
+  a last turn that is not the assistant's, the assistant header follows (a generation prompt). The
+  ``--append-eod`` EOS is added unless the document already ends with it (an Instruct config's EOS is
+  ``<|eot_id|>``). For text parts this is what transformers renders and tokenizes with Llama-3's chat
+  template.
 * ``target[i] = 1``: token i is to be predicted (text of assistant turns and their ``</s>``). Patch tokens
   and the vision specials are never targets. The final EOS is a target iff the token before it is.
 * ``max_sample_length`` (SFT: the recipe's 4096) cuts a longer document at that many tokens, or before an
@@ -43,10 +53,37 @@ from megatron.solo.data.samples import ImageRef, Sample, Turn
 from megatron.solo.haplo import anyres
 from megatron.solo.image import DEFAULT_CONFIG, ImageConfig, ImageError
 
-TEMPLATES = ("mistral", "plain")
+TEMPLATES = ("mistral", "plain", "llama3")
 LAYOUTS = ("solo", "haplo")
 INST_OPEN, INST_CLOSE = "[INST]", "[/INST]"
 _EOS = object()  # marker for an end-of-turn </s> in a rendered sequence
+
+
+@dataclass(frozen=True)
+class _Special:
+    """A base special token in a rendered sequence, encoded by id (Llama-3's chat markers)."""
+
+    name: str
+
+
+HEADER_OPEN, HEADER_CLOSE, END_OF_TURN = (
+    _Special(n) for n in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+)
+LLAMA3_TOKENS = (HEADER_OPEN.name, HEADER_CLOSE.name, END_OF_TURN.name)
+
+
+def check_template(tokenizer, template: str) -> None:
+    """ValueError if ``template`` needs special tokens ``tokenizer`` lacks (``llama3`` with Mistral's)."""
+    if template != "llama3":
+        return
+    for name in LLAMA3_TOKENS:
+        try:
+            tokenizer.token_to_id(name)
+        except KeyError:
+            raise ValueError(
+                f"chat template llama3 needs the tokenizer's {name} token, which {tokenizer!r} does not have "
+                "(Llama-3's tokenizer.json has it)"
+            ) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,7 +103,8 @@ class EncodeConfig:
     image_quality: int = codec.DEFAULT_QUALITY
     """Quality of the lossy formats (1-100)."""
     chat_template: str = "mistral"
-    """``mistral`` ([INST] … [/INST] answer</s>) or ``plain`` (the reference's concatenation)."""
+    """``mistral`` ([INST] … [/INST] answer</s>), ``plain`` (the reference's concatenation) or ``llama3``
+    (Llama-3-Instruct's headers and ``<|eot_id|>``)."""
     append_eod: bool = True
     """End each document with EOS (a target iff the token before it is)."""
     max_aspect_distortion: float | None = 4.0
@@ -196,7 +234,7 @@ class Document:
 def encode_sample(sample: Sample, tokenizer, config: EncodeConfig) -> Document:
     """Sample → Document; raises :class:`SampleError` (bad image, sliver, nothing to learn)."""
     tokens, targets, images = encode_turns(sample.turns, tokenizer, config, sample.origin)
-    if config.append_eod:
+    if config.append_eod and not (config.chat_template == "llama3" and tokens[-1] == tokenizer.eos_id):
         tokens = np.append(tokens, np.int32(tokenizer.eos_id))
         targets = np.append(targets, targets[-1] or _ends_with_answer(sample.turns, config.chat_template))
     if not targets.any():
@@ -246,6 +284,8 @@ def encode_turns(
             encoded, part_ids = _encode_image(part, tokenizer, config, origin, position=length)
             images.append(encoded)
             target = False
+        elif isinstance(part, _Special):
+            part_ids = [tokenizer.token_to_id(part.name)]
         else:
             part_ids = [tokenizer.eos_id] if part is _EOS else tokenizer.encode(part)
         ids.append(part_ids)
@@ -259,6 +299,9 @@ def encode_turns(
 def render(turns: tuple[Turn, ...], template: str) -> Iterator[tuple[object, bool]]:
     """Turns → (part, is_target) in token order; parts are text, ImageRef or the end-of-turn marker."""
     turns = tuple(t for t in turns if t.parts)
+    if template == "llama3":
+        yield from _render_llama3(turns)
+        return
     if template == "plain":
         for turn in turns:
             for part in turn.parts:
@@ -285,6 +328,19 @@ def render(turns: tuple[Turn, ...], template: str) -> Iterator[tuple[object, boo
             yield from ((p, True) for p in turn.parts)
             if i < last:
                 yield _EOS, True
+
+
+def _render_llama3(turns: tuple[Turn, ...]) -> Iterator[tuple[object, bool]]:
+    def header(role: str):
+        return ((HEADER_OPEN, False), (role, False), (HEADER_CLOSE, False), ("\n\n", False))
+
+    for turn in turns:
+        target = turn.role == "assistant"
+        yield from header(turn.role)
+        yield from ((p, target) for p in turn.parts)
+        yield END_OF_TURN, target
+    if turns and turns[-1].role != "assistant":
+        yield from header("assistant")
 
 
 def _encode_image(ref: ImageRef, tokenizer, config: EncodeConfig, origin: Origin, position: int):

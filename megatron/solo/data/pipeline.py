@@ -30,7 +30,7 @@ from typing import TextIO
 
 from megatron.solo import faults
 from megatron.solo.data import packed_format, sources
-from megatron.solo.data.encode import Document, EncodeConfig
+from megatron.solo.data.encode import Document, EncodeConfig, check_template
 from megatron.solo.data.errors import TRUNCATED, SampleError
 from megatron.solo.data.packing import Pack, PackConfig, Packer
 from megatron.solo.data.progress import Progress, ordered_map
@@ -64,7 +64,7 @@ class PreprocessConfig:
     """ImageNet: the seed of the order images are read in (None: sorted, class by class, so that every
     pack holds a single class)."""
     tokenizer_model: str | None = None
-    """tokenizer.model (or a directory holding one); None: Mistral-7B-v0.1's."""
+    """tokenizer.model, or a directory holding one or an HF tokenizer.json; None: Mistral-7B-v0.1's."""
     encode: EncodeConfig = EncodeConfig()
     pack: PackConfig = PackConfig()
     workers: int = field(default_factory=default_workers)
@@ -194,6 +194,7 @@ def preprocess(config: PreprocessConfig, *, stream: TextIO | None = None) -> dic
     fmt = config.input_format if config.input_format != "auto" else sources.detect_format(files)
     class_names = _class_names(config, fmt)
     tokenizer = SoloTokenizer(config.tokenizer_model)
+    check_template(tokenizer, config.encode.chat_template)
     meta = _metadata(config, fmt, files, tokenizer)
     with WorkDir(config.output_prefix) as work:
         state = _start(work, config, meta["fingerprint"])

@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,7 +26,7 @@ from megatron.solo.checkpointing import CheckpointMetadata, NonFiniteParametersE
 from megatron.solo.checksums import ChecksumError
 from megatron.solo.model import sample_weights
 from megatron.solo.parallel import init_distributed, initialize_model_parallel
-from megatron.solo.tokenizer import SoloTokenizer
+from megatron.solo.tokenizer import SoloTokenizer, has_tokenizer
 from megatron.solo.training.arguments import ConfigError, Layout, TrainConfig, check_model, parse_args, resolve_layout
 from megatron.solo.training.build import Components, build_components
 from megatron.solo.training.checkpoint import (
@@ -411,7 +410,7 @@ def _resolve_tokenizer(cfg: TrainConfig, start: Start) -> SoloTokenizer | None:
     """``--tokenizer-model``, else the starting checkpoint's; saved with every checkpoint of the run."""
     if cfg.tokenizer_model is not None:
         tokenizer = SoloTokenizer(cfg.tokenizer_model)
-    elif start.root is not None and (Path(start.root) / "tokenizer.model").is_file():
+    elif start.root is not None and has_tokenizer(start.root):
         tokenizer = SoloTokenizer.from_pretrained(start.root)
     else:
         return None

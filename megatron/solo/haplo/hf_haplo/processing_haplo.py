@@ -3,7 +3,8 @@
 Self-contained (numpy, PIL, torch, transformers) so it ships inside an export and loads with
 ``AutoProcessor.from_pretrained(dir, trust_remote_code=True)`` where solo-megatron is not installed. It re-implements
 what preprocessing with ``--image-layout haplo`` writes (``megatron.solo.data.encode`` with
-``megatron.solo.haplo.anyres``): the Mistral ``[INST]`` text layout, each part tokenized on its own; an image
+``megatron.solo.haplo.anyres``): the Mistral ``[INST]`` text layout (Llama-3's headers with
+``chat_format="llama3"``), each part tokenized on its own; an image
 as the released anyres tiling (best-fit canvas, PIL bicubic resize, black centred padding, tiles row-major,
 CLIP normalisation) taking ``H'·W' + H'`` positions (the unpadded patch grid and a newline per row), every one
 the ``<vpatch>`` id (the model's ``image_token_index``). Tests check the ids and pixels equal preprocessing's.
@@ -32,13 +33,11 @@ from transformers import BatchFeature, ProcessorMixin
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_TOKEN = "<vpatch>"
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
-_SEGMENT = re.compile(r"(<image>|<s>|</s>|\[INST\]|\[/INST\])")
 _ORIENTATION_TAG = 0x0112
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# The Mistral-instruct v0.1 layout preprocessing's "mistral" template writes (SoloProcessor's).
-MISTRAL_CHAT_TEMPLATE = (
+_RENDER_MACRO = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
     "{%- else -%}{%- for part in content -%}"
@@ -47,7 +46,11 @@ MISTRAL_CHAT_TEMPLATE = (
     "{%- if not loop.last %} {% endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{%- endmacro -%}"
-    "{{- bos_token -}}"
+)
+# The Mistral-instruct v0.1 layout preprocessing's "mistral" template writes (SoloProcessor's), with the
+# tokenizer's own BOS/EOS (Llama-3's <|begin_of_text|>/<|end_of_text|>, Mistral's <s>/</s>).
+MISTRAL_CHAT_TEMPLATE = (
+    _RENDER_MACRO + "{{- bos_token -}}"
     '{%- set ns = namespace(system="") -%}'
     "{%- for message in messages -%}"
     '{%- if message.role == "system" and not loop.last -%}'
@@ -56,11 +59,25 @@ MISTRAL_CHAT_TEMPLATE = (
     '{%- set ns.system = "" -%}'
     '{%- elif message.role == "assistant" -%}'
     "{%- if ns.system %}[INST] {{ ns.system }}[/INST]{% set ns.system = '' %}{% endif -%}"
-    "{{ ' ' ~ render(message.content) }}{%- if not loop.last -%}</s>{%- endif -%}"
+    "{{ ' ' ~ render(message.content) }}{%- if not loop.last -%}{{ eos_token }}{%- endif -%}"
     '{%- else -%}{{ raise_exception("roles must be system, user or assistant, got " ~ message.role) }}'
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+# Llama-3-Instruct's layout, preprocessing's "llama3" template: every turn as a header, its content trimmed,
+# <|eot_id|>; the assistant header after a last turn that is not the assistant's (the generation prompt).
+LLAMA3_CHAT_TEMPLATE = (
+    _RENDER_MACRO + "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    '{%- if message.role not in ("system", "user", "assistant") -%}'
+    '{{ raise_exception("roles must be system, user or assistant, got " ~ message.role) }}{%- endif -%}'
+    "<|start_header_id|>{{ message.role }}<|end_header_id|>\n\n{{ render(message.content) | trim }}<|eot_id|>"
+    "{%- endfor -%}"
+    '{%- if messages and messages[-1].role != "assistant" %}<|start_header_id|>assistant<|end_header_id|>\n\n'
+    "{% endif -%}"
+)
+CHAT_TEMPLATES = {"mistral": MISTRAL_CHAT_TEMPLATE, "llama3": LLAMA3_CHAT_TEMPLATE}
+_LLAMA3_MARKERS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 
 class HaploProcessor(ProcessorMixin):
@@ -78,8 +95,12 @@ class HaploProcessor(ProcessorMixin):
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
         max_pixels: int | None = 89_478_485,
+        chat_format: str = "mistral",
         **kwargs,
     ):
+        if chat_format not in CHAT_TEMPLATES:
+            raise ValueError(f"chat_format must be one of {', '.join(CHAT_TEMPLATES)}, got {chat_format!r}")
+        self.chat_format = chat_format
         if tile_size % patch_size:
             raise ValueError(f"tile_size {tile_size} is not a multiple of patch_size {patch_size}")
         self.tile_size, self.patch_size = int(tile_size), int(patch_size)
@@ -87,7 +108,7 @@ class HaploProcessor(ProcessorMixin):
         self.image_mean = tuple(float(m) for m in image_mean)
         self.image_std = tuple(float(s) for s in image_std)
         self.max_pixels = max_pixels
-        super().__init__(tokenizer, chat_template=chat_template or MISTRAL_CHAT_TEMPLATE, **kwargs)
+        super().__init__(tokenizer, chat_template=chat_template or CHAT_TEMPLATES[chat_format], **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:
@@ -114,7 +135,7 @@ class HaploProcessor(ProcessorMixin):
     def _encode(self, text: str, images: list, sample: int):
         """One sample → (ids, [tiles, 3, T, T] arrays per image, (height, width) per image)."""
         tok = self.tokenizer
-        pieces = _SEGMENT.split(text)
+        pieces = _segments(tok, self.chat_format).split(text)
         n_slots = pieces.count(IMAGE_PLACEHOLDER)
         if n_slots and n_slots != len(images):
             raise ValueError(f"sample {sample}: its text has {n_slots} {IMAGE_PLACEHOLDER} but {len(images)} images")
@@ -137,8 +158,10 @@ class HaploProcessor(ProcessorMixin):
                 ids += [image_id] * n_tokens
                 tiles.append(pixels)
                 sizes.append(size)
-            elif piece in (tok.bos_token, tok.eos_token):
+            elif piece in (tok.bos_token, tok.eos_token) or (self.chat_format == "llama3" and piece in _LLAMA3_MARKERS):
                 ids.append(tok.convert_tokens_to_ids(piece))
+                if piece == "<|end_header_id|>":  # the template's "\n\n" after it, stripped with the next piece
+                    ids += tok("\n\n", add_special_tokens=False)["input_ids"]
             else:
                 ids += tok(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return ids, tiles, sizes
@@ -247,6 +270,13 @@ def resized_size(height: int, width: int, target) -> tuple[int, int]:
 
 
 # -- inputs (SoloProcessor's rules) ------------------------------------------------------------------------
+
+
+def _segments(tok, chat_format: str) -> re.Pattern:
+    """The markers a text is split at: each piece between them is tokenized on its own (preprocessing's parts)."""
+    turn = _LLAMA3_MARKERS if chat_format == "llama3" else ("[INST]", "[/INST]")
+    markers = (IMAGE_PLACEHOLDER, tok.bos_token, tok.eos_token, *turn)  # Mistral: <s>, </s>
+    return re.compile("(" + "|".join(re.escape(m) for m in dict.fromkeys(markers)) + ")")
 
 
 def _is_image(x) -> bool:
