@@ -120,7 +120,6 @@ class HaploModel(SoloModel):
             pre_hidden_size=self.haplo_config.pre_decoder.hidden_size,
             teacher_hidden_size=teacher,
             text_embedding_size=config.hidden_size,
-            sequence_parallel=False,
         ).to(dtype=config.params_dtype, device=self.patch_embed.weight.device)
         for name, param in self.named_parameters():
             if name.startswith(STAGE1_FROZEN):
@@ -260,7 +259,7 @@ class HaploModel(SoloModel):
             teacher_features,
             flat.index_select(0, text),
             tokens.reshape(-1).index_select(0, text),
-            self.llm_embedding.weight,
+            self.llm_embedding,
             vocab_parallel=self.config.tensor_model_parallel_size > 1,
         )
         per_token = flat.new_zeros(b * s, dtype=torch.float32).index_copy(0, patch_index, losses["vision"])

@@ -29,7 +29,8 @@ class Stage1Teacher:
             pinpoints=model.image_grid_pinpoints,
             anyres_max=model.anyres_max_tiles,
         )
-        self.teacher = load_vision_teacher(cfg.distill_teacher, cfg.distill_teacher_layer)
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32  # the model's params dtype (training/build.py)
+        self.teacher = load_vision_teacher(cfg.distill_teacher, cfg.distill_teacher_layer, dtype)
         if self.teacher.image_size != model.tile_size:
             raise ConfigError(
                 f"--distill-teacher: the teacher sees {self.teacher.image_size}-px images, the model's tiles are "
