@@ -59,6 +59,7 @@ from megatron.solo.haplo.pre_decoder import (
     make_pre_decoder_transformer_config,
 )
 from megatron.solo.model.build import check_megatron_core
+from megatron.solo.model.mcore_seam import rotary_lookup
 from megatron.solo.model.solo_model import SoloModel
 from megatron.solo.model.specs import backend_of, decoder_block_spec
 
@@ -190,9 +191,8 @@ class HaploModel(SoloModel):
         if self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)  # [s/tp, b, pre]
         rotary = None
-        if self.pre_rotary is not None:
-            table = self.pre_rotary(int(position_ids.max()) + 1)  # [P, 1, 1, d]
-            rotary = table[position_ids.t()].squeeze(2)  # [s, b, 1, d]: positions restart per document
+        if self.pre_rotary is not None:  # [s, b, 1, d]: positions restart per document
+            rotary = rotary_lookup(self.pre_rotary, position_ids)
         return self.pre_decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
 
     def forward(

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
+from megatron.solo.haplo.mask import NO_IMAGE
 from megatron.solo.training.arguments import ConfigError, TrainConfig
 
 
@@ -45,7 +46,7 @@ class Stage1Teacher:
         """float [b, s] ×2 on the host: the real text positions, and those plus every patch position."""
         b, s = batch.tokens.shape
         real = torch.arange(s)[None, :] < batch.pack_lengths[:, None]
-        text = (real & (batch.image_block_ids == -1)).float()
+        text = (real & (batch.image_block_ids == NO_IMAGE)).float()
         positions = text.clone()
         positions.view(-1)[batch.patch_index] = 1.0
         return text, positions
