@@ -153,6 +153,29 @@ def test_text_embedding_and_connector_settings(sources, tmp_path, megatron_world
         init(sources, tmp_path / "x", "--text-embedding-init", "random", "--connector-init", "projection")
 
 
+def test_a_tensor_missing_from_the_conversion_is_refused_by_name(sources, tmp_path, monkeypatch, megatron_world):
+    """Only the parts meant to keep the model's own initialisation may be absent from the converted weights:
+    any other missing tensor fails the conversion, naming it, before anything is written."""
+    from megatron.solo.convert import haplo_init
+    from megatron.solo.convert.name_table import ConversionError
+    from megatron.solo.families import get_preset
+
+    convert, dropped = haplo_init.hf_to_megatron, []
+
+    def lossy(*args, **kwargs):
+        converted = convert(*args, **kwargs)
+        dropped.append(sorted(k for k in converted if k.startswith("decoder.layers."))[-1])
+        del converted[dropped[-1]]
+        return converted
+
+    monkeypatch.setattr(haplo_init, "hf_to_megatron", lossy)
+    llm, clip = sources
+    with pytest.raises(ConversionError) as refused:
+        haplo_init.haplo_init_checkpoint(llm, tmp_path / "c", base=get_preset("haplo-tiny"), clip_dir=clip)
+    assert dropped and dropped[0] in str(refused.value) and "missing" in str(refused.value)
+    assert not (tmp_path / "c").exists()
+
+
 def test_random_pre_decoder_takes_the_presets_geometry(sources, tmp_path, megatron_world):
     from tools.convert_checkpoint import main
 

@@ -48,7 +48,7 @@ from typing import Literal
 import torch
 from megatron.core import tensor_parallel
 
-from megatron.solo.checkpointing import CheckpointMetadata, save_model
+from megatron.solo.checkpointing import CheckpointMetadata, load_model_state, save_model
 from megatron.solo.convert.hf_export import _read_weights
 from megatron.solo.convert.name_table import ConversionError, hf_to_megatron, model_config_from_hf
 from megatron.solo.families import build_model
@@ -61,6 +61,7 @@ from megatron.solo.tokenizer import SoloTokenizer, has_tokenizer
 TextEmbeddingInit = Literal["project", "random"]
 ConnectorInit = Literal["random", "projection"]
 LLM_MODEL_TYPES = ("mistral", "llama")
+_PRE_DECODER_SIDE = ("patch_embed.", "pos_embed", "pre_norm.", "pre_decoder.")  # from CLIP, or the model's init
 _LLM_FIELDS = (
     "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
     "max_sequence_length", "rotary_base", "norm_epsilon",
@@ -185,20 +186,22 @@ def haplo_init_checkpoint(
         num_embeddings=padded, embedding_dim=cfg.hidden_size, init_method=tc.init_method, config=tc
     )  # stage 1's frozen text targets, under the name the stage-1 model gives them
     weights["llm_embedding.weight"] = llm_embedding
-    _copy_into(model, weights)
+    own_init = ("image_newline",) + (() if clip_sd is not None else _PRE_DECODER_SIDE)
+    own_init += ("embedding.word_embeddings.",) if text_embedding == "random" else ()
+    own_init += ("connector.",) if connector == "random" else ()
+    _copy_into(model, weights, own_init)
     tokenizer.save_pretrained(out_dir)  # before the tracker file marks the checkpoint complete
     metadata = CheckpointMetadata(cfg, padded)
     save_model(out_dir, model, metadata)
     return metadata
 
 
-def _copy_into(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    unknown = sorted(set(weights) - set(params))
-    if unknown:
-        raise ConversionError(f"converted tensors the model does not have: {unknown[:5]}")
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                raise ConversionError(f"{name}: converted shape {list(tensor.shape)}, model {list(params[name].shape)}")
-            params[name].copy_(tensor)
+def _copy_into(model: torch.nn.Module, weights: dict[str, torch.Tensor], own_init: tuple[str, ...]) -> None:
+    """Load ``weights`` into ``model``: every tensor of the model must be given but those under the
+    ``own_init`` prefixes (which keep the model's own initialisation); a missing, unknown or misshapen
+    tensor is a ConversionError naming it."""
+    optional = tuple(name for name in model.state_dict() if name.startswith(own_init))
+    try:
+        load_model_state(model, weights, optional=optional)
+    except (KeyError, RuntimeError) as e:  # KeyError: missing/unexpected names; RuntimeError: shapes
+        raise ConversionError(f"the converted weights do not fit the HaploVL model: {e}") from e

@@ -380,13 +380,11 @@ class PackedImage:
         return grid.reshape(th, s, tw, s, -1).transpose(0, 2, 1, 3, 4).reshape(th * tw * s * s, -1)
 
     def table_index(self) -> np.ndarray:
-        """int64 [n_patches]: each patch's row of the per-tile position table (HaploVL; -1 for SOLO)."""
+        """int64 [n_patches]: each patch's row of the per-tile position table (HaploVL; -1 for SOLO): its
+        :meth:`tile_rows` entry within its tile."""
         if self.crop is None:
             return np.full(self.n_patches, -1, dtype=np.int64)
-        rows, cols = self.grid
-        r = np.arange(rows, dtype=np.int64)[:, None] + self.crop[0]
-        c = np.arange(cols, dtype=np.int64)[None, :] + self.crop[1]
-        return ((r % self.side) * self.side + c % self.side).reshape(-1)
+        return self.tile_rows() % (self.side * self.side)
 
     def pixels(self, patch_size: int = _image.PATCH_SIZE) -> np.ndarray:
         """The stored (resized) image: uint8 [n_rows·P, n_cols·P, 3]."""
@@ -440,7 +438,8 @@ class PackView:
 
     def teacher_inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """HaploVL stage 1: (uint8 [tiles·side², 3·P·P] every image's whole tiles, image after image; int64
-        [n_patches] each sequence patch's row in them)."""
+        [n_patches] each sequence patch's row in them). ``tiles[rows]`` is :meth:`patches_uint8`, byte for
+        byte: the loader takes the patches from there rather than decoding every image twice."""
         patch_size, parts, rows, offset = self.image_config.patch_size, [], [], 0
         for im in self.images:
             if im.crop is None:

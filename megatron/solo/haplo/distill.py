@@ -24,7 +24,7 @@ Choices where the spec says "unknown" (§7), all settings of :class:`DistillConf
   LLaVA's penultimate layer is ``-2``. Indices follow HF ``hidden_states``: 0 = after ``pre_layrnorm``;
 - **teacher input**: each 336×336 tile separately (what the teacher was trained on; the pre-decoder's
   position table is per tile too); its features are gathered in our token order, unpadding included
-  (:func:`teacher_targets`).
+  (``training/stage1.py``: ``Stage1Teacher.targets``).
 
 Per-token losses are returned (:func:`distillation_losses`) so the trainer can sum and normalise them over
 the global batch like the LM loss.
@@ -40,8 +40,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from megatron.solo.haplo.anyres import ImageLayout
 
 Head = Literal["linear", "mlp"]
 
@@ -103,14 +101,9 @@ class DistillationHeads(nn.Module):
     """The vision head (pre width → teacher width), the text head (pre width → LLM embedding width) and the
     logit scale. Plain replicated modules; dropped after stage 1.
 
-    Under tensor parallelism there are two consistent wirings:
-
-    - replicated inputs (the default, ``sequence_parallel=False``): every TP rank feeds the heads the same
-      tokens (under sequence parallelism, gather the hidden states first); needed for the vocab-parallel CTP
-      loss (``vocab_parallel=True``), which splits the vocabulary, not the tokens;
-    - ``sequence_parallel=True``: each TP rank feeds its own sequence shard and holds the full LLM embedding
-      (``vocab_parallel=False``); the parameters are then marked ``.sequence_parallel`` so that
-      ``finalize_model_grads`` all-reduces their gradients over the TP group (as megatron-core does for norms).
+    Under tensor parallelism every TP rank feeds the heads the same tokens (under sequence parallelism the
+    hidden states are gathered first), as the vocab-parallel CTP loss needs: it splits the vocabulary, not
+    the tokens.
     """
 
     def __init__(
@@ -120,7 +113,6 @@ class DistillationHeads(nn.Module):
         pre_hidden_size: int,
         teacher_hidden_size: int,
         text_embedding_size: int,
-        sequence_parallel: bool = False,
     ):
         super().__init__()
         self.config = config
@@ -131,8 +123,6 @@ class DistillationHeads(nn.Module):
             self.log_logit_scale = nn.Parameter(log_scale)
         else:
             self.register_buffer("log_logit_scale", log_scale)
-        for param in self.parameters():
-            param.sequence_parallel = sequence_parallel
 
     def logit_scale(self) -> torch.Tensor:
         """The scale applied to the CTP logits, clamped at ``max_logit_scale`` (a scalar tensor)."""
@@ -179,54 +169,35 @@ def ctp_loss_per_token(
     return F.cross_entropy(logits, token_ids, reduction="none")
 
 
-def text_targets(embedding: torch.Tensor, token_ids: torch.Tensor, *, vocab_parallel: bool = False) -> torch.Tensor:
-    """``T_t`` [m, D]: the frozen LLM embedding rows of ``token_ids`` [m] (a vocabulary shard if
-    ``vocab_parallel``: looked up where it lives and summed over the TP group, as megatron's embedding does)."""
-    weight = embedding.detach()
-    if not vocab_parallel:
-        return weight[token_ids]
-    from megatron.core import parallel_state, tensor_parallel
-
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    start = rank * weight.shape[0]
-    local = token_ids - start
-    outside = (local < 0) | (local >= weight.shape[0])
-    rows = weight[local.clamp(0, weight.shape[0] - 1)] * (~outside).unsqueeze(-1).to(weight.dtype)
-    return tensor_parallel.reduce_from_tensor_model_parallel_region(rows)
-
-
 def distillation_losses(
     heads: DistillationHeads,
     image_hidden: torch.Tensor,
     teacher_features: torch.Tensor,
     text_hidden: torch.Tensor,
     token_ids: torch.Tensor,
-    embedding: torch.Tensor,
+    embedding: nn.Module,
     *,
     vocab_parallel: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Weighted per-token stage-1 losses.
 
     image_hidden [n, h] (pre-decoder outputs at patch positions) with teacher_features [n, C];
-    text_hidden [m, h] at text positions with their token_ids [m]; embedding: the LLM's ``W`` [V(/tp), D].
+    text_hidden [m, h] at text positions with their token_ids [m]; embedding: the LLM's frozen input
+    embedding (megatron's ``VocabParallelEmbedding``, weight ``W`` [V(/tp), D]; ``vocab_parallel`` when it is a
+    tensor-parallel shard), which also looks up the text targets ``T_t``.
     Returns ``{"vision": [n], "feature": [m], "ctp": [m]}``, each already multiplied by its weight; the stage-1
     loss is their sum over all tokens divided by the number of tokens each term is averaged over
-    (``vision`` over n, the text terms over m; see :func:`reduce_losses`).
+    (``vision`` over n, the text terms over m).
     """
     cfg = heads.config
     vision = vision_loss_per_token(heads.vision_head(image_hidden), teacher_features) * cfg.vision_weight
     predicted = heads.text_head(text_hidden)
-    target = text_targets(embedding, token_ids, vocab_parallel=vocab_parallel)
+    with torch.no_grad():  # frozen targets
+        target = embedding(token_ids)  # [m, D]
     feature = feature_loss_per_token(predicted, target) * cfg.feature_weight
-    ctp = ctp_loss_per_token(predicted, embedding, token_ids, heads.logit_scale(), vocab_parallel=vocab_parallel)
+    weight = embedding.weight
+    ctp = ctp_loss_per_token(predicted, weight, token_ids, heads.logit_scale(), vocab_parallel=vocab_parallel)
     return {"vision": vision, "feature": feature, "ctp": ctp * cfg.ctp_weight}
-
-
-def reduce_losses(per_token: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Means of :func:`distillation_losses`' terms and their sum (a term with no tokens counts 0, still
-    connected to the graph so every head parameter gets a gradient)."""
-    means = {name: values.sum() / max(values.numel(), 1) for name, values in per_token.items()}
-    return sum(means.values()), means
 
 
 # --- the frozen teacher ---------------------------------------------------------------------------------
@@ -298,22 +269,3 @@ def load_vision_teacher(directory: str | Path, layer: int = -1, dtype: torch.dty
         raise FileNotFoundError(f"vision teacher: {directory} has no config.json (a local HF CLIP directory is needed)")
     model = CLIPVisionModel.from_pretrained(directory, local_files_only=True, dtype=dtype)
     return VisionTeacher(model, layer)
-
-
-def teacher_targets(features: torch.Tensor, layouts: list[ImageLayout]) -> torch.Tensor:
-    """Teacher features in sequence order at patch positions: [Σ patches, C].
-
-    features [Σ tiles, side², C]: the tiles of ``layouts``' images, image after image, each image's tiles
-    row-major (as :func:`~megatron.solo.haplo.anyres.image_tiles` makes them). Newline positions get no row.
-    """
-    flat = features.reshape(-1, features.shape[-1])
-    rows, offset = [], 0
-    for layout in layouts:
-        patches = torch.as_tensor(layout.patch[~layout.is_newline], device=flat.device)
-        rows.append(patches + offset)
-        offset += layout.num_tiles * features.shape[1]
-    if offset != flat.shape[0]:
-        tiles = sum(layout.num_tiles for layout in layouts)
-        raise ValueError(f"teacher features: {features.shape[0]} tiles given, the layouts need {tiles}")
-    index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=flat.device)
-    return flat.index_select(0, index)

@@ -21,23 +21,20 @@ from __future__ import annotations
 
 import torch
 
-from megatron.solo.model.attention import document_ids
+from megatron.solo.model.attention import packed_causal_mask
 
 NO_IMAGE = -1
 
 
 def haplo_attention_mask(cu_seqlens: torch.Tensor, image_block_ids: torch.Tensor) -> torch.Tensor:
-    """bool [b, 1, s, s], True where query ``q`` must not see key ``k``.
+    """bool [b, 1, s, s], True where query ``q`` must not see key ``k``: the packed causal mask, opened inside
+    each image block.
 
     cu_seqlens int32 [n + 1] over the flat ``b·s`` stream; image_block_ids int64 [b, s], ``NO_IMAGE`` (-1)
-    outside images, else an id shared by exactly the positions of one image block. Every row sees itself,
-    so padding rows stay finite.
+    outside images, else an id shared by exactly the positions of one image block (so inside one document).
+    Every row sees itself, so padding rows stay finite.
     """
     b, s = image_block_ids.shape
-    docs = document_ids(cu_seqlens, b, s)
-    q = torch.arange(s, device=image_block_ids.device)
-    causal = q[:, None] >= q[None, :]
     blocks = image_block_ids
     same_image = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] != NO_IMAGE)
-    allowed = (docs[:, :, None] == docs[:, None, :]) & (causal | same_image)
-    return ~allowed[:, None]
+    return packed_causal_mask(cu_seqlens, b, s) & ~same_image[:, None]

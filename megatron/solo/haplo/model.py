@@ -59,6 +59,7 @@ from megatron.solo.haplo.pre_decoder import (
     make_pre_decoder_transformer_config,
 )
 from megatron.solo.model.build import check_megatron_core
+from megatron.solo.model.mcore_seam import rotary_lookup
 from megatron.solo.model.solo_model import SoloModel
 from megatron.solo.model.specs import backend_of, decoder_block_spec
 
@@ -120,7 +121,6 @@ class HaploModel(SoloModel):
             pre_hidden_size=self.haplo_config.pre_decoder.hidden_size,
             teacher_hidden_size=teacher,
             text_embedding_size=config.hidden_size,
-            sequence_parallel=False,
         ).to(dtype=config.params_dtype, device=self.patch_embed.weight.device)
         for name, param in self.named_parameters():
             if name.startswith(STAGE1_FROZEN):
@@ -191,9 +191,8 @@ class HaploModel(SoloModel):
         if self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)  # [s/tp, b, pre]
         rotary = None
-        if self.pre_rotary is not None:
-            table = self.pre_rotary(int(position_ids.max()) + 1)  # [P, 1, 1, d]
-            rotary = table[position_ids.t()].squeeze(2)  # [s, b, 1, d]: positions restart per document
+        if self.pre_rotary is not None:  # [s, b, 1, d]: positions restart per document
+            rotary = rotary_lookup(self.pre_rotary, position_ids)
         return self.pre_decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
 
     def forward(
@@ -260,7 +259,7 @@ class HaploModel(SoloModel):
             teacher_features,
             flat.index_select(0, text),
             tokens.reshape(-1).index_select(0, text),
-            self.llm_embedding.weight,
+            self.llm_embedding,
             vocab_parallel=self.config.tensor_model_parallel_size > 1,
         )
         per_token = flat.new_zeros(b * s, dtype=torch.float32).index_copy(0, patch_index, losses["vision"])

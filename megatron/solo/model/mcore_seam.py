@@ -40,9 +40,14 @@ def rotary_at_positions(preprocessed: tuple, rotary_pos_emb, position_ids: torch
     out = list(preprocessed)
     if out[ROTARY_INDEX] is None:  # not the first stage's concern, or no RoPE
         return preprocessed
-    table = rotary_pos_emb(int(position_ids.max()) + 1)  # [P, 1, 1, d]
-    out[ROTARY_INDEX] = table[position_ids.t()].squeeze(2)  # [s, b, 1, d]
+    out[ROTARY_INDEX] = rotary_lookup(rotary_pos_emb, position_ids)
     return tuple(out)
+
+
+def rotary_lookup(rotary_pos_emb, position_ids: torch.Tensor) -> torch.Tensor:
+    """[s, b, 1, d]: the rotary table of ``rotary_pos_emb`` (a ``RotaryEmbedding``) at ``position_ids`` [b, s]."""
+    table = rotary_pos_emb(int(position_ids.max()) + 1)  # [P, 1, 1, d]
+    return table[position_ids.t()].squeeze(2)
 
 
 @contextlib.contextmanager

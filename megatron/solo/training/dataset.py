@@ -187,21 +187,23 @@ class BlendedPackDataset(Dataset):
                 tokens=view.tokens.astype(np.int64),
                 targets=view.targets,
                 doc_offsets=view.doc_offsets,
-                patches=view.patches_uint8() if self.decode_patches else None,
                 patch_positions=view.patch_positions,
                 image_spans=view.image_spans,
                 patch_table_index=view.patch_table_index,
-                **self._teacher_inputs(view),
+                **self._images(view),
             )
         except Exception as e:  # decode errors come as PIL/OSError/ValueError: name the pack whatever they are
             raise BadPackError(f"{self.where(i)}: {type(e).__name__}: {e}") from e
 
-    def _teacher_inputs(self, view) -> dict:
-        """HaploVL stage 1 (``teacher_inputs``): the images' whole tiles for the vision teacher."""
-        if not (self.teacher_inputs and self.decode_patches):
-            return {}
+    def _images(self, view) -> dict:
+        """The decoded pixels: the sequence's patches and, for HaploVL stage 1 (``teacher_inputs``), the
+        images' whole tiles for the vision teacher, the patches then taken from the tiles (one decode)."""
+        if not self.decode_patches:
+            return {"patches": None}
+        if not self.teacher_inputs:
+            return {"patches": view.patches_uint8()}
         tiles, rows = view.teacher_inputs()
-        return {"tile_patches": tiles, "patch_tile_rows": rows}
+        return {"patches": tiles[rows], "tile_patches": tiles, "patch_tile_rows": rows}
 
     def max_pack_length(self) -> list[int]:
         """Longest pack of each prefix, in tokens."""

@@ -397,7 +397,7 @@ def _check_image_layout(dataset: BlendedPackDataset, model) -> None:
     """Every prefix lays its images out as the model's family reads them (its header's ``layout``) and was
     patchified at the model's patch size: a SOLO prefix never trains a HaploVL model, nor the other way."""
     for ds in dataset.datasets:
-        layout, patch = ds.header.get("layout", "solo"), ds.image_config.patch_size
+        layout, patch = ds.header["layout"], ds.image_config.patch_size  # read_header fills in older headers
         if layout != model.family or patch != model.patch_size:
             raise ConfigError(
                 f"--data-path: prefix {ds.prefix!r} holds {layout!r} images of {patch}-px patches, but the model "

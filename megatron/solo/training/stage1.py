@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
+from megatron.solo.haplo.mask import NO_IMAGE
 from megatron.solo.training.arguments import ConfigError, TrainConfig
 
 
@@ -29,7 +30,8 @@ class Stage1Teacher:
             pinpoints=model.image_grid_pinpoints,
             anyres_max=model.anyres_max_tiles,
         )
-        self.teacher = load_vision_teacher(cfg.distill_teacher, cfg.distill_teacher_layer)
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32  # the model's params dtype (training/build.py)
+        self.teacher = load_vision_teacher(cfg.distill_teacher, cfg.distill_teacher_layer, dtype)
         if self.teacher.image_size != model.tile_size:
             raise ConfigError(
                 f"--distill-teacher: the teacher sees {self.teacher.image_size}-px images, the model's tiles are "
@@ -44,7 +46,7 @@ class Stage1Teacher:
         """float [b, s] ×2 on the host: the real text positions, and those plus every patch position."""
         b, s = batch.tokens.shape
         real = torch.arange(s)[None, :] < batch.pack_lengths[:, None]
-        text = (real & (batch.image_block_ids == -1)).float()
+        text = (real & (batch.image_block_ids == NO_IMAGE)).float()
         positions = text.clone()
         positions.view(-1)[batch.patch_index] = 1.0
         return text, positions

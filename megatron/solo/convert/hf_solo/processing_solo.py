@@ -151,12 +151,12 @@ class SoloProcessor(ProcessorMixin):
             sample_ids, sample_indices, sample_patches = self._encode(sample_text, sample_images, end_token, i)
             offset = sum(len(p) for p in patches)
             ids.append(sample_ids)
-            indices.append([k + offset if k >= 0 else -1 for k in sample_indices])
+            indices.append(np.where(sample_indices >= 0, sample_indices + offset, -1))
             patches.extend(sample_patches)
         return BatchFeature(self._pad(ids, indices, patches, padding_side), tensor_type=None)
 
     def _encode(self, text: str, images: list, end_token: str, sample: int):
-        """One sample → (ids, patch index per id (-1 for text), list of [n, 3·P·P] float32 arrays)."""
+        """One sample → (ids, int64 patch index per id (-1 for text), list of [n, 3·P·P] float32 arrays)."""
         tok = self.tokenizer
         pieces = _SEGMENT.split(text)
         n_slots = pieces.count(IMAGE_PLACEHOLDER)
@@ -169,7 +169,7 @@ class SoloProcessor(ProcessorMixin):
         if not n_slots and images:
             stripped[1:1] = [IMAGE_PLACEHOLDER] * len(images)
         ids: list[int] = []
-        index: list[int] = []
+        is_patch: list[np.ndarray] = []  # bool per id, piece by piece: the images' patch positions
         patches: list[np.ndarray] = []
         pending = iter(images)
         patch_id = self.tokenizer.convert_tokens_to_ids(VISION_PATCH)
@@ -180,19 +180,18 @@ class SoloProcessor(ProcessorMixin):
                 except (OSError, ValueError, SyntaxError) as e:
                     raise ValueError(f"sample {sample}: image {len(patches)}: {e}") from e
                 layout = self._layout_ids(n_rows, n_cols, end_token)
-                first = sum(len(p) for p in patches)
-                counter = iter(range(first, first + len(image_patches)))
                 ids += layout
-                index += [next(counter) if t == patch_id else -1 for t in layout]
+                is_patch.append(np.asarray(layout) == patch_id)
                 patches.append(image_patches)
             elif piece in (tok.bos_token, tok.eos_token):
                 ids.append(tok.convert_tokens_to_ids(piece))
-                index.append(-1)
+                is_patch.append(np.zeros(1, bool))
             else:
                 piece_ids = tok(piece, add_special_tokens=False, split_special_tokens=True)["input_ids"]
                 ids += piece_ids
-                index += [-1] * len(piece_ids)
-        return ids, index, patches
+                is_patch.append(np.zeros(len(piece_ids), bool))
+        mask = np.concatenate(is_patch) if is_patch else np.zeros(0, bool)
+        return ids, np.where(mask, np.cumsum(mask) - 1, -1).astype(np.int64), patches  # patches numbered in order
 
     def _layout_ids(self, n_rows: int, n_cols: int, end_token: str) -> list[int]:
         start, patch, sep, end = self.tokenizer.convert_tokens_to_ids(
@@ -213,7 +212,7 @@ class SoloProcessor(ProcessorMixin):
             span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
             input_ids[b, span] = torch.tensor(row, dtype=torch.long)
             mask[b, span] = 1
-            patch_index[b, span] = torch.tensor(row_index, dtype=torch.long)
+            patch_index[b, span] = torch.from_numpy(row_index)
         dim = 3 * self.patch_size**2
         vision = torch.from_numpy(np.concatenate(patches)) if patches else torch.zeros((0, dim), dtype=torch.float32)
         return {
@@ -277,8 +276,9 @@ class SoloProcessor(ProcessorMixin):
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         """Ids → text, vision ids dropped (and other special ids unless ``skip_special_tokens=False``)."""
-        drop = set(self.vision_token_ids)
-        rows = [[int(t) for t in row if int(t) not in drop] for row in sequences]
+        drop = torch.tensor(self.vision_token_ids, dtype=torch.long)
+        rows = [torch.as_tensor(row, dtype=torch.long).cpu() for row in sequences]
+        rows = [row[~torch.isin(row, drop)].tolist() for row in rows]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def decode(self, ids, skip_special_tokens: bool = True, **kwargs) -> str:
