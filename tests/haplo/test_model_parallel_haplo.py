@@ -1,5 +1,6 @@
 """HaploModel: TP=2, TP=2+SP and PP=2 ≡ TP=1 for losses, logits and gradients of every part (stem,
-pre-decoder, connector, LLM); a TP=2 checkpoint loads at TP=1 (2 gloo ranks under torchrun)."""
+pre-decoder, connector, LLM), in both stages; a TP=2 checkpoint loads at TP=1, a stage-1 PP=2 one at PP=1
+into either stage (2 gloo ranks under torchrun)."""
 
 import json
 from pathlib import Path
@@ -54,3 +55,20 @@ def test_stage1_tensor_parallel_matches_tp1(results, layout):
     assert got["loss"] < 1e-6 * 250, got
     grads = {name: diff for name, diff in got.items() if name.startswith("grad")}
     assert len(grads) == 7 and all(diff < 2e-5 for diff in grads.values()), grads
+
+
+def test_stage1_pipeline_parallel_matches_pp1(results):
+    """Stage 1 at PP=2 splits the pre-decoder (one layer a stage): embeddings and stem first, heads last."""
+    got = results["stage1"]["s1_pp2"]
+    assert got["layers per stage"] == [1, 1]
+    assert got["first stage has no heads"] and got["last stage has no stem"]
+    assert got["loss"] < 1e-6 * 250, got
+    grads = {name: diff for name, diff in got.items() if name.startswith("grad")}
+    assert len(grads) == 7 and all(diff < 1e-6 for diff in grads.values()), grads
+
+
+def test_stage1_pp2_checkpoint_loads_at_pp1_into_both_stages(results):
+    got = results["stage1"]["s1_pp2"]
+    stage1, stage2 = got["s1_pp2_to_s1_pp1"], got["s1_pp2_to_s2_pp1"]
+    assert stage1["weights"] == 0.0 and stage2["weights"] == 0.0, got
+    assert stage1["params"] > stage2["params"]  # the heads and text targets stay behind in stage 2

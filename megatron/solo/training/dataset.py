@@ -198,7 +198,7 @@ class BlendedPackDataset(Dataset):
 
     def _teacher_inputs(self, view) -> dict:
         """HaploVL stage 1 (``teacher_inputs``): the images' whole tiles for the vision teacher."""
-        if not (self.teacher_inputs and self.decode_patches):
+        if not self.teacher_inputs:
             return {}
         tiles, rows = view.teacher_inputs()
         return {"tile_patches": tiles, "patch_tile_rows": rows}
