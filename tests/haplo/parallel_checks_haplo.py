@@ -179,6 +179,8 @@ def stage1_pp2(out: Path, batches, ref, ref_losses, ref_grads) -> dict:
     losses = stage1_forward_backward(model, batches)
     names = set(dict(model.named_parameters()))
     got = {"layers on this stage": len(model.pre_decoder.layers)}
+    frozen = [p.requires_grad for n, p in model.named_parameters() if n.startswith(("decoder.", "connector."))]
+    got[f"LLM frozen on stage {ps.get_pipeline_model_parallel_rank()}"] = bool(frozen) and not any(frozen)
     if ps.is_pipeline_last_stage():
         got["loss"] = max_diff(losses, ref_losses)
         got["last stage has no stem"] = not any(n.startswith(("embedding.", "patch_embed", "pre_norm")) for n in names)

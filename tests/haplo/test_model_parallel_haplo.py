@@ -62,6 +62,7 @@ def test_stage1_pipeline_parallel_matches_pp1(results):
     got = results["stage1"]["s1_pp2"]
     assert got["layers per stage"] == [1, 1]
     assert got["first stage has no heads"] and got["last stage has no stem"]
+    assert got["LLM frozen on stage 0"] and got["LLM frozen on stage 1"]  # its layers live on both stages
     assert got["loss"] < 1e-6 * 250, got
     grads = {name: diff for name, diff in got.items() if name.startswith("grad")}
     assert len(grads) == 7 and all(diff < 1e-6 for diff in grads.values()), grads

@@ -121,6 +121,10 @@ class HaploModel(SoloModel):
             self._build_stage1(distill, config, vocab_size, teacher_hidden_size)
             # a stage-1 run starting from a stage-2-shaped checkpoint: heads (and, in tests, the targets) new
             self.optional_checkpoint_prefixes = ("distill_heads.", "llm_embedding.")
+        if distill is not None:  # on every pipeline stage: the LLM's share there does not train either
+            for name, param in self.named_parameters():
+                if name.startswith(STAGE1_FROZEN):
+                    param.requires_grad = False
 
     def _build_stage1(self, distill: DistillConfig, config: TransformerConfig, vocab: int, teacher: int) -> None:
         self.llm_embedding = tensor_parallel.VocabParallelEmbedding(
@@ -134,9 +138,6 @@ class HaploModel(SoloModel):
             text_embedding_size=config.hidden_size,
             sequence_parallel=False,
         ).to(dtype=config.params_dtype, device=None if config.use_cpu_initialization else torch.cuda.current_device())
-        for name, param in self.named_parameters():
-            if name.startswith(STAGE1_FROZEN):
-                param.requires_grad = False
 
     @staticmethod
     def refuse_te() -> None:
