@@ -23,11 +23,11 @@ Parameter names (state dict; the checkpoint maps the norms onto TE names as for 
     connector.weight                   [H, pre]        no bias
     decoder.layers.{i}.*, decoder.final_layernorm.weight, output_layer.weight   (SOLO's GPT names)
 
-Pipeline parallelism: the embeddings, the pre-decoder and the connector live on the first stage, with its
-share of the LLM's layers; the stages exchange LLM-width hidden states as SOLO's do. The stem and the
-connector are plain replicated layers: their inputs are replicated over tensor-parallel ranks (the
-connector's is split over the sequence under sequence parallelism, so its weight is marked for the TP
-all-reduce of ``finalize_model_grads``).
+Pipeline parallelism (stage 2; stage 1's split is below): the embeddings, the pre-decoder and the connector
+live on the first stage, with its share of the LLM's layers; the stages exchange LLM-width hidden states as
+SOLO's do. The stem and the connector are plain replicated layers: their inputs are replicated over
+tensor-parallel ranks (the connector's is split over the sequence under sequence parallelism, so its weight
+is marked for the TP all-reduce of ``finalize_model_grads``).
 
 Stage 1 (``distill`` given: pre-decoder distillation, ``haplo/distill.py``): the model also holds the
 distillation heads (``distill_heads.*``) and the LLM's frozen input embedding (``llm_embedding.weight``

@@ -13,7 +13,8 @@ from megatron.solo.training.arguments import ConfigError, TrainConfig
 
 class Stage1Teacher:
     """HaploVL stage 1's frozen vision teacher (a local HF CLIP directory), run in the training step on
-    every image's whole tiles; its features are gathered at the sequence's patches."""
+    every image's whole tiles; its features are gathered at the sequence's patches. Under pipeline
+    parallelism only the last stage (where the loss is) builds one; every rank runs :meth:`check`."""
 
     def __init__(self, cfg: TrainConfig, model):
         from megatron.solo.haplo.anyres import AnyresConfig
