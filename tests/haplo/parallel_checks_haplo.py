@@ -146,7 +146,7 @@ STAGE1_GRADS = [
 ]
 
 
-def stage1_checks(out: Path, batches) -> dict:
+def stage1_checks(out: Path, batches, tp2_pp2_only: bool = False) -> dict:
     ref = build(1, seed=1234, stage1=True)
     generator = torch.Generator().manual_seed(8)
     with torch.no_grad():
@@ -156,6 +156,9 @@ def stage1_checks(out: Path, batches) -> dict:
     ref_losses = stage1_forward_backward(ref, batches)
     ref_grads = {n: full_grad(ref, n, d).clone() for n, d in STAGE1_GRADS}
     results = {"reference_loss": ref_losses}
+    if tp2_pp2_only:  # 4 ranks: TP=2 + SP inside each of PP=2 stages
+        results["s1_tp2_sp_pp2"] = stage1_pp2(out, batches, ref, ref_losses, ref_grads, tp=2)
+        return results
     for name, sp in (("s1_tp2", False), ("s1_tp2_sp", True)):
         model = build(2, sp=sp, stage1=True)
         load_model(out / "s1_tp1", model)
@@ -171,10 +174,11 @@ def stage1_checks(out: Path, batches) -> dict:
 S1_LAST_STAGE_LOCAL = {"pre_decoder.layers.1.mlp.linear_fc2.weight": "pre_decoder.layers.0.mlp.linear_fc2.weight"}
 
 
-def stage1_pp2(out: Path, batches, ref, ref_losses, ref_grads) -> dict:
-    """Stage 1 at PP=2 against TP=1: losses, gradients on both stages, where each part lives; then its
-    checkpoint (saved at PP=2) loaded at PP=1 into stage 1 and stage 2 equals the reference weights."""
-    model = build(1, pp=2, stage1=True)
+def stage1_pp2(out: Path, batches, ref, ref_losses, ref_grads, tp: int = 1) -> dict:
+    """Stage 1 at PP=2 (with TP=``tp``, and SP when 2) against TP=1: losses, gradients on both stages,
+    where each part lives; then its checkpoint (saved at PP=2) loaded at PP=1 into stage 1 and stage 2 equals
+    the reference weights."""
+    model = build(tp, pp=2, sp=tp > 1, stage1=True)
     load_model(out / "s1_tp1", model)
     losses = stage1_forward_backward(model, batches)
     names = set(dict(model.named_parameters()))
@@ -186,10 +190,10 @@ def stage1_pp2(out: Path, batches, ref, ref_losses, ref_grads) -> dict:
         got["last stage has no stem"] = not any(n.startswith(("embedding.", "patch_embed", "pre_norm")) for n in names)
     else:
         got["first stage has no heads"] = not any(n.startswith(("distill_heads.", "llm_embedding.")) for n in names)
-    for grad, _ in STAGE1_GRADS:
+    for grad, dim in STAGE1_GRADS:
         local = S1_LAST_STAGE_LOCAL.get(grad, grad) if ps.is_pipeline_last_stage() else grad
         if local in names and not (grad.startswith("pre_decoder.layers.0") and ps.is_pipeline_last_stage()):
-            got[f"grad {grad}"] = max_diff(full_grad(model, local, None), ref_grads[grad])
+            got[f"grad {grad}"] = max_diff(full_grad(model, local, dim), ref_grads[grad])
     save_model(out / "s1_pp2", model, METADATA)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, got)
@@ -330,9 +334,17 @@ def main() -> None:
     install_cpu_backend_if_needed()
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stage1-tp2-pp2", action="store_true", help="4 ranks: only stage 1 at TP=2+SP × PP=2")
     args = parser.parse_args()
     torch.set_num_threads(1)
     batches = micro_batches()
+    if args.stage1_tp2_pp2:
+        results = {"stage1": stage1_checks(args.out, batches, tp2_pp2_only=True)}
+        if dist.get_rank() == 0:
+            (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     ref = reference(args.out, batches)
     results = {}
     results["tp2"], tp2_model = compare_tp(args.out, batches, ref, sp=False)
