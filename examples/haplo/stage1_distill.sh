@@ -12,7 +12,8 @@
 # (the pre-decoder starts from CLIP's weights: a fine-tuning rate); linear heads; CLIP's last layer as the
 # target (TEACHER_LAYER=-2: LLaVA's penultimate); batch 256 *packs* of 6144 tokens (the paper's 256 is
 # samples; set GLOBAL_BATCH_SIZE from the prefixes' documents/packs to match it).
-# One pipeline stage (the LLM does not run in stage 1).
+# One pipeline stage by default; PP>1 splits the pre-decoder's layers over the stages (the LLM does not run in
+# stage 1).
 set -euo pipefail
 STAGE=haplo_stage1
 TRAIN_ITERS=${TRAIN_ITERS:-40000}

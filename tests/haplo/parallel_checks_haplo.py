@@ -5,7 +5,8 @@ that failed to load them would differ) is saved; TP=2, TP=2+SP and PP=2 load it,
 (packs with several documents, images with newlines, padding) through megatron-core's schedule, and rank 0
 writes the largest differences of losses, logits and gradients (stem, pre-decoder, connector, LLM) to
 ``OUT/results.json``. Stage 1 (distillation: heads, frozen text targets, fixed teacher features) likewise
-compares TP=2 and TP=2+SP with TP=1.
+compares TP=2, TP=2+SP and PP=2 (the pre-decoder's layers split over the stages) with TP=1, and checks that
+the PP=2 stage-1 checkpoint loads, weight for weight, into stage 1 and stage 2 at PP=1.
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def stage1_forward_backward(model, batches):
         num_microbatches=len(batches),
         seq_length=SEQ,
         micro_batch_size=batches[0].tokens.shape[0],
+        **model.pipeline_schedule_kwargs(),  # stage 1 under PP: pre-decoder-width p2p tensors
     )
     if model.config.sequence_parallel:
         for p in model.parameters():
@@ -144,7 +146,7 @@ STAGE1_GRADS = [
 ]
 
 
-def stage1_checks(out: Path, batches) -> dict:
+def stage1_checks(out: Path, batches, tp2_pp2_only: bool = False) -> dict:
     ref = build(1, seed=1234, stage1=True)
     generator = torch.Generator().manual_seed(8)
     with torch.no_grad():
@@ -154,6 +156,9 @@ def stage1_checks(out: Path, batches) -> dict:
     ref_losses = stage1_forward_backward(ref, batches)
     ref_grads = {n: full_grad(ref, n, d).clone() for n, d in STAGE1_GRADS}
     results = {"reference_loss": ref_losses}
+    if tp2_pp2_only:  # 4 ranks: TP=2 + SP inside each of PP=2 stages
+        results["s1_tp2_sp_pp2"] = stage1_pp2(out, batches, ref, ref_losses, ref_grads, tp=2)
+        return results
     for name, sp in (("s1_tp2", False), ("s1_tp2_sp", True)):
         model = build(2, sp=sp, stage1=True)
         load_model(out / "s1_tp1", model)
@@ -161,7 +166,48 @@ def stage1_checks(out: Path, batches) -> dict:
         for grad, dim in STAGE1_GRADS:
             got[f"grad {grad}"] = max_diff(full_grad(model, grad, dim), ref_grads[grad])
         results[name] = got
+    results["s1_pp2"] = stage1_pp2(out, batches, ref, ref_losses, ref_grads)
     return results
+
+
+# PP=2 stage 1, pre-decoder layer 1 on the last stage is its local layer 0
+S1_LAST_STAGE_LOCAL = {"pre_decoder.layers.1.mlp.linear_fc2.weight": "pre_decoder.layers.0.mlp.linear_fc2.weight"}
+
+
+def stage1_pp2(out: Path, batches, ref, ref_losses, ref_grads, tp: int = 1) -> dict:
+    """Stage 1 at PP=2 (with TP=``tp``, and SP when 2) against TP=1: losses, gradients on both stages,
+    where each part lives; then its checkpoint (saved at PP=2) loaded at PP=1 into stage 1 and stage 2 equals
+    the reference weights."""
+    model = build(tp, pp=2, sp=tp > 1, stage1=True)
+    load_model(out / "s1_tp1", model)
+    losses = stage1_forward_backward(model, batches)
+    names = set(dict(model.named_parameters()))
+    got = {"layers on this stage": len(model.pre_decoder.layers)}
+    frozen = [p.requires_grad for n, p in model.named_parameters() if n.startswith(("decoder.", "connector."))]
+    got[f"LLM frozen on stage {ps.get_pipeline_model_parallel_rank()}"] = bool(frozen) and not any(frozen)
+    if ps.is_pipeline_last_stage():
+        got["loss"] = max_diff(losses, ref_losses)
+        got["last stage has no stem"] = not any(n.startswith(("embedding.", "patch_embed", "pre_norm")) for n in names)
+    else:
+        got["first stage has no heads"] = not any(n.startswith(("distill_heads.", "llm_embedding.")) for n in names)
+    for grad, dim in STAGE1_GRADS:
+        local = S1_LAST_STAGE_LOCAL.get(grad, grad) if ps.is_pipeline_last_stage() else grad
+        if local in names and not (grad.startswith("pre_decoder.layers.0") and ps.is_pipeline_last_stage()):
+            got[f"grad {grad}"] = max_diff(full_grad(model, local, dim), ref_grads[grad])
+    save_model(out / "s1_pp2", model, METADATA)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, got)
+    result = {k: v for part in gathered for k, v in part.items() if k != "layers on this stage"}
+    result["layers per stage"] = [part["layers on this stage"] for part in gathered]
+    reference_weights = dict(ref.named_parameters())
+    for name, stage1 in (("s1_pp2_to_s1_pp1", True), ("s1_pp2_to_s2_pp1", False)):
+        reloaded = build(1, stage1=stage1)
+        load_model(out / "s1_pp2", reloaded)
+        result[name] = {
+            "params": len(list(reloaded.parameters())),
+            "weights": max(max_diff(p.detach(), reference_weights[n].detach()) for n, p in reloaded.named_parameters()),
+        }
+    return result
 
 
 def forward_backward(model, batches, targets_only: bool = False):
@@ -288,9 +334,17 @@ def main() -> None:
     install_cpu_backend_if_needed()
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--stage1-tp2-pp2", action="store_true", help="4 ranks: only stage 1 at TP=2+SP × PP=2")
     args = parser.parse_args()
     torch.set_num_threads(1)
     batches = micro_batches()
+    if args.stage1_tp2_pp2:
+        results = {"stage1": stage1_checks(args.out, batches, tp2_pp2_only=True)}
+        if dist.get_rank() == 0:
+            (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     ref = reference(args.out, batches)
     results = {}
     results["tp2"], tp2_model = compare_tp(args.out, batches, ref, sp=False)

@@ -1,5 +1,6 @@
 """HaploModel: TP=2, TP=2+SP and PP=2 ≡ TP=1 for losses, logits and gradients of every part (stem,
-pre-decoder, connector, LLM); a TP=2 checkpoint loads at TP=1 (2 gloo ranks under torchrun)."""
+pre-decoder, connector, LLM), in both stages (stage 1 also at TP=2+SP × PP=2, on 4 ranks); a TP=2
+checkpoint loads at TP=1, a stage-1 PP=2 one at PP=1 into either stage (gloo ranks under torchrun)."""
 
 import json
 from pathlib import Path
@@ -54,3 +55,37 @@ def test_stage1_tensor_parallel_matches_tp1(results, layout):
     assert got["loss"] < 1e-6 * 250, got
     grads = {name: diff for name, diff in got.items() if name.startswith("grad")}
     assert len(grads) == 7 and all(diff < 2e-5 for diff in grads.values()), grads
+
+
+def test_stage1_pipeline_parallel_matches_pp1(results):
+    """Stage 1 at PP=2 splits the pre-decoder (one layer a stage): embeddings and stem first, heads last."""
+    got = results["stage1"]["s1_pp2"]
+    assert got["layers per stage"] == [1, 1]
+    assert got["first stage has no heads"] and got["last stage has no stem"]
+    assert got["LLM frozen on stage 0"] and got["LLM frozen on stage 1"]  # its layers live on both stages
+    assert got["loss"] < 1e-6 * 250, got
+    grads = {name: diff for name, diff in got.items() if name.startswith("grad")}
+    assert len(grads) == 7 and all(diff < 1e-6 for diff in grads.values()), grads
+
+
+def test_stage1_pp2_checkpoint_loads_at_pp1_into_both_stages(results):
+    got = results["stage1"]["s1_pp2"]
+    stage1, stage2 = got["s1_pp2_to_s1_pp1"], got["s1_pp2_to_s2_pp1"]
+    assert stage1["weights"] == 0.0 and stage2["weights"] == 0.0, got
+    assert stage1["params"] > stage2["params"]  # the heads and text targets stay behind in stage 2
+
+
+def test_stage1_tp2_sp_inside_pp2_matches_tp1(tmp_path):
+    """4 ranks (about 30 s on 2 cores): TP=2 + SP inside each of the PP=2 stages of a split pre-decoder."""
+    script = Path(__file__).with_name("parallel_checks_haplo.py")
+    cmd = torchrun_command(script, 4, "--out", str(tmp_path), "--stage1-tp2-pp2")
+    proc = run_in_session(cmd, timeout=360, env=child_env())
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-6000:]}"
+    got = json.loads((tmp_path / "results.json").read_text())["stage1"]["s1_tp2_sp_pp2"]
+    assert got["layers per stage"] == [1, 1, 1, 1]  # per rank: TP ranks of a stage hold the same layer
+    assert got["LLM frozen on stage 0"] and got["LLM frozen on stage 1"]
+    assert got["first stage has no heads"] and got["last stage has no stem"]
+    assert got["loss"] < 1e-6 * 250, got
+    grads = {name: diff for name, diff in got.items() if name.startswith("grad")}
+    assert len(grads) == 7 and all(diff < 2e-5 for diff in grads.values()), grads
+    assert got["s1_pp2_to_s1_pp1"]["weights"] == 0.0 and got["s1_pp2_to_s2_pp1"]["weights"] == 0.0

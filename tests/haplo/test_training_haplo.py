@@ -279,13 +279,12 @@ def teacher_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def stage1_reference(data, release, teacher_dir, tmp_path_factory) -> tuple[Path, Path]:
-    """(metrics file, checkpoint directory) of a single-process fp32 stage-1 run of ITERS iterations: the
-    reference the stage-1 tests below compare against (one run, shared)."""
+def stage1_reference(data, release, teacher_dir, tmp_path_factory) -> Path:
+    """The single-process stage-1 run (``ITERS`` iterations): its checkpoint ``s1`` and metrics ``m.jsonl``."""
     out = tmp_path_factory.mktemp("haplo-stage1")
     args = ["--distill-teacher", teacher_dir, "--save", str(out / "s1"), "--metrics-file", str(out / "m.jsonl")]
     run_pretrain(common(data, release, *args))
-    return out / "m.jsonl", out / "s1"
+    return out
 
 
 def test_stage1_distils_the_pre_decoder_then_stage2_starts_without_heads(data, release, stage1_reference, tmp_path):
@@ -294,9 +293,8 @@ def test_stage1_distils_the_pre_decoder_then_stage2_starts_without_heads(data, r
 
     from megatron.solo.checkpointing import iteration_dir
 
-    metrics_file, s1 = stage1_reference
-    s2 = tmp_path / "s2"
-    got = losses(metrics_file)
+    s1, s2 = stage1_reference / "s1", tmp_path / "s2"
+    got = losses(stage1_reference / "m.jsonl")
     assert got[ITERS] < got[1] - 0.5, got
     saved = dist_checkpointing.load_tensors_metadata(str(iteration_dir(s1, ITERS)))
     assert "llm_embedding.weight" in saved and "distill_heads.text_head.weight" in saved
@@ -322,11 +320,17 @@ def _weights(root, iteration):
     return {name: param.detach().clone() for name, param in model.named_parameters()}
 
 
-def test_stage1_needs_a_haplo_model_and_one_pipeline_stage(data, release, teacher_dir):
-    from megatron.solo.training.arguments import ConfigError, TrainConfig
+def test_stage1_pipeline_split_must_divide_the_pre_decoder(release, teacher_dir):
+    """Stage 1 splits the pre-decoder's layers (2 in haplo-tiny) over the pipeline stages: evenly or not at all."""
+    from megatron.solo.families import get_preset
+    from megatron.solo.training.arguments import ConfigError, TrainConfig, check_model
 
-    with pytest.raises(ConfigError, match="--distill-teacher: stage 1 trains the pre-decoder alone"):
-        TrainConfig(load=release, distill_teacher=teacher_dir, pipeline_model_parallel_size=2)
+    cfg = get_preset("haplo-tiny").replace(num_layers=4)  # the LLM's 4 layers split 4 ways; the pre-decoder's 2 not
+    flags = TrainConfig(load=release, distill_teacher=teacher_dir, pipeline_model_parallel_size=4)
+    with pytest.raises(ConfigError, match="^--pipeline-model-parallel-size: 4 does not divide the pre-decoder's 2"):
+        check_model(flags, cfg, cfg.padded_vocab_size())
+    check_model(TrainConfig(load=release, pipeline_model_parallel_size=4), cfg, cfg.padded_vocab_size())  # stage 2
+    check_model(TrainConfig(load=release, distill_teacher=teacher_dir, pipeline_model_parallel_size=2), cfg, 512)
 
 
 def test_stage1_killed_run_resumes_exactly(data, release, teacher_dir, stage1_reference, tmp_path):
@@ -340,7 +344,7 @@ def test_stage1_killed_run_resumes_exactly(data, release, teacher_dir, stage1_re
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     run_pretrain([*args, "--metrics-file", str(tmp_path / "resumed.jsonl")])
-    want = losses(stage1_reference[0])
+    want = losses(stage1_reference / "m.jsonl")
     assert losses(tmp_path / "resumed.jsonl") == {it: want[it] for it in (3, 4)}  # bit-exact, heads included
 
 
@@ -361,7 +365,7 @@ def test_bf16_runs_of_both_stages(data, release, teacher_dir, stage1_reference, 
     run_pretrain(
         common(data, release, "--bf16", "--distill-teacher", teacher_dir, "--metrics-file", str(tmp_path / "1"))
     )
-    want, got = losses(stage1_reference[0]), losses(tmp_path / "1")
+    want, got = losses(stage1_reference / "m.jsonl"), losses(tmp_path / "1")
     assert sorted(got) == sorted(want)
     for it in got:
         assert got[it] == pytest.approx(want[it], rel=BF16_STAGE1_RTOL), (it, got, want)
@@ -402,9 +406,34 @@ def test_stage2_parallel_layouts_match_the_reference(data, release, reference, l
 def test_stage1_tensor_parallel_follows_the_single_process_run(data, release, teacher_dir, stage1_reference, tmp_path):
     """Stage 1 through the trainer at TP=2 + SP (the teacher's tiles split over the TP ranks, vocab-parallel
     text targets) follows the TP=1 run's distillation losses."""
+    common_args = common(data, release, "--distill-teacher", teacher_dir)
     tp2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--metrics-file", str(tmp_path / "tp2.jsonl")]
-    run_pretrain(common(data, release, "--distill-teacher", teacher_dir, *tp2), nproc=2, timeout=400)
-    want, got = losses(stage1_reference[0]), losses(tmp_path / "tp2.jsonl")
+    run_pretrain([*common_args, *tp2], nproc=2, timeout=400)
+    want, got = losses(stage1_reference / "m.jsonl"), losses(tmp_path / "tp2.jsonl")
     assert sorted(got) == sorted(want)
     for it in got:
         assert got[it] == pytest.approx(want[it], rel=1e-5 if it == 1 else 3e-4), (it, got, want)
+
+
+def test_stage1_pipeline_parallel_follows_the_single_process_run_and_serves_both_stages(
+    data, teacher_dir, stage1_reference, tmp_path
+):
+    """Stage 1 through the trainer at PP=2 (the pre-decoder's layers split over the stages, the teacher on the
+    last) follows the PP=1 run's losses; its checkpoint, saved at PP=2, starts stage 2 and resumes stage 1 at
+    PP=1 (optimizer included) onto the PP=1 run's next loss. Both start from a stage-1 checkpoint: fresh heads
+    are drawn where the RNG stands after the stage's other layers, which depends on the layout."""
+    s1 = str(stage1_reference / "s1")
+    args = recipe_args(data, s1, SEQ_LENGTH, 2, "--finetune", "--distill-teacher", teacher_dir)
+    run_pretrain([*args, "--metrics-file", str(tmp_path / "pp1.jsonl")])
+    pp2 = ["--pipeline-model-parallel-size", "2", "--exit-interval", "1", "--metrics-file", str(tmp_path / "a.jsonl")]
+    save = ["--save", str(tmp_path / "pp2")]
+    run_pretrain([*args, *save, *pp2], nproc=2, timeout=400)
+    stage2 = ["--finetune", "--metrics-file", str(tmp_path / "s2.jsonl")]
+    run_pretrain(recipe_args(data, str(tmp_path / "pp2"), SEQ_LENGTH, 1, *stage2))
+    assert list(losses(tmp_path / "s2.jsonl")) == [1]
+    resumed = run_pretrain([*args, *save, "--metrics-file", str(tmp_path / "b.jsonl")])
+    assert "resume" in resumed.stdout
+    want, got = losses(tmp_path / "pp1.jsonl"), {**losses(tmp_path / "a.jsonl"), **losses(tmp_path / "b.jsonl")}
+    assert sorted(got) == sorted(want) == [1, 2]
+    assert got[1] == pytest.approx(want[1], rel=1e-5), (got, want)
+    assert got[2] == pytest.approx(want[2], rel=3e-4), (got, want)

@@ -23,11 +23,11 @@ Parameter names (state dict; the checkpoint maps the norms onto TE names as for 
     connector.weight                   [H, pre]        no bias
     decoder.layers.{i}.*, decoder.final_layernorm.weight, output_layer.weight   (SOLO's GPT names)
 
-Pipeline parallelism: the embeddings, the pre-decoder and the connector live on the first stage, with its
-share of the LLM's layers; the stages exchange LLM-width hidden states as SOLO's do. The stem and the
-connector are plain replicated layers: their inputs are replicated over tensor-parallel ranks (the
-connector's is split over the sequence under sequence parallelism, so its weight is marked for the TP
-all-reduce of ``finalize_model_grads``).
+Pipeline parallelism (stage 2; stage 1's split is below): the embeddings, the pre-decoder and the connector
+live on the first stage, with its share of the LLM's layers; the stages exchange LLM-width hidden states as
+SOLO's do. The stem and the connector are plain replicated layers: their inputs are replicated over
+tensor-parallel ranks (the connector's is split over the sequence under sequence parallelism, so its weight
+is marked for the TP all-reduce of ``finalize_model_grads``).
 
 Stage 1 (``distill`` given: pre-decoder distillation, ``haplo/distill.py``): the model also holds the
 distillation heads (``distill_heads.*``) and the LLM's frozen input embedding (``llm_embedding.weight``
@@ -36,12 +36,22 @@ returns the per-token distillation loss: ``1 − cos`` at patch positions, ``L2 
 the text positions of ``distill_mask``. Trainable then: the embeddings, the stem, ``pre_norm``, the
 pre-decoder and the heads; the connector, the LLM and ``llm_embedding`` are frozen (not run). A stage-2 model
 (no ``distill``) has neither heads nor ``llm_embedding``: loading a stage-1 checkpoint takes only its own
-tensors, so both are dropped there. Stage 1 runs on one pipeline stage.
+tensors, so both are dropped there.
+
+Stage 1 under pipeline parallelism splits the *pre-decoder's* layers over the stages (the LLM does not run):
+the first stage embeds (embeddings, stem, ``pos_embed``, ``image_newline``, ``pre_norm``) and runs its share of
+the pre-decoder; the last runs its share, the heads (which live there, with ``llm_embedding``) and the loss;
+the stages exchange pre-decoder-width hidden states [s(/tp), b, pre] (:meth:`HaploModel.pipeline_schedule_kwargs`
+tells megatron-core's schedule that width). The frozen LLM keeps stage 2's layout (connector on the first
+stage, its layers split as usual, output layer on the last), so a stage-1 checkpoint holds the whole model;
+pre-decoder layers are numbered globally in it, so it loads at any pipeline size, into either stage.
 
 Only the local backend (explicit mask) is implemented; the TE backend is refused (see ``haplo/mask.py``).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 from megatron.core import tensor_parallel
@@ -82,10 +92,8 @@ class HaploModel(SoloModel):
     ):
         if backend_of(config) == "te":
             self.refuse_te()
-        if distill is not None and not (pre_process and post_process and teacher_hidden_size):
-            raise ValueError(
-                "HaploVL stage 1 (distillation) runs on one pipeline stage and needs the teacher's hidden size"
-            )
+        if distill is not None and post_process and not teacher_hidden_size:
+            raise ValueError("HaploVL stage 1 (distillation): the last pipeline stage needs the teacher's hidden size")
         # Built as a middle stage (no SOLO embedding or patch projection), then given HaploVL's input stage.
         super().__init__(
             config,
@@ -102,14 +110,22 @@ class HaploModel(SoloModel):
         self.haplo_config = cfg
         self.pre_process = pre_process
         self.decoder.pre_process = pre_process  # the block reads its input from forward(), not set_input_tensor
+        # stage 1 under pipeline parallelism: the pre-decoder's layers are what the stages split
+        self.split_pre_decoder = distill is not None and config.pipeline_model_parallel_size > 1
         if pre_process:
             self._build_input_stage(cfg, config, vocab_size)
+        elif self.split_pre_decoder:
+            self._build_pre_decoder(cfg, config)
         self.distill = distill
         self.optional_checkpoint_prefixes: tuple[str, ...] = ()
-        if distill is not None:
+        if distill is not None and post_process:
             self._build_stage1(distill, config, vocab_size, teacher_hidden_size)
             # a stage-1 run starting from a stage-2-shaped checkpoint: heads (and, in tests, the targets) new
             self.optional_checkpoint_prefixes = ("distill_heads.", "llm_embedding.")
+        if distill is not None:  # on every pipeline stage: the LLM's share there does not train either
+            for name, param in self.named_parameters():
+                if name.startswith(STAGE1_FROZEN):
+                    param.requires_grad = False
 
     def _build_stage1(self, distill: DistillConfig, config: TransformerConfig, vocab: int, teacher: int) -> None:
         self.llm_embedding = tensor_parallel.VocabParallelEmbedding(
@@ -121,10 +137,7 @@ class HaploModel(SoloModel):
             pre_hidden_size=self.haplo_config.pre_decoder.hidden_size,
             teacher_hidden_size=teacher,
             text_embedding_size=config.hidden_size,
-        ).to(dtype=config.params_dtype, device=self.patch_embed.weight.device)
-        for name, param in self.named_parameters():
-            if name.startswith(STAGE1_FROZEN):
-                param.requires_grad = False
+        ).to(dtype=config.params_dtype, device=None if config.use_cpu_initialization else torch.cuda.current_device())
 
     @staticmethod
     def refuse_te() -> None:
@@ -134,8 +147,18 @@ class HaploModel(SoloModel):
             "--transformer-impl local (explicit mask). See megatron/solo/haplo/mask.py for the GPU options."
         )
 
+    def _pre_decoder_config(self, cfg: HaploConfig, config: TransformerConfig) -> TransformerConfig:
+        split = config.pipeline_model_parallel_size if self.split_pre_decoder else 1
+        return make_pre_decoder_transformer_config(cfg.pre_decoder, config, pipeline_parallel=split)
+
+    def _build_pre_decoder(self, cfg: HaploConfig, config: TransformerConfig) -> None:
+        """A later stage of a split pre-decoder: its share of the layers (input from ``set_input_tensor``)."""
+        self.pre_config = self._pre_decoder_config(cfg, config)
+        self.pre_decoder = build_pre_decoder(self.pre_config, pre_process=False)
+        self.pre_rotary = build_pre_decoder_rotary(cfg.pre_decoder, self.pre_config)
+
     def _build_input_stage(self, cfg: HaploConfig, config: TransformerConfig, vocab_size: int) -> None:
-        self.pre_config = make_pre_decoder_transformer_config(cfg.pre_decoder, config)
+        self.pre_config = self._pre_decoder_config(cfg, config)
         pre = cfg.pre_decoder.hidden_size
         self.embedding = LanguageModelEmbedding(
             config=self.pre_config,
@@ -151,7 +174,7 @@ class HaploModel(SoloModel):
         self.pos_embed = torch.nn.Parameter(torch.empty(cfg.tile_positions, pre, dtype=dtype, device=device))
         self.image_newline = torch.nn.Parameter(torch.zeros(pre, dtype=dtype, device=device))
         self.pre_norm = torch.nn.LayerNorm(pre, eps=cfg.pre_norm_epsilon, dtype=dtype, device=device)
-        self.pre_decoder = build_pre_decoder(self.pre_config)
+        self.pre_decoder = build_pre_decoder(self.pre_config)  # under a split: the first stage's share
         self.pre_rotary = build_pre_decoder_rotary(cfg.pre_decoder, self.pre_config)
         self.connector = torch.nn.Linear(pre, config.hidden_size, bias=False, dtype=dtype, device=device)
         self.connector.weight.sequence_parallel = config.sequence_parallel
@@ -171,11 +194,22 @@ class HaploModel(SoloModel):
         patch_table_index: torch.Tensor | None,
         image_block_ids: torch.Tensor,
     ) -> torch.Tensor:
-        """[s(/tp), b, pre] the pre-decoder's output: the multimodal embedding through pre-norm and pre-decoder.
+        """[s(/tp), b, pre] the pre-decoder's output: the multimodal embedding through pre-norm and pre-decoder
+        (a later stage of a split pre-decoder: its layers on the hidden states the schedule set as its input).
 
         tokens, position_ids, image_block_ids [b, s]; mask [b, 1, s, s]; patches [p, 3·P·P] landing at flat
         ``patch_index`` [p] with position-table rows ``patch_table_index`` [p].
         """
+        hidden = None
+        if self.pre_process:
+            hidden = self._embed_input(tokens, patches, patch_index, patch_table_index, image_block_ids)
+        rotary = None
+        if self.pre_rotary is not None:  # [s, b, 1, d]: positions restart per document
+            rotary = rotary_lookup(self.pre_rotary, position_ids)
+        return self.pre_decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
+
+    def _embed_input(self, tokens, patches, patch_index, patch_table_index, image_block_ids) -> torch.Tensor:
+        """[s(/tp), b, pre]: the multimodal embedding through pre-norm (the pre-decoder's input)."""
         b, s = tokens.shape
         flat = self.embedding(input_ids=tokens, position_ids=None).transpose(0, 1).reshape(b * s, -1)  # [b·s, pre]
         weight = self.patch_embed.weight
@@ -190,10 +224,7 @@ class HaploModel(SoloModel):
         hidden = self.pre_norm(flat).view(b, s, -1).transpose(0, 1).contiguous()  # [s, b, pre]
         if self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)  # [s/tp, b, pre]
-        rotary = None
-        if self.pre_rotary is not None:  # [s, b, 1, d]: positions restart per document
-            rotary = rotary_lookup(self.pre_rotary, position_ids)
-        return self.pre_decoder(hidden_states=hidden, attention_mask=mask, rotary_pos_emb=rotary)
+        return hidden
 
     def forward(
         self,
@@ -216,13 +247,17 @@ class HaploModel(SoloModel):
         logits [b, s, V/tp]; hidden states [s, b, H] on stages before the last.
 
         Stage 1: ``teacher_features`` [p, C] (the teacher's feature of each patch, in ``patches`` order) and
-        ``distill_mask`` [b, s] (1 at the text positions to distil) → per-token distillation loss [b, s]."""
+        ``distill_mask`` [b, s] (1 at the text positions to distil) → per-token distillation loss [b, s]. Under
+        pipeline parallelism (the pre-decoder split) stages before the last return its hidden states
+        [s(/tp), b, pre] and need neither; the last needs no ``patches``."""
         b, s = tokens.shape
         if image_block_ids is None:
             image_block_ids = torch.full_like(tokens, NO_IMAGE)
         mask = haplo_attention_mask(cu_seqlens, image_block_ids)
-        if teacher_features is not None:
+        if teacher_features is not None or self.split_pre_decoder:
             hidden = self.embed(tokens, position_ids, mask, patches, patch_index, patch_table_index, image_block_ids)
+            if not self.post_process:
+                return hidden
             return self._distillation_loss(hidden, tokens, patch_index, teacher_features, distill_mask)
         decoder_input = None
         if self.pre_process:
@@ -241,11 +276,26 @@ class HaploModel(SoloModel):
             return out
         return out.reshape(b, s, *out.shape[2:])
 
+    def set_input_tensor(self, input_tensor) -> None:
+        """The schedule's input of this stage: the LLM decoder's, or the split pre-decoder's in stage 1."""
+        if not self.split_pre_decoder:
+            return super().set_input_tensor(input_tensor)
+        self.pre_decoder.set_input_tensor(input_tensor[0] if isinstance(input_tensor, list) else input_tensor)
+
+    def pipeline_schedule_kwargs(self) -> dict:
+        """Extra arguments of megatron-core's pipeline schedule: stage 1's split pre-decoder exchanges
+        [s(/tp), b, pre] tensors, not the ``config.hidden_size`` ones the schedule assumes."""
+        if not self.split_pre_decoder:
+            return super().pipeline_schedule_kwargs()
+        return {"adjust_tensor_shapes_fn": partial(_at_width, self.haplo_config.pre_decoder.hidden_size)}
+
     def _distillation_loss(self, hidden, tokens, patch_index, teacher_features, distill_mask) -> torch.Tensor:
         """Per-token stage-1 loss [b, s] (float32): vision terms at ``patch_index``, text terms where
         ``distill_mask`` [b, s] is non-zero, 0 elsewhere. hidden [s(/tp), b, pre]."""
         if self.distill is None:
             raise ValueError("teacher_features given to a model built without distillation heads (stage 2)")
+        if teacher_features is None or distill_mask is None:
+            raise ValueError("stage 1's last pipeline stage needs teacher_features and distill_mask")
         if self.config.sequence_parallel:  # every TP rank computes the heads on the whole sequence
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         s, b, pre = hidden.shape
@@ -265,6 +315,11 @@ class HaploModel(SoloModel):
         per_token = flat.new_zeros(b * s, dtype=torch.float32).index_copy(0, patch_index, losses["vision"])
         per_token = per_token.index_add(0, text, losses["feature"] + losses["ctp"])
         return per_token.view(b, s)
+
+
+def _at_width(width: int, recv: list, send: list) -> tuple[list, list]:
+    """megatron-core's ``adjust_tensor_shapes_fn``: the [s, b, h] p2p shapes with ``h`` = ``width``."""
+    return [(s, b, width) for s, b, _ in recv], [(s, b, width) for s, b, _ in send]
 
 
 STAGE1_FROZEN = ("decoder.", "output_layer.", "connector.", "llm_embedding.")

@@ -14,9 +14,12 @@ rows), ``.linear_proj.{weight,bias}``, ``layers.{i}.pre_mlp_layernorm.{weight,bi
 The Transformer Engine spec folds the norms into ``linear_qkv``/``linear_fc1`` (``layer_norm_weight``…);
 megatron-core maps its keys onto the local names in ``sharded_state_dict`` as for the LLM.
 
-The pre-decoder always lives on one pipeline stage (the first, where the embeddings are): its
+In stage 2 the pre-decoder lives on one pipeline stage (the first, where the embeddings are): its
 ``TransformerConfig`` says ``pipeline_model_parallel_size=1``, so megatron-core builds all its layers there
-and numbers them from 0, whatever the LLM's pipeline layout.
+and numbers them from 0, whatever the LLM's pipeline layout. In stage 1 (distillation, where the pre-decoder
+is the whole network that runs) it is split over the pipeline stages instead (``pipeline_parallel=`` of
+:func:`make_pre_decoder_transformer_config`): megatron-core builds each stage's share of the layers and
+numbers them globally in checkpoints, so either layout loads the other's.
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 from megatron.solo.model.specs import RMSNorm, backend_of
 
@@ -130,8 +137,15 @@ class PreDecoderConfig:
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
-    def validate_parallel(self, *, tensor_parallel: int = 1) -> None:
-        """Raise ``ValueError`` naming the field when ``tensor_parallel`` cannot split this pre-decoder."""
+    def validate_parallel(self, *, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+        """Raise ``ValueError`` naming the field when ``tensor_parallel`` (or ``pipeline_parallel``, stage 1's
+        split of the layers) cannot split this pre-decoder."""
+        _require(
+            self.num_layers % pipeline_parallel == 0,
+            "num_layers",
+            f"{self.num_layers} is not divisible by pipeline_model_parallel_size={pipeline_parallel} (stage 1 "
+            "splits the pre-decoder's layers evenly over the pipeline stages)",
+        )
         for name, value in (
             ("num_attention_heads", self.num_attention_heads),
             ("num_query_groups", self.query_groups),
@@ -193,14 +207,17 @@ _INHERITED = (
 )
 
 
-def make_pre_decoder_transformer_config(cfg: PreDecoderConfig, llm: TransformerConfig) -> TransformerConfig:
+def make_pre_decoder_transformer_config(
+    cfg: PreDecoderConfig, llm: TransformerConfig, *, pipeline_parallel: int = 1
+) -> TransformerConfig:
     """The pre-decoder's ``TransformerConfig``: its own geometry, everything else as ``llm``'s.
 
     ``llm`` is the LLM's config (``megatron.solo.model.build.make_transformer_config``): tensor/sequence
     parallelism, dtypes, device placement, backend (``transformer_impl``), fusions and recompute are copied.
-    ``pipeline_model_parallel_size`` is 1: the block is built whole on the stage that owns it.
+    ``pipeline_parallel``: 1 (stage 2) builds the block whole on the stage that owns it; more (stage 1) splits
+    its layers evenly over that many pipeline stages.
     """
-    cfg.validate_parallel(tensor_parallel=llm.tensor_model_parallel_size)
+    cfg.validate_parallel(tensor_parallel=llm.tensor_model_parallel_size, pipeline_parallel=pipeline_parallel)
     inherited = {name: getattr(llm, name) for name in _INHERITED}
     if inherited["recompute_method"] == "block" and (inherited["recompute_num_layers"] or 0) > cfg.num_layers:
         inherited["recompute_num_layers"] = cfg.num_layers
@@ -221,7 +238,7 @@ def make_pre_decoder_transformer_config(cfg: PreDecoderConfig, llm: TransformerC
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_method_std,
-        pipeline_model_parallel_size=1,
+        pipeline_model_parallel_size=pipeline_parallel,
         # megatron-core has no fused bias+quick_gelu GLU kernel for the plain MLP (it raises).
         bias_activation_fusion=llm.bias_activation_fusion and fusable,
         **inherited,
@@ -273,25 +290,29 @@ def pre_decoder_layer_spec(
 def pre_decoder_block_spec(
     config: TransformerConfig, attn_mask_type: AttnMaskType = AttnMaskType.arbitrary
 ) -> TransformerBlockSubmodules:
-    """All ``config.num_layers`` layers (the block is never split over pipeline stages); no final norm."""
+    """This pipeline stage's share of the layers (all ``config.num_layers`` unless ``config`` splits them);
+    no final norm."""
     layer = pre_decoder_layer_spec(config, attn_mask_type)
-    return TransformerBlockSubmodules(layer_specs=[layer] * config.num_layers, layer_norm=None)
+    num_layers = config.num_layers if config.pipeline_model_parallel_size == 1 else get_num_layers_to_build(config)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=None)
 
 
 def build_pre_decoder(
-    config: TransformerConfig, attn_mask_type: AttnMaskType = AttnMaskType.arbitrary
+    config: TransformerConfig, attn_mask_type: AttnMaskType = AttnMaskType.arbitrary, *, pre_process: bool = True
 ) -> TransformerBlock:
-    """The pre-decoder block from :func:`make_pre_decoder_transformer_config`'s ``config``.
+    """The pre-decoder block (this stage's share of it) from :func:`make_pre_decoder_transformer_config`'s
+    ``config``.
 
     Call it as megatron-core's ``TransformerBlock``: ``block(hidden_states [s, b, h], attention_mask
     [b, 1, s, s] bool (True = masked out), rotary_pos_emb=[s, b, 1, d] or None)`` → ``[s, b, h]`` (``[s/tp, b,
-    h]`` in and out under sequence parallelism).
+    h]`` in and out under sequence parallelism). ``pre_process=False`` (a later stage of a split block): the
+    input is what ``block.set_input_tensor`` was given, not ``hidden_states``.
     """
     return TransformerBlock(
         config,
         pre_decoder_block_spec(config, attn_mask_type),
         post_layer_norm=False,
-        pre_process=True,
+        pre_process=pre_process,
         post_process=True,
     )
 

@@ -98,6 +98,10 @@ class SoloModel(GPTModel):
         """``(seq_length, micro_batch_size)`` of the tensors this model's pipeline stages exchange."""
         return pipeline_tensor_shape(self.backend, micro_batch_size, seq_length)
 
+    def pipeline_schedule_kwargs(self) -> dict:
+        """Extra keyword arguments of megatron-core's pipeline schedule for this model (none here)."""
+        return {}
+
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, *args, loss_mask=None, **kwargs):
         if labels is None or loss_mask is None or not self.post_process or self.config.mtp_num_layers:
             return super()._postprocess(

@@ -280,11 +280,6 @@ class TrainConfig:
             "give --model-preset or --load (where the architecture comes from)",
         )
         _require(not self.finetune or self.load is not None, "--finetune", "needs --load")
-        _require(
-            self.distill_teacher is None or self.pipeline_model_parallel_size == 1,
-            "--distill-teacher",
-            "stage 1 trains the pre-decoder alone: it runs with --pipeline-model-parallel-size 1",
-        )
         _require(self.save_interval is None or self.save is not None, "--save-interval", "needs --save")
         _require(
             self.recompute_granularity != "full" or self.recompute_method is not None,
@@ -414,6 +409,14 @@ def check_model(cfg: TrainConfig, model: ModelConfig, padded_vocab_size: int) ->
         "--tensor-model-parallel-size",
         f"{cfg.tensor_model_parallel_size} does not divide the checkpoint's padded vocabulary {padded_vocab_size}",
     )
+    pp = cfg.pipeline_model_parallel_size
+    if cfg.distill_teacher is not None and model.family == "haplo":
+        layers = model.pre_decoder.num_layers
+        _require(
+            layers % pp == 0,
+            "--pipeline-model-parallel-size",
+            f"{pp} does not divide the pre-decoder's {layers} layers (stage 1 splits them over the pipeline stages)",
+        )
     if cfg.recompute_num_layers is not None:
         per_stage = model.num_layers // cfg.pipeline_model_parallel_size
         _require(

@@ -196,14 +196,14 @@ class BlendedPackDataset(Dataset):
             raise BadPackError(f"{self.where(i)}: {type(e).__name__}: {e}") from e
 
     def _images(self, view) -> dict:
-        """The decoded pixels: the sequence's patches and, for HaploVL stage 1 (``teacher_inputs``), the
-        images' whole tiles for the vision teacher, the patches then taken from the tiles (one decode)."""
-        if not self.decode_patches:
-            return {"patches": None}
+        """The decoded pixels: the sequence's patches (``decode_patches``: the first pipeline stage) and, for
+        HaploVL stage 1 (``teacher_inputs``: the last stage), the images' whole tiles for the vision teacher.
+        Where both are wanted the patches are taken from the tiles (one decode per image)."""
         if not self.teacher_inputs:
-            return {"patches": view.patches_uint8()}
+            return {"patches": view.patches_uint8() if self.decode_patches else None}
         tiles, rows = view.teacher_inputs()
-        return {"patches": tiles[rows], "tile_patches": tiles, "patch_tile_rows": rows}
+        patches = tiles[rows] if self.decode_patches else None
+        return {"patches": patches, "tile_patches": tiles, "patch_tile_rows": rows}
 
     def max_pack_length(self) -> list[int]:
         """Longest pack of each prefix, in tokens."""

@@ -99,7 +99,8 @@ class Trainer:
                 seed=cfg.seed,
                 decode_patches=parallel_state.is_pipeline_first_stage(),
                 tokenizer=self.tokenizer.fingerprint() if self.tokenizer is not None else None,
-                teacher_inputs=cfg.distill_teacher is not None,
+                # the teacher runs where the stage-1 loss is: the last pipeline stage
+                teacher_inputs=cfg.distill_teacher is not None and parallel_state.is_pipeline_last_stage(),
             )
             if cfg.blend
             else None
@@ -107,7 +108,11 @@ class Trainer:
         if self.dataset is not None:
             _check_pack_lengths(self.dataset, cfg.seq_length)
             _check_image_layout(self.dataset, self.start.model)
-        self.teacher = Stage1Teacher(cfg, self.start.model) if cfg.distill_teacher is not None else None
+        self.teacher = None
+        if cfg.distill_teacher is not None:
+            Stage1Teacher.check(cfg, self.start.model)  # on every rank: a bad flag stops them all alike
+            if parallel_state.is_pipeline_last_stage():  # the teacher (memory) only where the loss is
+                self.teacher = Stage1Teacher(cfg, self.start.model)
         self.parts: Components = build_components(
             cfg,
             self.start.model,
@@ -219,6 +224,7 @@ class Trainer:
             seq_length=seq_length,
             micro_batch_size=micro_batch_size,
             forward_only=False,
+            **parts.model.pipeline_schedule_kwargs(),  # HaploVL stage 1: pre-decoder-width p2p tensors
         )
         reduced = self._reduce(outputs)
         self._check_finite(reduced)
@@ -237,7 +243,7 @@ class Trainer:
         weights, samples = sample_weights(batch.loss_mask, batch.cu_seqlens)
         weights = weights if self.cfg.loss_averaging == "sample" else None
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        if self.teacher is not None:
+        if self.cfg.distill_teacher is not None:
             return self._distillation_step(batch, model, work, image_rows, samples, device)
         # uint8 patches cross to the device (a quarter of float32's bytes) and are normalised there
         batch = batch.to(device, non_blocking=True).normalized(self.dataset.image_config)
@@ -264,8 +270,9 @@ class Trainer:
 
     def _distillation_step(self, batch, model, work, image_rows, samples, device):
         """HaploVL stage 1: the teacher's features at the patches, the distillation loss per token; its
-        "lm loss" is the mean over distilled positions (every patch and every real text token)."""
-        distill_mask, positions = self.teacher.masks(batch)  # host: text positions; all distilled positions
+        "lm loss" is the mean over distilled positions (every patch and every real text token). Under pipeline
+        parallelism only the last stage has the teacher (and its inputs); the others run the pre-decoder."""
+        distill_mask, positions = Stage1Teacher.masks(batch)  # host: text positions; all distilled positions
         batch = batch.to(device, non_blocking=True).normalized(self.dataset.image_config)
         out = model(
             batch.tokens,
@@ -276,7 +283,7 @@ class Trainer:
             batch.patch_index,
             image_block_ids=batch.image_block_ids,
             patch_table_index=batch.patch_table_index,
-            teacher_features=self.teacher.targets(batch),
+            teacher_features=self.teacher.targets(batch) if self.teacher is not None else None,
             distill_mask=distill_mask.to(device, non_blocking=True),
         )
         positions = positions.to(device, non_blocking=True)

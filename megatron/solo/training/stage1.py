@@ -14,16 +14,14 @@ from megatron.solo.training.arguments import ConfigError, TrainConfig
 
 class Stage1Teacher:
     """HaploVL stage 1's frozen vision teacher (a local HF CLIP directory), run in the training step on
-    every image's whole tiles; its features are gathered at the sequence's patches."""
+    every image's whole tiles; its features are gathered at the sequence's patches. Under pipeline
+    parallelism only the last stage (where the loss is) builds one; every rank runs :meth:`check`."""
 
     def __init__(self, cfg: TrainConfig, model):
         from megatron.solo.haplo.anyres import AnyresConfig
         from megatron.solo.haplo.distill import load_vision_teacher
 
-        if model.family != "haplo":
-            raise ConfigError(f"--distill-teacher: HaploVL's stage 1; the model is {model.family}")
-        if not Path(cfg.distill_teacher).is_dir():
-            raise FileNotFoundError(f"--distill-teacher: {cfg.distill_teacher} is not a directory")
+        self.check(cfg, model)
         self.tiling = AnyresConfig(
             tile_size=model.tile_size,
             patch_size=model.patch_size,
@@ -40,6 +38,14 @@ class Stage1Teacher:
         if torch.cuda.is_available():
             self.teacher.cuda(torch.cuda.current_device())
         self.hidden_size = self.teacher.hidden_size
+
+    @staticmethod
+    def check(cfg: TrainConfig, model) -> None:
+        """What every rank can check without loading the teacher (only the last pipeline stage loads it)."""
+        if model.family != "haplo":
+            raise ConfigError(f"--distill-teacher: HaploVL's stage 1; the model is {model.family}")
+        if not Path(cfg.distill_teacher).is_dir():
+            raise FileNotFoundError(f"--distill-teacher: {cfg.distill_teacher} is not a directory")
 
     @staticmethod
     def masks(batch) -> tuple[torch.Tensor, torch.Tensor]:
