@@ -400,6 +400,24 @@ class JsonSoloTokenizer(SoloTokenizer):
         return self._encoder.json_bytes.decode("utf-8")
 
 
+LLAMA3_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def check_chat_template(tokenizer: SoloTokenizer, template: str) -> None:
+    """ValueError if the chat ``template`` needs base special tokens ``tokenizer`` lacks (``llama3`` with
+    Mistral's): preprocessing and the export refuse the same combinations."""
+    if template != "llama3":
+        return
+    for name in LLAMA3_CHAT_TOKENS:
+        try:
+            tokenizer.token_to_id(name)
+        except KeyError:
+            raise ValueError(
+                f"chat template llama3 needs the tokenizer's {name} token, which {tokenizer!r} does not have "
+                "(Llama-3's tokenizer.json has it)"
+            ) from None
+
+
 def has_tokenizer(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds a tokenizer :class:`SoloTokenizer` reads (either kind)."""
     directory = Path(directory)
@@ -449,8 +467,10 @@ __all__ = [
     "VISION_ROW_SEP",
     "VISION_START",
     "VISION_TOKENS",
+    "LLAMA3_CHAT_TOKENS",
     "JsonSoloTokenizer",
     "SoloTokenizer",
+    "check_chat_template",
     "default_tokenizer_model",
     "has_tokenizer",
     "padded_vocab_size",
