@@ -236,9 +236,15 @@ class SoloTokenizer:
         tok = cls(directory if _is_json_tokenizer(directory) else directory / MODEL_FILE)
         meta_path = directory / METADATA_FILE
         if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("vocab_size") != tok.vocab_size or meta.get("vision_start_id") != tok.vision_start_id:
-                raise ValueError(f"{meta_path} does not match {directory / MODEL_FILE}: {meta}")
+            saved, now = json.loads(meta_path.read_text()), {"kind": "sentencepiece", **tok.metadata()}
+            saved.setdefault("kind", "sentencepiece")  # a SentencePiece tokenizer's metadata has no kind
+            # Every field both have (kind, hash, BOS/EOS/PAD, the special ids); an older file may lack some.
+            wrong = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+            if wrong:
+                raise ValueError(
+                    f"{meta_path} does not match {tok.model_path}: "
+                    + ", ".join(f"{k} is {saved[k]!r} there but {now[k]!r} here" for k in wrong)
+                )
         return tok
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
