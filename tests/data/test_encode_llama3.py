@@ -161,3 +161,28 @@ def test_a_resumed_run_sees_a_changed_tokenizer_config(llama, tmp_path):
     data = PackedDataset(str(tmp_path / "out"))  # held: a pack's view reads the dataset's memory map
     data.check_tokenizer(fingerprint)
     assert data[0].tokens.tolist()[-1] == fingerprint["eos_id"]
+
+
+def test_inspecting_a_pack_names_the_tokenizers_own_bos_and_eos(llama, tmp_path):
+    import io
+
+    from megatron.solo.data.describe import describe_pack
+    from megatron.solo.data.packed_format import PackedDataset
+    from megatron.solo.data.packing import PackConfig
+    from megatron.solo.data.pipeline import PreprocessConfig, preprocess
+
+    tok, directory = llama
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "The quick brown fox."}\n')
+    cfg = PreprocessConfig(
+        inputs=(str(source),),
+        output_prefix=str(tmp_path / "out"),
+        tokenizer_model=str(directory),
+        pack=PackConfig(seq_length=64),
+        workers=0,
+        progress=False,
+    )
+    preprocess(cfg, stream=io.StringIO())
+    data = PackedDataset(str(tmp_path / "out"))
+    text = describe_pack(data[0], tok)
+    assert "<|begin_of_text|>The quick brown fox.<|end_of_text|>" in text and "<s>" not in text

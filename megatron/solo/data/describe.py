@@ -70,7 +70,7 @@ def render_document(view: PackView, start: int, end: int, tokenizer) -> str:
         token, target = int(view.tokens[i]), bool(view.targets[i])
         if token in (tokenizer.bos_id, tokenizer.eos_id):
             flush()
-            out.append("<s>" if token == tokenizer.bos_id else "</s>")
+            out.append(tokenizer.id_to_token(token))  # the tokenizer's own: <s>, </s>; <|begin_of_text|>, …
         else:
             if target != run_target:
                 flush()
