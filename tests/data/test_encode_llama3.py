@@ -163,7 +163,7 @@ def test_a_resumed_run_sees_a_changed_tokenizer_config(llama, tmp_path):
     assert data[0].tokens.tolist()[-1] == fingerprint["eos_id"]
 
 
-def test_inspecting_a_pack_names_the_tokenizers_own_bos_and_eos(llama, tmp_path):
+def test_inspecting_a_pack_names_the_tokenizers_own_bos_eos_and_chat_markers(llama, tmp_path):
     import io
 
     from megatron.solo.data.describe import describe_pack
@@ -173,16 +173,20 @@ def test_inspecting_a_pack_names_the_tokenizers_own_bos_and_eos(llama, tmp_path)
 
     tok, directory = llama
     source = tmp_path / "in.jsonl"
-    source.write_text('{"text": "The quick brown fox."}\n')
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A fox."}]}
+    source.write_text(json.dumps(chat) + "\n")
     cfg = PreprocessConfig(
         inputs=(str(source),),
         output_prefix=str(tmp_path / "out"),
         tokenizer_model=str(directory),
+        encode=EncodeConfig(chat_template="llama3"),
         pack=PackConfig(seq_length=64),
         workers=0,
         progress=False,
     )
     preprocess(cfg, stream=io.StringIO())
     data = PackedDataset(str(tmp_path / "out"))
-    text = describe_pack(data[0], tok)
-    assert "<|begin_of_text|>The quick brown fox.<|end_of_text|>" in text and "<s>" not in text
+    text = describe_pack(data[0], tok).replace("\n  ", "\n")  # the document's lines are indented
+    user = "<|begin_of_text|><|start_header_id|>⟦user⟧<|end_header_id|>⟦\n\nHi⟧<|eot_id|>"
+    assistant = "<|start_header_id|>⟦assistant⟧<|end_header_id|>⟦\n\n⟧A fox.<|eot_id|><|end_of_text|>"
+    assert user + assistant in text and "<s>" not in text
