@@ -176,3 +176,70 @@ def test_a_directory_with_both_files_stays_sentencepiece(tokenizer, llama_dir, t
     (tmp_path / "tokenizer.json").write_bytes((llama_dir / "tokenizer.json").read_bytes())
     again = SoloTokenizer.from_pretrained(tmp_path)
     assert type(again) is SoloTokenizer and again.fingerprint() == tokenizer.fingerprint()
+
+
+def _instruct_dir(llama_dir: Path, out: Path) -> Path:
+    """The same tokenizer.json with an Instruct config: EOS ``<|eot_id|>``."""
+    out.mkdir()
+    (out / "tokenizer.json").write_bytes((llama_dir / "tokenizer.json").read_bytes())
+    config = json.loads((llama_dir / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|eot_id|>"}))
+    return out
+
+
+def test_pickled_and_copied_tokenizers_keep_text_from_becoming_special_ids(tok):
+    """DataLoader workers get a pickled tokenizer: text naming a base special token must stay text there too."""
+    import copy
+    import pickle
+
+    text = "hello <|eot_id|> world <|begin_of_text|>"
+    ids = tok.encode(text)
+    assert tok.token_to_id("<|eot_id|>") not in ids and tok.bos_id not in ids
+    for clone in (pickle.loads(pickle.dumps(tok)), copy.deepcopy(tok)):
+        assert clone.encode(text) == ids and clone.fingerprint() == tok.fingerprint()
+
+
+def test_saving_a_tokenizer_without_a_config_over_one_with_leaves_no_stale_config(llama_dir, tmp_path):
+    instruct = SoloTokenizer(_instruct_dir(llama_dir, tmp_path / "instruct"))
+    bare_dir = tmp_path / "bare"
+    bare_dir.mkdir()
+    (bare_dir / "tokenizer.json").write_bytes((llama_dir / "tokenizer.json").read_bytes())
+    bare = SoloTokenizer(bare_dir)
+    assert bare.eos_id != instruct.eos_id
+    out = tmp_path / "ckpt"
+    instruct.save_pretrained(out)
+    bare.save_pretrained(out)
+    assert not (out / "solo_base_tokenizer_config.json").exists()
+    again = SoloTokenizer.from_pretrained(out)
+    assert again.eos_id == bare.eos_id and again.fingerprint() == bare.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "field, value", [("eos_id", 3), ("eos_token", "<|eot_id|>"), ("tokenizer_model_sha256", "0" * 64), ("kind", "x")]
+)
+def test_metadata_that_disagrees_in_any_field_is_refused(tok, tmp_path, field, value):
+    tok.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / "solo_tokenizer.json").read_text())
+    (tmp_path / "solo_tokenizer.json").write_text(json.dumps({**meta, field: value}))
+    with pytest.raises(ValueError, match=f"does not match .*{field} is"):
+        SoloTokenizer.from_pretrained(tmp_path)
+
+
+def test_sentencepiece_metadata_naming_the_json_kind_is_refused(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    assert SoloTokenizer.from_pretrained(tmp_path).fingerprint() == tokenizer.fingerprint()
+    meta = json.loads((tmp_path / "solo_tokenizer.json").read_text())
+    (tmp_path / "solo_tokenizer.json").write_text(json.dumps({**meta, "kind": "tokenizers"}))
+    with pytest.raises(ValueError, match="kind is 'tokenizers' there but 'sentencepiece' here"):
+        SoloTokenizer.from_pretrained(tmp_path)
+
+
+def test_a_saved_base_file_named_directly_takes_its_own_config(llama_dir, tmp_path):
+    """``ckpt/solo_base_tokenizer.json`` as a path: BOS/EOS from ``solo_base_tokenizer_config.json`` beside it,
+    not from an HF twin's ``tokenizer_config.json`` there."""
+    instruct = SoloTokenizer(_instruct_dir(llama_dir, tmp_path / "instruct"))
+    out = tmp_path / "ckpt"
+    instruct.save_pretrained(out)
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))  # the twin's
+    direct = SoloTokenizer(out / "solo_base_tokenizer.json")
+    assert direct.eos_id == instruct.eos_id and direct.fingerprint() == instruct.fingerprint()

@@ -236,9 +236,15 @@ class SoloTokenizer:
         tok = cls(directory if _is_json_tokenizer(directory) else directory / MODEL_FILE)
         meta_path = directory / METADATA_FILE
         if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            if meta.get("vocab_size") != tok.vocab_size or meta.get("vision_start_id") != tok.vision_start_id:
-                raise ValueError(f"{meta_path} does not match {directory / MODEL_FILE}: {meta}")
+            saved, now = json.loads(meta_path.read_text()), {"kind": "sentencepiece", **tok.metadata()}
+            saved.setdefault("kind", "sentencepiece")  # a SentencePiece tokenizer's metadata has no kind
+            # Every field both have (kind, hash, BOS/EOS/PAD, the special ids); an older file may lack some.
+            wrong = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+            if wrong:
+                raise ValueError(
+                    f"{meta_path} does not match {tok.model_path}: "
+                    + ", ".join(f"{k} is {saved[k]!r} there but {now[k]!r} here" for k in wrong)
+                )
         return tok
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -400,6 +406,24 @@ class JsonSoloTokenizer(SoloTokenizer):
         return self._encoder.json_bytes.decode("utf-8")
 
 
+LLAMA3_CHAT_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def check_chat_template(tokenizer: SoloTokenizer, template: str) -> None:
+    """ValueError if the chat ``template`` needs base special tokens ``tokenizer`` lacks (``llama3`` with
+    Mistral's): preprocessing and the export refuse the same combinations."""
+    if template != "llama3":
+        return
+    for name in LLAMA3_CHAT_TOKENS:
+        try:
+            tokenizer.token_to_id(name)
+        except KeyError:
+            raise ValueError(
+                f"chat template llama3 needs the tokenizer's {name} token, which {tokenizer!r} does not have "
+                "(Llama-3's tokenizer.json has it)"
+            ) from None
+
+
 def has_tokenizer(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds a tokenizer :class:`SoloTokenizer` reads (either kind)."""
     directory = Path(directory)
@@ -449,8 +473,10 @@ __all__ = [
     "VISION_ROW_SEP",
     "VISION_START",
     "VISION_TOKENS",
+    "LLAMA3_CHAT_TOKENS",
     "JsonSoloTokenizer",
     "SoloTokenizer",
+    "check_chat_template",
     "default_tokenizer_model",
     "has_tokenizer",
     "padded_vocab_size",

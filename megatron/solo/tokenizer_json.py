@@ -37,10 +37,13 @@ _EOS_NAMES = ("<|end_of_text|>", "</s>")
 def json_tokenizer_files(path: Path) -> tuple[Path, Path] | None:
     """(tokenizer.json, tokenizer_config.json — may not exist) that ``path`` names, or None if it names none.
 
-    ``path``: a ``*.json`` file, or a directory with ``solo_base_tokenizer.json`` (preferred) or ``tokenizer.json``.
+    ``path``: a ``*.json`` file (its config: ``solo_base_tokenizer_config.json`` beside ``solo_base_tokenizer.json``,
+    else ``tokenizer_config.json``), or a directory with ``solo_base_tokenizer.json`` (preferred) or ``tokenizer.json``.
     """
     if path.is_file():
-        return (path, path.with_name(CONFIG_FILE)) if path.suffix == ".json" else None
+        if path.suffix != ".json":
+            return None
+        return path, path.with_name(BASE_CONFIG_FILE if path.name == BASE_JSON_FILE else CONFIG_FILE)
     for json_file, config in ((BASE_JSON_FILE, BASE_CONFIG_FILE), (JSON_FILE, CONFIG_FILE)):
         if (path / json_file).is_file():
             return path / json_file, path / config
@@ -51,13 +54,11 @@ class JsonEncoder:
     """A ``tokenizers.Tokenizer`` read from ``tokenizer.json`` bytes, with the BOS/EOS/PAD of its config."""
 
     def __init__(self, json_path: Path, config_path: Path, special_tokens: Sequence[str]):
-        from tokenizers import Tokenizer  # a dependency of the package; imported only for this kind
-
         self.json_path, self.config_path = json_path, config_path
         self.json_bytes = json_path.read_bytes()
         self.config_bytes = config_path.read_bytes() if config_path.is_file() else None
         try:
-            self._tok = Tokenizer.from_str(self.json_bytes.decode("utf-8"))
+            self._tok = _load(self.json_bytes)
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
             raise ValueError(f"{json_path}: not an HF tokenizer.json: {e}") from e
         vocab = self._tok.get_vocab(with_added_tokens=True)
@@ -68,7 +69,6 @@ class JsonEncoder:
                 f"HF tokenizer; load the directory's {BASE_JSON_FILE} (or the checkpoint) instead"
             )
         self.size = max(vocab.values()) + 1
-        self._tok.encode_special_tokens = True  # text never becomes a special id (module docstring)
         config = self._read_config()
         self.bos_token = _token_name(config.get("bos_token")) or _first_known(_BOS_NAMES, vocab)
         self.eos_token = _token_name(config.get("eos_token")) or _first_known(_EOS_NAMES, vocab)
@@ -85,6 +85,14 @@ class JsonEncoder:
         self.bos_id, self.eos_id, self.pad_id = (vocab[t] for t in (self.bos_token, self.eos_token, self.pad_token))
         unk = getattr(self._tok.model, "unk_token", None)
         self.unk_id = vocab.get(unk) if unk else None
+
+    def __getstate__(self) -> dict:
+        # A pickled tokenizers.Tokenizer forgets encode_special_tokens (DataLoader workers, deepcopy): rebuilt.
+        return {k: v for k, v in self.__dict__.items() if k != "_tok"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._tok = _load(self.json_bytes)
 
     def _read_config(self) -> dict:
         if self.config_bytes is None:
@@ -120,6 +128,18 @@ class JsonEncoder:
         write_atomic(directory / BASE_JSON_FILE, self.json_bytes)
         if self.config_bytes is not None:
             write_atomic(directory / BASE_CONFIG_FILE, self.config_bytes)
+        else:  # another tokenizer's config left there would give this one its BOS/EOS when loaded
+            (directory / BASE_CONFIG_FILE).unlink(missing_ok=True)
+
+
+def _load(json_bytes: bytes):
+    """The ``tokenizers.Tokenizer`` of ``tokenizer.json`` bytes, with ``encode_special_tokens`` set: text never
+    becomes a special id (module docstring)."""
+    from tokenizers import Tokenizer  # a dependency of the package; imported only for this kind
+
+    tok = Tokenizer.from_str(json_bytes.decode("utf-8"))
+    tok.encode_special_tokens = True
+    return tok
 
 
 def _token_name(value) -> str | None:

@@ -127,3 +127,28 @@ def test_layout_errors_name_the_flag(hf_mistral, megatron_world, tmp_path):
             ]
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_an_llm_with_a_tokenizer_json_converts_and_one_without_a_tokenizer_is_refused(megatron_world, tmp_path):
+    """hf-to-megatron finds a tokenizer.json (Llama-3's kind) as well as a tokenizer.model; with neither it
+    asks for --tokenizer-model."""
+    from tiny_llama3 import llama3_tokenizer_dir
+
+    from megatron.solo.checkpointing import CheckpointMetadata
+    from megatron.solo.tokenizer import JsonSoloTokenizer, SoloTokenizer
+
+    directory = tmp_path / "llm"
+    _, base_ids = llama3_tokenizer_dir(directory)
+    random_mistral(vocab_size=base_ids).save_pretrained(directory)
+    out = tmp_path / "mg"
+    assert convert_checkpoint.main(["hf-to-megatron", "--hf-model", str(directory), "--out", str(out)]) == 0
+    tokenizer = SoloTokenizer.from_pretrained(out)
+    assert (
+        isinstance(tokenizer, JsonSoloTokenizer) and tokenizer.fingerprint() == SoloTokenizer(directory).fingerprint()
+    )
+    assert CheckpointMetadata.read(out).model.vocab_size == tokenizer.vocab_size
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (directory / name).unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer .* pass --tokenizer-model"):
+        convert_checkpoint.main(["hf-to-megatron", "--hf-model", str(directory), "--out", str(tmp_path / "none")])

@@ -263,3 +263,30 @@ def test_processor_loads_as_remote_code_where_the_package_is_not_importable(
     assert set(got) == {"input_ids", "attention_mask", "vision_patches", "vision_patch_indices"}
     for key in got:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_chat_with_a_tokenizer_json_base_is_preprocessings(sample_photos, tmp_path):
+    """A tokenizer.json base (Llama-3-style: BOS/EOS are <|begin_of_text|>/<|end_of_text|>): the Mistral chat
+    layout ends an answer with that EOS, and the processor gives preprocessing's ids."""
+    from tiny_llama3 import llama3_tokenizer_dir
+
+    from megatron.solo.convert.hf_solo import SoloProcessor
+    from megatron.solo.convert.hf_tokenizer import build_hf_tokenizer
+    from megatron.solo.tokenizer import SoloTokenizer
+
+    llama3_tokenizer_dir(tmp_path)
+    tokenizer = SoloTokenizer(tmp_path)
+    processor = SoloProcessor(build_hf_tokenizer(tokenizer))
+    photo = str(sample_photos[0])
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello there."},
+        {"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": "photo"}]},
+    ]
+    text = processor.apply_chat_template(messages)
+    assert text == "<|begin_of_text|>[INST] Hi [/INST] Hello there.<|end_of_text|>[INST] <image> photo [/INST]"
+    turns = [Turn("user", ("Hi",)), Turn("assistant", ("Hello there.",)), Turn("user", (ImageRef(photo), "photo"))]
+    ids, patches = preprocessed(tokenizer, turns, template="mistral")
+    out = processor.apply_chat_template(messages, tokenize=True)
+    assert out["input_ids"][0].tolist() == ids and tokenizer.eos_id in ids
+    assert torch.equal(out["vision_patches"], torch.from_numpy(patches))

@@ -119,3 +119,74 @@ def test_mistrals_tokenizer_is_refused_for_llama3(tokenizer, llama):
     check_template(llama[0], "llama3")
     with pytest.raises(ValueError, match=r"llama3 needs the tokenizer's <\|start_header_id\|>"):
         check_template(tokenizer, "llama3")
+
+
+def test_a_resumed_run_sees_a_changed_tokenizer_config(llama, tmp_path):
+    """An Instruct config (EOS ``<|eot_id|>``) beside the same tokenizer.json changes the resume fingerprint: a
+    ``--resume`` rerun remakes the data (whose header then names the Instruct EOS) instead of keeping the base's."""
+    import io
+    import shutil
+
+    from megatron.solo.data.packed_format import PackedDataset
+    from megatron.solo.data.packing import PackConfig
+    from megatron.solo.data.pipeline import PreprocessConfig, preprocess
+    from megatron.solo.tokenizer import SoloTokenizer
+
+    _, base = llama
+    instruct = tmp_path / "instruct"
+    instruct.mkdir()
+    shutil.copyfile(base / "tokenizer.json", instruct / "tokenizer.json")
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (instruct / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|eot_id|>"}))
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"text": "The quick brown fox."}\n')
+
+    def run(tokenizer_dir):
+        cfg = PreprocessConfig(
+            inputs=(str(source),),
+            output_prefix=str(tmp_path / "out"),
+            tokenizer_model=str(tokenizer_dir),
+            pack=PackConfig(seq_length=64),
+            workers=0,
+            resume=True,
+            progress=False,
+        )
+        return preprocess(cfg, stream=io.StringIO())
+
+    first = run(base)
+    second = run(instruct)
+    assert first["fingerprint"] != second["fingerprint"]
+    fingerprint = SoloTokenizer(instruct).fingerprint()
+    assert fingerprint["eos_id"] == SoloTokenizer(instruct).token_to_id("<|eot_id|>")
+    data = PackedDataset(str(tmp_path / "out"))  # held: a pack's view reads the dataset's memory map
+    data.check_tokenizer(fingerprint)
+    assert data[0].tokens.tolist()[-1] == fingerprint["eos_id"]
+
+
+def test_inspecting_a_pack_names_the_tokenizers_own_bos_eos_and_chat_markers(llama, tmp_path):
+    import io
+
+    from megatron.solo.data.describe import describe_pack
+    from megatron.solo.data.packed_format import PackedDataset
+    from megatron.solo.data.packing import PackConfig
+    from megatron.solo.data.pipeline import PreprocessConfig, preprocess
+
+    tok, directory = llama
+    source = tmp_path / "in.jsonl"
+    chat = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A fox."}]}
+    source.write_text(json.dumps(chat) + "\n")
+    cfg = PreprocessConfig(
+        inputs=(str(source),),
+        output_prefix=str(tmp_path / "out"),
+        tokenizer_model=str(directory),
+        encode=EncodeConfig(chat_template="llama3"),
+        pack=PackConfig(seq_length=64),
+        workers=0,
+        progress=False,
+    )
+    preprocess(cfg, stream=io.StringIO())
+    data = PackedDataset(str(tmp_path / "out"))
+    text = describe_pack(data[0], tok).replace("\n  ", "\n")  # the document's lines are indented
+    user = "<|begin_of_text|><|start_header_id|>⟦user⟧<|end_header_id|>⟦\n\nHi⟧<|eot_id|>"
+    assistant = "<|start_header_id|>⟦assistant⟧<|end_header_id|>⟦\n\n⟧A fox.<|eot_id|><|end_of_text|>"
+    assert user + assistant in text and "<s>" not in text

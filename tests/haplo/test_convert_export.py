@@ -284,3 +284,14 @@ def test_chat_messages_and_a_padded_batch_are_preprocessings(tokenizer, sample_p
     )
     text_only = processor(text=["Two plus two is", "Hello"])
     assert set(text_only) == {"input_ids", "attention_mask"}  # no image keys: the model takes none
+
+
+def test_a_llama3_export_of_a_mistral_checkpoint_is_refused(megatron_ckpt, tmp_path):
+    """Preprocessing refuses ``--chat-template llama3`` with Mistral's tokenizer (no header/turn tokens); the
+    export does too, before reading the weights, and writes nothing."""
+    from megatron.solo.convert.haplo_export import haplo_megatron_to_hf
+
+    out = tmp_path / "hf"
+    with pytest.raises(ValueError, match=r"llama3 needs the tokenizer's <\|start_header_id\|>"):
+        haplo_megatron_to_hf(megatron_ckpt, out, chat_template="llama3")
+    assert not out.exists()

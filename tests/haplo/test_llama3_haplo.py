@@ -7,6 +7,7 @@ and it generates; ``hf-to-megatron`` reads the export back with the same tokeniz
 
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -111,8 +112,10 @@ def test_stage2_trains_on_data_of_that_tokenizer_and_refuses_anothers(records, l
     mistral = preprocess(root / "mistral", recs, None)
     fingerprint = SoloTokenizer.from_pretrained(checkpoint).fingerprint()
     PackedDataset(prefix).check_tokenizer(fingerprint)
-    with pytest.raises(ValueError, match="tokenizer"):
-        PackedDataset(mistral).check_tokenizer(fingerprint)
+    # the trainer compares the data with the checkpoint's tokenizer before building the model (seconds)
+    refused = run_pretrain(recipe_args(["1.0", mistral], str(checkpoint), SEQ_LENGTH, 2), expect_rc=None)
+    assert refused.returncode != 0 and mistral in refused.stderr, refused.stderr[-3000:]
+    assert re.search(r"mistral\.pack\.json: tokenizer\.\w+ is .*, but the run's tokenizer", refused.stderr)
 
     args = recipe_args(["1.0", prefix], str(checkpoint), SEQ_LENGTH, 2, "--metrics-file", str(tmp_path / "m"))
     run_pretrain([*args, "--save", str(tmp_path / "s2")])
@@ -145,6 +148,9 @@ def test_the_export_loads_processes_like_preprocessing_and_generates(checkpoint,
     new = generated[0, chat["input_ids"].shape[1] :].tolist()
     assert 1 <= len(new) <= 4 and all(0 <= t < llama_tokenizer.vocab_size for t in new)
     assert not set(new) & set(llama_tokenizer.vision_token_ids)  # suppressed by the generation config
+    # the base config's EOS is <|end_of_text|>; a llama3 chat answer ends with <|eot_id|>: both stop generation
+    eot = llama_tokenizer.token_to_id("<|eot_id|>")
+    assert llama_tokenizer.eos_id != eot and model.generation_config.eos_token_id == [llama_tokenizer.eos_id, eot]
 
     back = tmp_path / "back"
     assert main(["hf-to-megatron", "--hf-model", str(out), "--out", str(back)]) == 0
@@ -157,6 +163,30 @@ def test_the_processors_chat_and_batches_are_preprocessings(llama_tokenizer, sam
     """The Mistral-layout chat test of the SentencePiece export, with the Llama-3 tokenizer's HF twin: its
     BOS/EOS names (<|begin_of_text|>, <|end_of_text|>) replace <s>/</s> in the template and the processor."""
     check_chat(llama_tokenizer, sample_photos, tmp_path)
+
+
+def test_llama3_generation_stops_at_the_end_of_a_turn(llama_tokenizer):
+    """The export's stop ids and the evaluation runner's (also for an export whose generation config lists only
+    EOS) include ``<|eot_id|>`` with the llama3 layout; the Mistral layout stops at EOS alone."""
+    from transformers import GenerationConfig
+
+    from megatron.solo.convert.haplo_export import haplo_processor, stop_token_ids
+    from megatron.solo.evaluation.hf_runner import stop_token_ids as runner_stop_ids
+    from megatron.solo.families import get_preset
+
+    eos, eot = llama_tokenizer.eos_id, llama_tokenizer.token_to_id("<|eot_id|>")
+    assert stop_token_ids(llama_tokenizer, "llama3") == [eos, eot]
+    assert stop_token_ids(llama_tokenizer, "mistral") == [eos]
+    cfg = get_preset("haplo-tiny")
+    only_eos = GenerationConfig(eos_token_id=eos)
+    assert runner_stop_ids(haplo_processor(cfg, llama_tokenizer, "llama3"), only_eos) == [eos, eot]
+    assert runner_stop_ids(haplo_processor(cfg, llama_tokenizer, "mistral"), only_eos) == [eos]
+    assert runner_stop_ids(
+        haplo_processor(cfg, llama_tokenizer, "mistral"), GenerationConfig(eos_token_id=[eos, 7])
+    ) == [
+        eos,
+        7,
+    ]
 
 
 def test_an_llm_with_more_rows_than_its_tokenizer_is_refused(llama, tmp_path):

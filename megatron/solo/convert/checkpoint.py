@@ -29,7 +29,7 @@ from megatron.solo.convert.hf_solo import SoloConfig
 from megatron.solo.convert.name_table import PATCH_INIT_SEED, hf_to_megatron, megatron_to_hf, model_config_from_hf
 from megatron.solo.model import build_model, make_transformer_config
 from megatron.solo.parallel import ensure_model_parallel_of_one
-from megatron.solo.tokenizer import SoloTokenizer
+from megatron.solo.tokenizer import SoloTokenizer, has_tokenizer
 
 
 def solo_config_from_model_config(cfg: ModelConfig, tokenizer: SoloTokenizer) -> SoloConfig:
@@ -55,8 +55,8 @@ def solo_config_from_model_config(cfg: ModelConfig, tokenizer: SoloTokenizer) ->
 
 def _source_tokenizer(hf_dir: Path, tokenizer_model: str | os.PathLike | None) -> SoloTokenizer:
     path = Path(tokenizer_model) if tokenizer_model is not None else hf_dir
-    if tokenizer_model is None and not (hf_dir / "tokenizer.model").is_file():
-        raise FileNotFoundError(f"{hf_dir}: no tokenizer.model; pass --tokenizer-model PATH")
+    if tokenizer_model is None and not has_tokenizer(hf_dir):
+        raise FileNotFoundError(f"{hf_dir}: no tokenizer (tokenizer.model or tokenizer.json); pass --tokenizer-model")
     return SoloTokenizer(path)
 
 

@@ -9,7 +9,8 @@ The directory (written atomically, as SOLO's export)::
     processing_haplo.py
     processor_config.json        HaploProcessor's settings (tile, patch, pinpoints, CLIP mean/std)
     chat_template.jinja          the Mistral [INST] … [/INST] template preprocessing writes (or Llama-3's)
-    generation_config.json       bos/eos/pad ids; the vision ids are suppressed (a generated <vpatch> has no image)
+    generation_config.json       bos/eos/pad ids (llama3: EOS and <|eot_id|>); the vision ids are suppressed (a
+                                 generated <vpatch> has no image)
     model.safetensors            the release's names (``haplo/release_layout.py``), or shards + index
     tokenizer.json, tokenizer_config.json, tokenizer.model, solo_tokenizer.json   as SOLO's export; for a
                                  tokenizer.json base (Llama-3) solo_base_tokenizer*.json instead of tokenizer.model
@@ -31,7 +32,7 @@ from megatron.solo.checkpointing import CheckpointMetadata, checkpoint_dtype, lo
 from megatron.solo.convert.hf_export import DEFAULT_MAX_SHARD_BYTES, _replace_dir, _write_weights
 from megatron.solo.haplo.config import HaploConfig
 from megatron.solo.haplo.release_layout import megatron_to_release, release_config
-from megatron.solo.tokenizer import SoloTokenizer, has_tokenizer
+from megatron.solo.tokenizer import SoloTokenizer, check_chat_template, has_tokenizer
 
 
 def hf_haplo_config(cfg: HaploConfig, tokenizer: SoloTokenizer):
@@ -57,6 +58,16 @@ def hf_haplo_config(cfg: HaploConfig, tokenizer: SoloTokenizer):
     )
 
 
+def stop_token_ids(tokenizer: SoloTokenizer, chat_template: str = "mistral") -> list[int]:
+    """The ids generation stops at: EOS, and for the ``llama3`` chat layout also ``<|eot_id|>`` (the end of an
+    assistant turn; the base Llama-3 config's EOS is ``<|end_of_text|>``), as Meta's ``generation_config.json``
+    lists ``[128001, 128009]``."""
+    ids = [tokenizer.eos_id]
+    if chat_template == "llama3":
+        ids.append(tokenizer.token_to_id("<|eot_id|>"))
+    return list(dict.fromkeys(ids))
+
+
 def haplo_processor(cfg: HaploConfig, tokenizer: SoloTokenizer, chat_template: str = "mistral"):
     """``HaploProcessor`` around the HF twin of ``tokenizer``, with ``cfg``'s tiling and the chat layout
     preprocessing's ``--chat-template`` gave the training data (``mistral`` or ``llama3``)."""
@@ -64,6 +75,7 @@ def haplo_processor(cfg: HaploConfig, tokenizer: SoloTokenizer, chat_template: s
     from megatron.solo.haplo.anyres import CLIP_MEAN, CLIP_STD
     from megatron.solo.haplo.hf_haplo import HaploProcessor
 
+    check_chat_template(tokenizer, chat_template)  # preprocessing's check: llama3 needs Llama-3's tokens
     return HaploProcessor(
         build_hf_tokenizer(tokenizer),
         tile_size=cfg.tile_size,
@@ -113,9 +125,10 @@ def haplo_megatron_to_hf(
     try:
         _write_weights(tmp, hf_sd, dtype, max_shard_bytes)
         config.to_json_file(tmp / "config.json", use_diff=True)
+        stop = stop_token_ids(tokenizer, chat_template)
         GenerationConfig(
             bos_token_id=tokenizer.bos_id,
-            eos_token_id=tokenizer.eos_id,
+            eos_token_id=stop if len(stop) > 1 else stop[0],
             pad_token_id=tokenizer.pad_id,
             suppress_tokens=list(tokenizer.vision_token_ids),
         ).save_pretrained(tmp)

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from megatron.solo.data.packed_format import PackView
+from megatron.solo.tokenizer import LLAMA3_CHAT_TOKENS
 
 NO_LOSS_OPEN, NO_LOSS_CLOSE = "⟦", "⟧"
 
@@ -47,8 +48,10 @@ def _loss_tokens(view: PackView) -> int:
 
 
 def render_document(view: PackView, start: int, end: int, tokenizer) -> str:
-    """Tokens [start, end) as text: images summarised, BOS/EOS written out, no-loss text bracketed."""
+    """Tokens [start, end) as text: images summarised, BOS/EOS (and Llama-3's chat markers) written out, no-loss
+    text bracketed."""
     images = {im.position: im for im in view.images if start <= im.position < end}
+    markers = _marker_ids(tokenizer)
     out: list[str] = []
     run: list[int] = []
     run_target = None
@@ -68,9 +71,9 @@ def render_document(view: PackView, start: int, end: int, tokenizer) -> str:
             i += im.num_tokens
             continue
         token, target = int(view.tokens[i]), bool(view.targets[i])
-        if token in (tokenizer.bos_id, tokenizer.eos_id):
+        if token in markers:
             flush()
-            out.append("<s>" if token == tokenizer.bos_id else "</s>")
+            out.append(tokenizer.id_to_token(token))  # the tokenizer's own: <s>, </s>; <|begin_of_text|>, …
         else:
             if target != run_target:
                 flush()
@@ -79,6 +82,17 @@ def render_document(view: PackView, start: int, end: int, tokenizer) -> str:
         i += 1
     flush()
     return "".join(out)
+
+
+def _marker_ids(tokenizer) -> set[int]:
+    """BOS, EOS and the chat markers the tokenizer has (decoding would drop these special tokens silently)."""
+    ids = {tokenizer.bos_id, tokenizer.eos_id}
+    for name in LLAMA3_CHAT_TOKENS:
+        try:
+            ids.add(tokenizer.token_to_id(name))
+        except KeyError:
+            pass
+    return ids
 
 
 def save_images(view: PackView, directory: str, stem: str = "image") -> list[str]:

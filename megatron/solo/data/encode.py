@@ -52,6 +52,7 @@ from megatron.solo.data.errors import Origin, SampleError
 from megatron.solo.data.samples import ImageRef, Sample, Turn
 from megatron.solo.haplo import anyres
 from megatron.solo.image import DEFAULT_CONFIG, ImageConfig, ImageError
+from megatron.solo.tokenizer import LLAMA3_CHAT_TOKENS, check_chat_template
 
 TEMPLATES = ("mistral", "plain", "llama3")
 LAYOUTS = ("solo", "haplo")
@@ -66,24 +67,9 @@ class _Special:
     name: str
 
 
-HEADER_OPEN, HEADER_CLOSE, END_OF_TURN = (
-    _Special(n) for n in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-)
-LLAMA3_TOKENS = (HEADER_OPEN.name, HEADER_CLOSE.name, END_OF_TURN.name)
-
-
-def check_template(tokenizer, template: str) -> None:
-    """ValueError if ``template`` needs special tokens ``tokenizer`` lacks (``llama3`` with Mistral's)."""
-    if template != "llama3":
-        return
-    for name in LLAMA3_TOKENS:
-        try:
-            tokenizer.token_to_id(name)
-        except KeyError:
-            raise ValueError(
-                f"chat template llama3 needs the tokenizer's {name} token, which {tokenizer!r} does not have "
-                "(Llama-3's tokenizer.json has it)"
-            ) from None
+HEADER_OPEN, HEADER_CLOSE, END_OF_TURN = (_Special(n) for n in LLAMA3_CHAT_TOKENS)
+check_template = check_chat_template  # ValueError if the template needs special tokens the tokenizer lacks (the
+# tokenizer's check, so the HF export refuses the same combinations)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -269,6 +269,10 @@ def _metadata(config: PreprocessConfig, fmt: str, files: list[str], tokenizer: S
         dataclasses.asdict(config.encode),
         config.pack.seq_length,
     ]
+    if tokenizer.kind != "sentencepiece":
+        # A tokenizer.json's BOS/EOS come from its tokenizer_config.json, not from the bytes hashed above (a
+        # SentencePiece model fixes them itself, so its fingerprint stays what earlier runs recorded).
+        extra.append(tokenizer.fingerprint())
     blob = json.dumps([meta, extra], sort_keys=True, default=str).encode()
     return {**meta, "fingerprint": hashlib.sha256(blob).hexdigest()}
 

@@ -62,6 +62,18 @@ def prompt_text(processor, request: Request, template: str) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}])
 
 
+def stop_token_ids(processor, generation_config) -> list[int]:
+    """The ids an answer ends at: the tokenizer's EOS, the export's ``generation_config.json`` EOS id(s), and
+    ``<|eot_id|>`` for a ``llama3`` chat layout (a base Llama-3 tokenizer's EOS is ``<|end_of_text|>``)."""
+    tok = processor.tokenizer
+    ids = [tok.eos_token_id]
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    if getattr(processor, "chat_format", None) == "llama3":
+        ids.append(tok.convert_tokens_to_ids("<|eot_id|>"))
+    return [int(i) for i in dict.fromkeys(ids) if i is not None]
+
+
 def continuation_scores(
     logits: torch.Tensor,
     tokens: torch.Tensor,
@@ -137,6 +149,7 @@ class SoloRunner:
         self.model.to(self.device).eval()
         tok = self.processor.tokenizer
         self.eos_id = tok.eos_token_id
+        self.stop_ids = stop_token_ids(self.processor, self.model.generation_config)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def _encode(self, requests: Sequence[Request]) -> dict[str, torch.Tensor]:
@@ -169,13 +182,12 @@ class SoloRunner:
             max_new_tokens=max_new_tokens,
             do_sample=sample,
             **({"temperature": temperature, "top_p": top_p} if sample else {}),
-            eos_token_id=self.eos_id,
+            eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
         )
         answers = []
         for ids in out[:, batch["input_ids"].shape[1] :].tolist():
-            if self.eos_id in ids:
-                ids = ids[: ids.index(self.eos_id)]
+            ids = ids[: next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))]
             answers.append(cut_at(self.processor.decode(ids).strip(), until))
         return answers
 
@@ -227,4 +239,5 @@ __all__ = [
     "cut_at",
     "parse_dtype",
     "prompt_text",
+    "stop_token_ids",
 ]

@@ -31,11 +31,11 @@ VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_FRAME_SEP, VISION_END = (
 VISION_TOKENS = (VISION_START, VISION_PATCH, VISION_ROW_SEP, VISION_FRAME_SEP, VISION_END)
 IMAGE_END_TOKENS = (VISION_END, VISION_START)
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask", "vision_patches", "vision_patch_indices"]
-_SEGMENT = re.compile(r"(<image>|<s>|</s>|\[INST\]|\[/INST\])")
 _ORIENTATION_TAG = 0x0112
 
 # The Mistral-instruct v0.1 layout preprocessing's "mistral" template writes: system parts open the next user
-# turn, every assistant turn but the last ends with </s>, and an image part becomes the <image> placeholder.
+# turn, every assistant turn but the last ends with EOS (</s>; the tokenizer's own, e.g. a tokenizer.json base's
+# <|end_of_text|>), and an image part becomes the <image> placeholder.
 MISTRAL_CHAT_TEMPLATE = (
     "{%- macro render(content) -%}"
     "{%- if content is string -%}{{ content }}"
@@ -54,7 +54,7 @@ MISTRAL_CHAT_TEMPLATE = (
     '{%- set ns.system = "" -%}'
     '{%- elif message.role == "assistant" -%}'
     "{%- if ns.system %}[INST] {{ ns.system }}[/INST]{% set ns.system = '' %}{% endif -%}"
-    "{{ ' ' ~ render(message.content) }}{%- if not loop.last -%}</s>{%- endif -%}"
+    "{{ ' ' ~ render(message.content) }}{%- if not loop.last -%}{{ eos_token }}{%- endif -%}"
     '{%- else -%}{{ raise_exception("roles must be system, user or assistant, got " ~ message.role) }}'
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -75,8 +75,9 @@ class SoloProcessor(ProcessorMixin):
       samples' placeholders in order, or one image per sample when no text has a placeholder.
     * Text: BOS first, unless ``<s>`` comes before any text (``"<image><s>[INST] q [/INST]"`` is the released
       SOLO-7B demo's layout, image before BOS); the text is cut at ``<image>``, ``<s>``, ``</s>``,
-      ``[INST]`` and ``[/INST]``, each piece is stripped and tokenized on its own (``<s>``/``</s>`` are BOS/EOS),
-      exactly as preprocessing tokenizes a sample's parts. Literal vision-token text (``"<vision>"``) stays text.
+      ``[INST]`` and ``[/INST]``, each piece is stripped and tokenized on its own (``<s>``/``</s>`` are BOS/EOS:
+      the tokenizer's own names, e.g. ``<|begin_of_text|>`` for a tokenizer.json base), exactly as preprocessing
+      tokenizes a sample's parts. Literal vision-token text (``"<vision>"``) stays text.
     * An image becomes ``<vision>`` rows of ``<vpatch>`` separated by ``<vrow_sep>``, then ``</vision>`` — or
       ``<vision>`` again with ``image_end_token="<vision>"`` (the released SOLO-7B SFT model's quirk; a field of
       ``processor_config.json``, overridable per call).
@@ -158,7 +159,7 @@ class SoloProcessor(ProcessorMixin):
     def _encode(self, text: str, images: list, end_token: str, sample: int):
         """One sample → (ids, int64 patch index per id (-1 for text), list of [n, 3·P·P] float32 arrays)."""
         tok = self.tokenizer
-        pieces = _SEGMENT.split(text)
+        pieces = _segments(tok).split(text)
         n_slots = pieces.count(IMAGE_PLACEHOLDER)
         if n_slots and n_slots != len(images):
             raise ValueError(f"sample {sample}: its text has {n_slots} {IMAGE_PLACEHOLDER} but {len(images)} images")
@@ -292,6 +293,12 @@ def _check_end_token(token: str) -> str:
     if token not in IMAGE_END_TOKENS:
         raise ValueError(f"image_end_token must be {VISION_END!r} or {VISION_START!r} (SOLO-7B's quirk), got {token!r}")
     return token
+
+
+def _segments(tok) -> re.Pattern:
+    """The markers a text is cut at: <image>, BOS and EOS (Mistral: <s>, </s>), [INST] and [/INST]."""
+    markers = (IMAGE_PLACEHOLDER, tok.bos_token, tok.eos_token, "[INST]", "[/INST]")
+    return re.compile("(" + "|".join(re.escape(m) for m in dict.fromkeys(markers)) + ")")
 
 
 def _is_image(x) -> bool:
