@@ -1,9 +1,12 @@
 """The on-disk format: writer ↔ reader round trip, megatron-core compatibility, resumable appends."""
 
+import ast
 import gc
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +96,7 @@ def test_writer_reader_and_megatron_core_compatibility(tmp_path, tokenizer, smal
 
 
 def test_views_outlive_their_dataset(tmp_path, tokenizer, small_photos):
-    """megatron-core unmaps its files when an IndexedDataset is collected: views must keep it alive."""
+    """megatron-core unmaps its files when an IndexedDataset is collected: views must not depend on it."""
     write(tmp_path / "d", [Pack((image_doc(tokenizer, small_photos[:2]),))]).finalize()
     view = PackedDataset(str(tmp_path / "d"))[0]
     lengths = PackedDataset(str(tmp_path / "d")).sequence_lengths
@@ -104,6 +107,25 @@ def test_views_outlive_their_dataset(tmp_path, tokenizer, small_photos):
     del view
     gc.collect()
     np.testing.assert_array_equal(im.normalize_patches(im.patchify_uint8(image.pixels())), expected)
+
+
+def test_arrays_taken_from_a_view_outlive_the_view_and_the_dataset(tmp_path, tokenizer, small_photos):
+    """``PackedDataset(p)[0].tokens`` in one expression: the dataset and the view are collected at once, and the
+    arrays must not point into the unmapped file (this crashed the interpreter when they were views of it)."""
+    write(tmp_path / "d", [Pack((image_doc(tokenizer, small_photos[:2]),))]).finalize()
+    want = PackedDataset(str(tmp_path / "d"))[0]
+    want = (want.tokens.tolist(), want.doc_offsets.tolist(), bytes(want.images[1].data))
+    script = (
+        "import gc, sys; from megatron.solo.data.packed_format import PackedDataset as D; p = sys.argv[1]; "
+        "t = D(p)[0].tokens; o = D(p)[0].doc_offsets; b = D(p)[0].images[1].data; gc.collect(); "
+        "[D(p).sequence_lengths for _ in range(50)]; gc.collect(); "
+        "print(repr((t.tolist(), o.tolist(), bytes(b))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "d")], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert ast.literal_eval(proc.stdout) == want
 
 
 def test_resumed_writer_truncates_and_matches_an_uninterrupted_one(tmp_path, tokenizer, small_photos):

@@ -62,7 +62,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -329,8 +329,6 @@ class PackedImage:
     n_cols: int
     codec: int
     data: memoryview
-    _owner: object = field(default=None, repr=False, compare=False)
-    """Keeps the memory map alive: megatron-core unmaps its files when the dataset object is collected."""
     crop: tuple[int, int] | None = None
     """HaploVL layout: (top, left) patches dropped at each end by the unpadding (None: SOLO's layout)."""
     side: int = 0
@@ -403,8 +401,6 @@ class PackView:
     """int64 [n_docs + 1]: start of each document, then n."""
     images: tuple[PackedImage, ...]
     image_config: ImageConfig = DEFAULT_CONFIG
-    _owner: object = field(default=None, repr=False, compare=False)
-    """Keeps the memory map alive while this view exists (see :class:`PackedImage`)."""
 
     @property
     def n_docs(self) -> int:
@@ -516,8 +512,11 @@ class PackedDataset:
         if not -len(self) <= i < len(self):
             raise IndexError(f"pack {i} out of range (0..{len(self) - 1})")
         i = int(i) % len(self)
+        # Copies, not views of the memory map: megatron-core unmaps its files when an IndexedDataset is collected,
+        # and an array taken from a view (``ds[i].tokens``) must not read freed memory then. A pack is small
+        # beside the decoding of its images.
         return view_pack_record(
-            self._tokens[i], self._records[i], self.image_config, where=f"{self.prefix} pack {i}", owner=self
+            np.array(self._tokens[i]), np.array(self._records[i]), self.image_config, where=f"{self.prefix} pack {i}"
         )
 
     def __iter__(self):
@@ -529,12 +528,9 @@ def view_pack_record(
     record: np.ndarray,
     image_config: ImageConfig = DEFAULT_CONFIG,
     where: str = "record",
-    owner: object = None,
 ) -> PackView:
-    """Token ids + the uint8 record of one pack → :class:`PackView` (no image is decoded).
-
-    ``owner``: whatever must stay alive for ``tokens`` and ``record`` to stay valid (the dataset).
-    """
+    """Token ids + the uint8 record of one pack → :class:`PackView` (no image is decoded; the view's arrays
+    are views of ``tokens`` and ``record``)."""
     buf = memoryview(record)
     header = np.frombuffer(buf, HEADER, count=1)[0]
     haplo = header["magic"] == HAPLO_MAGIC
@@ -561,13 +557,12 @@ def view_pack_record(
                 int(entry["n_cols"]),
                 int(entry["codec"]),
                 buf[at : at + size],
-                owner,
                 (int(entry["top"]), int(entry["left"])) if haplo else None,
                 int(entry["side"]) if haplo else 0,
             )
         )
         at += size
-    return PackView(tokens, targets.view(bool), offsets, tuple(images), image_config, owner)
+    return PackView(tokens, targets.view(bool), offsets, tuple(images), image_config)
 
 
 __all__ = [
