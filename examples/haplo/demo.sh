@@ -98,14 +98,26 @@ preprocess() {  # name, then tools/preprocess_mm_data.py arguments
   "$PYTHON" tools/preprocess_mm_data.py --output-prefix "$DATA/$name" --seq-length "$SEQ" \
       --tokenizer-model "$TOKENIZER" --image-layout haplo --haplo-tile-size "$TILE" --log-interval 1000 "$@"
 }
-preprocess_all() {
-  preprocess labels --input "$RAW/labels/train" --class-names "$RAW/labels/classes.txt"
-  preprocess captions --input "$RAW/captions/train.jsonl"
-  preprocess text --input "$RAW/text/corpus.jsonl" --workers 0
+# In a smoke run each of these commands is mostly a Python start-up on one core: they run at once there; the
+# full run keeps them one after another (its preprocessing uses every core itself). Outputs do not overlap.
+together() {  # function names
+  if [ "$SMOKE" != 1 ]; then
+    local f; for f in "$@"; do "$f"; done
+    return
+  fi
+  local pids=() p rc=0 f
+  for f in "$@"; do "$f" & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  return "$rc"
+}
+pp_labels() { preprocess labels --input "$RAW/labels/train" --class-names "$RAW/labels/classes.txt"; }
+pp_captions() { preprocess captions --input "$RAW/captions/train.jsonl"; }
+pp_text() { preprocess text --input "$RAW/text/corpus.jsonl" --workers 0; }
+pp_sft() {
   preprocess sft --input "$RAW/sft/train.jsonl" --input-format sft --image-root "$RAW/captions" \
       --max-sample-length "$SEQ"
 }
-step preprocess preprocess_all
+step preprocess together pp_labels pp_captions pp_text pp_sft
 
 # The stage-1 start: a checkpoint given as START (e.g. tools/convert_checkpoint.py haplo-init's), else
 # haplo-tiny at random. Stage 2 without stage 1 starts from the same one.

@@ -97,15 +97,27 @@ preprocess() {  # name, then tools/preprocess_mm_data.py arguments
   "$PYTHON" tools/preprocess_mm_data.py --output-prefix "$OUT/data/$name" --seq-length "$SEQ" \
       --tokenizer-model "$TOKENIZER" --log-interval 600 "$@"
 }
-preprocess_all() {
-  preprocess labels --input "$OUT/raw/labels/train" --class-names "$OUT/raw/labels/classes.txt"
-  preprocess captions --input "$OUT/raw/captions/train.jsonl"
-  preprocess text --input "$OUT/raw/text/corpus.jsonl" --workers 0  # text is quick: no worker start-up
-  # the released SFT layout; every chat fits a pack (the real recipe cuts at 4096: examples/solo/sft.sh)
+# In a smoke run each of these commands is mostly a Python start-up on one core: they run at once there; the
+# full run keeps them one after another (its preprocessing uses every core itself). Outputs do not overlap.
+together() {  # function names
+  if [ "$SMOKE" != 1 ]; then
+    local f; for f in "$@"; do "$f"; done
+    return
+  fi
+  local pids=() p rc=0 f
+  for f in "$@"; do "$f" & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  return "$rc"
+}
+pp_labels() { preprocess labels --input "$OUT/raw/labels/train" --class-names "$OUT/raw/labels/classes.txt"; }
+pp_captions() { preprocess captions --input "$OUT/raw/captions/train.jsonl"; }
+pp_text() { preprocess text --input "$OUT/raw/text/corpus.jsonl" --workers 0; }  # text is quick: no worker start-up
+# the released SFT layout; every chat fits a pack (the real recipe cuts at 4096: examples/solo/sft.sh)
+pp_sft() {
   preprocess sft --input "$OUT/raw/sft/train.jsonl" --input-format sft --image-root "$OUT/raw/captions" \
       --max-sample-length "$SEQ"
 }
-step preprocess preprocess_all
+step preprocess together pp_labels pp_captions pp_text pp_sft
 
 TRAIN=(--tokenizer-model "$TOKENIZER" --seq-length "$SEQ" --micro-batch-size 1 --global-batch-size "$GBS"
        --lr-warmup-iters "$WARMUP" --log-interval "$LOG" --num-workers 1 --save-interval 100000 --seed 1234)
@@ -130,13 +142,15 @@ step sft "$PYTHON" pretrain_solo.py "${TRAIN[@]}" --load "$OUT/ckpt/stage2" --fi
 # lmms-eval on the local task: stage 1 names the held-out label images (the task's first rows are the demo's
 # held-out set), SFT answers the task's questions, generated and as multiple choice.
 LMMS=(--include-path examples/solo/lmms_tasks --offline --batch-size 16)
-lmms_all() {
+lmms_stage1() {
   "$PYTHON" tools/evaluate.py --load "$OUT/ckpt/stage1" --tasks solo_shapes_label --template none \
       --limit "$(wc -l < "$OUT/raw/labels/heldout.jsonl")" "${LMMS[@]}" --output "$OUT/lmms/stage1"
+}
+lmms_sft() {
   "$PYTHON" tools/evaluate.py --load "$OUT/ckpt/sft" --tasks solo_shapes_qa,solo_shapes_mc \
       ${LMMS_QA[@]+"${LMMS_QA[@]}"} "${LMMS[@]}" --output "$OUT/lmms/sft"
 }
-step lmms lmms_all
+step lmms together lmms_stage1 lmms_sft
 
 EVAL=(--data "$OUT/raw" --stage1 "$OUT/ckpt/stage1" --stage2 "$OUT/ckpt/stage2" --sft "$OUT/ckpt/sft"
       --metrics "$OUT/stage1.metrics.jsonl" "$OUT/stage2.metrics.jsonl" "$OUT/sft.metrics.jsonl" --out "$OUT"

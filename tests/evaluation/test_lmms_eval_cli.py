@@ -82,16 +82,26 @@ def test_lmms_eval_cli_runs_the_solo_model_and_ranks_choices_by_its_likelihoods(
     assert [r.value for r in table] == pytest.approx([100 * sum(right) / 6, 100 * qa])
 
 
-def test_evaluate_tool_from_a_megatron_checkpoint_agrees_with_the_demo_evaluator(tiny_megatron, tmp_path):
+def _label_argv(checkpoint, out: Path) -> list[str]:
+    argv = ["--load", str(checkpoint), "--template", "none", "--include-path", str(TASKS), "--offline"]
+    return [*argv, "--batch-size", "8", "--output", str(out)]
+
+
+@pytest.fixture(scope="module")
+def label_eval(tiny_megatron, tmp_path_factory) -> Path:
+    """tools/evaluate.py's label task on 15 images of the Megatron checkpoint: its --output (only read after)."""
+    out = tmp_path_factory.mktemp("label-eval") / "eval"
+    assert evaluate.main([*_label_argv(tiny_megatron, out), "--tasks", "solo_shapes_label", "--limit", "15"]) == 0
+    return out
+
+
+def test_evaluate_tool_from_a_megatron_checkpoint_agrees_with_the_demo_evaluator(tiny_megatron, label_eval):
     """The label task in the pretraining format: lmms-eval's per-image answers and accuracy are those of the
     demo's evaluator (megatron.solo.inference + demo.evaluate.score_labels) on the same 15 images."""
     from megatron.solo.demo import evaluate as ev
     from megatron.solo.inference import Generator
 
-    out = tmp_path / "eval"
-    argv = ["--load", str(tiny_megatron), "--tasks", "solo_shapes_label", "--template", "none", "--limit", "15"]
-    argv += ["--include-path", str(TASKS), "--offline", "--batch-size", "8", "--output", str(out)]
-    assert evaluate.main(argv) == 0
+    out = label_eval
     report = json.loads((out / "results.json").read_text())
     (row,) = report["rows"]
     assert (row["task"], row["metric"], row["n"]) == ("solo_shapes_label", "label_accuracy", 15)
@@ -110,16 +120,15 @@ def test_evaluate_tool_from_a_megatron_checkpoint_agrees_with_the_demo_evaluator
     assert report["lmms_eval_version"] == LMMS_EVAL_VERSION
 
 
-def test_a_failed_lmms_eval_run_fails_and_leaves_the_previous_table(tiny_megatron, tmp_path, capsys):
+def test_a_failed_lmms_eval_run_fails_and_leaves_the_previous_table(tiny_megatron, label_eval, tmp_path, capsys):
     """lmms-eval 0.7.3 exits 0 after an unknown task ("Error during evaluation"): no results for what was asked
-    is a failure, and the earlier run's results.json/results.md in the same --output stay as they were."""
+    is a failure, and the earlier run's results.json/results.md in the same --output stay as they were (the
+    earlier run: ``label_eval``'s, in a copy of its --output)."""
     out = tmp_path / "eval"
-    argv = ["--load", str(tiny_megatron), "--template", "none", "--limit", "2", "--include-path", str(TASKS)]
-    argv += ["--offline", "--output", str(out)]
-    assert evaluate.main([*argv, "--tasks", "solo_shapes_label"]) == 0
+    shutil.copytree(label_eval, out)
     before = {name: (out / name).read_bytes() for name in ("results.json", "results.md")}
     capsys.readouterr()
-    assert evaluate.main([*argv, "--tasks", "no_such_task"]) == 1
+    assert evaluate.main([*_label_argv(tiny_megatron, out), "--tasks", "no_such_task", "--limit", "2"]) == 1
     err = capsys.readouterr().err
     assert "lmms-eval failed" in err and str(out / "lmms_eval.log") in err
     assert {name: (out / name).read_bytes() for name in before} == before

@@ -239,10 +239,10 @@ def test_sigterm_saves_and_exits_cleanly(data, release, tmp_path):
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(last)
 
 
-def test_new_stage_from_a_trained_checkpoint_starts_fresh(data, release, tmp_path):
-    """--finetune: the weights of a checkpoint, iteration 0, a new warmup; frozen LM trains only the projection."""
-    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
-    run_pretrain(common(data, release, "--save", str(stage1), "--train-iters", "1"))
+def test_new_stage_from_a_trained_checkpoint_starts_fresh(data, release, selective, tmp_path):
+    """--finetune: the weights of a checkpoint, iteration 0, a new warmup; frozen LM trains only the projection.
+    Stage 1 is the ``selective`` run's checkpoint: one trained step (its Adam state has step 1), only read here."""
+    stage1, stage2 = selective[1] / "ckpt", tmp_path / "stage2"
     out = tmp_path / "m.jsonl"
     run_pretrain(
         common(
