@@ -42,14 +42,12 @@ def build_components(
     weights (``tensor_model_parallel``, ``partition_dim``) only inside its init functions, and without the
     marks the gradient norm skips every sharded weight on tensor-parallel ranks > 0 (so clipping is wrong).
     """
-    if cfg.distill_teacher is not None and model_cfg.family != "haplo":
-        raise ConfigError(f"--distill-teacher: HaploVL's stage 1; this is a {model_cfg.family} model")
     if cfg.freeze_language_model and model_cfg.family != "solo":
         raise ConfigError(
             f"--freeze-language-model: SOLO's warm-up of the patch projection alone; a {model_cfg.family} model "
             "has no such stage"
         )
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    dtype = params_dtype(cfg)
     tc = make_transformer_config(
         model_cfg,
         tensor_parallel=cfg.tensor_model_parallel_size,
@@ -107,6 +105,11 @@ def build_components(
     if not torch.cuda.is_available():
         use_fused_cpu_adam(optimizer)
     return Components(model, ddp, tc, optimizer, build_scheduler(cfg, optimizer))
+
+
+def params_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The model's parameters' dtype (bf16 under ``--bf16``); stage 1's teacher runs in it too."""
+    return torch.bfloat16 if cfg.bf16 else torch.float32
 
 
 def stage1_options(cfg: TrainConfig, teacher_hidden_size: int | None) -> dict:
