@@ -63,3 +63,23 @@ def test_a_solo_model_is_refused(tmp_path):
     flags = TrainConfig(model_preset="tiny", distill_teacher=_teacher(tmp_path))
     with pytest.raises(ConfigError, match="^--distill-teacher: HaploVL's stage 1"):
         Stage1Teacher.check(flags, get_preset("tiny"))
+
+
+def test_the_dry_run_checks_the_teacher_and_warns_when_it_is_not_here(tmp_path):
+    import io
+
+    from megatron.solo.training.dry_run import dry_run
+
+    def run(teacher: str) -> str:
+        out, err = io.StringIO(), io.StringIO()
+        assert dry_run(TrainConfig(model_preset="haplo-tiny", distill_teacher=teacher), out, err) == 0
+        return err.getvalue()
+
+    assert run(_teacher(tmp_path / "good")) == ""
+    assert f"warning: --distill-teacher {tmp_path / 'missing'}: not found here" in run(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="^--distill-teacher: the teacher sees 224-px images"):
+        run(_teacher(tmp_path / "big", image_size=224))
+    with pytest.raises(ConfigError, match="^--distill-teacher: HaploVL's stage 1"):
+        dry_run(
+            TrainConfig(model_preset="tiny", distill_teacher=str(tmp_path / "missing")), io.StringIO(), io.StringIO()
+        )

@@ -35,11 +35,16 @@ class Stage1Teacher:
         self.hidden_size = self.teacher.hidden_size
 
     @staticmethod
-    def check(cfg: TrainConfig, model) -> None:
+    def check(cfg: TrainConfig, model, *, allow_missing: bool = False) -> str | None:
         """What every rank can check from the teacher's config.json alone (only the last pipeline stage loads
-        the teacher: an error found there only would leave the other stages waiting in collectives)."""
+        the teacher: an error found there only would leave the other stages waiting in collectives).
+
+        ``allow_missing`` (the dry run, often away from the cluster's storage): a directory that is not there
+        is returned as a warning instead of raised."""
         if model.family != "haplo":
             raise ConfigError(f"--distill-teacher: HaploVL's stage 1; the model is {model.family}")
+        if allow_missing and not Path(cfg.distill_teacher).exists():
+            return f"--distill-teacher {cfg.distill_teacher}: not found here"
         teacher = teacher_config(cfg.distill_teacher)
         if teacher.image_size != model.tile_size:
             raise ConfigError(
@@ -52,6 +57,7 @@ class Stage1Teacher:
                 f"--distill-teacher-layer: {layer} is outside the teacher's {layers} layers "
                 f"(0..{layers}, or -{layers + 1}..-1: HF hidden_states indices)"
             )
+        return None
 
     @staticmethod
     def masks(batch) -> tuple[torch.Tensor, torch.Tensor]:
