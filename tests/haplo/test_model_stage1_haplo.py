@@ -111,3 +111,12 @@ def test_a_stage2_model_loads_a_stage1_state_without_heads(stage1, megatron_worl
         stage2.pre_decoder.layers[0].self_attention.linear_qkv.weight,
         stage1.pre_decoder.layers[0].self_attention.linear_qkv.weight,
     )
+
+
+def test_a_stage1_model_without_teacher_features_is_refused(stage1):
+    """As at PP > 1: a stage-1 model never runs its frozen LLM in place of the distillation loss."""
+    batch, teacher, text = batch_and_inputs()
+    with pytest.raises(ValueError, match="stage 1's last pipeline stage needs teacher_features and distill_mask"):
+        run(stage1, batch, None, text)
+    with pytest.raises(ValueError, match="stage 1's last pipeline stage needs teacher_features and distill_mask"):
+        run(stage1, batch, teacher, None)

@@ -1,5 +1,7 @@
 """Model set-up pieces of the trainer, in-process."""
 
+import pytest
+
 from megatron.solo.config import get_preset
 from megatron.solo.model import build_model, make_transformer_config
 from megatron.solo.training.build import freeze_language_model
@@ -72,3 +74,51 @@ def test_adam_state_initialisation_touches_torch_adam_only():
     (state,) = torch_adam.optimizer.state.values()
     assert set(state) == {"step", "exp_avg", "exp_avg_sq"}
     assert not fused.optimizer.state  # untouched
+
+
+def _inner_groups(optimizer) -> list[dict]:
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [g for opt in chained for g in opt.optimizer.param_groups]
+
+
+def test_stage1_logit_scale_gets_no_weight_decay_and_weights_do(megatron_world):
+    """A 0-d parameter (the CTP loss's learned temperature) is excluded like norms and biases (CLIP's recipe)."""
+    from megatron.solo.families import get_preset as family_preset
+    from megatron.solo.training.arguments import TrainConfig
+    from megatron.solo.training.build import build_components
+
+    cfg = family_preset("haplo-tiny")
+    train = TrainConfig(model_preset="haplo-tiny", train_iters=0, weight_decay=0.1, distill_teacher="unused")
+    parts = build_components(train, cfg, cfg.padded_vocab_size(), teacher_hidden_size=24)
+    named = dict(parts.model.named_parameters())
+    scale = named["distill_heads.log_logit_scale"]
+    assert scale.dim() == 0 and scale.requires_grad
+    decay = {id(p): g["weight_decay"] for g in _inner_groups(parts.optimizer) for p in g["params"]}
+    assert decay[id(scale)] == 0.0
+    weights = [p for name, p in named.items() if p.requires_grad and p.dim() == 2]
+    assert weights and all(decay[id(p)] == 0.1 for p in weights)
+    norms = [p for name, p in named.items() if p.requires_grad and p.dim() == 1]
+    assert norms and all(decay[id(p)] == 0.0 for p in norms)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "haplo-tiny"])
+def test_models_without_0d_parameters_keep_megatron_cores_weight_decay_groups(megatron_world, preset):
+    """For SOLO (and HaploVL's stage 2) the rule is megatron-core's default one, parameter by parameter."""
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+
+    from megatron.solo.families import build_model as build_family_model
+    from megatron.solo.families import get_preset as family_preset
+    from megatron.solo.training.build import weight_decay_overrides
+
+    cfg = family_preset(preset)
+    model = build_family_model(cfg, make_transformer_config(cfg), padded_vocab_size=cfg.padded_vocab_size())
+    config = OptimizerConfig(lr=1e-3, weight_decay=0.1, decoupled_lr=5e-3)
+
+    def groups(overrides) -> dict[int, tuple]:
+        found = _get_param_groups([model], config, overrides)
+        return {id(p): (g["wd_mult"], g["max_lr"]) for g in found for p in g["params"]}
+
+    ours, default = groups(weight_decay_overrides(config)), groups(None)
+    assert ours == default
+    assert {wd for wd, _ in default.values()} == {0.0, 1.0}  # both kinds are there
+    assert {lr for _, lr in default.values()} == {1e-3, 5e-3}  # --decoupled-lr's groups are kept

@@ -7,7 +7,7 @@ import torch
 
 from megatron.solo.batch import PackedExample, collate
 from megatron.solo.config import get_preset
-from megatron.solo.model import packed_causal_mask
+from megatron.solo.model import make_transformer_config, packed_causal_mask
 from megatron.solo.training.metrics import Window, batch_work, causal_pairs, micro_batch_work, model_flops
 
 
@@ -86,4 +86,49 @@ def test_model_flops_count_logits_where_the_trainer_computes_them():
     assert tokens == 26
     assert flops == pytest.approx(
         model_flops(cfg, 26, pairs, logit_tokens=batch.loss_mask.sum().item(), padded_vocab_size=33152), rel=1e-6
+    )
+
+
+def test_stage1_flops_count_the_pre_decoder_stem_and_heads_only(megatron_world):
+    """HaploVL stage 1 runs the pre-decoder, the stem and the heads; the frozen LLM never runs. The independent
+    count: the built stage-1 model's own weight matrices."""
+    from megatron.solo.families import build_model as build_family_model
+    from megatron.solo.families import get_preset as family_preset
+    from megatron.solo.haplo.distill import DistillConfig
+    from megatron.solo.training.metrics import head_weights, stage1_flops
+
+    cfg = family_preset("haplo-tiny")
+    vocab, pre, teacher = cfg.padded_vocab_size(), cfg.pre_decoder, 24
+    model = build_family_model(
+        cfg, make_transformer_config(cfg), padded_vocab_size=vocab, distill=DistillConfig(), teacher_hidden_size=teacher
+    )
+    matrices = sum(p.numel() for p in model.pre_decoder.parameters() if p.dim() == 2)
+    tokens, pairs, patches, text = 100, 3000, 40, 50
+    want = (
+        6 * matrices * tokens  # pre-decoder layers, forward + backward
+        + 12 * pre.num_layers * pre.num_attention_heads * pre.head_dim * pairs
+        + 4 * cfg.patch_dim * pre.hidden_size * patches  # stem: forward + its weight's gradient (pixels need none)
+        + 6 * pre.hidden_size * teacher * patches  # linear heads
+        + 6 * pre.hidden_size * cfg.hidden_size * text
+        + 4 * cfg.hidden_size * vocab * text  # CTP logits: forward + the predictions' gradient (frozen embedding)
+    )
+    assert head_weights(model.distill_heads) == (pre.hidden_size * teacher, pre.hidden_size * cfg.hidden_size)
+    got = stage1_flops(
+        cfg,
+        tokens,
+        pairs,
+        patches=patches,
+        text_tokens=text,
+        padded_vocab_size=vocab,
+        heads=(pre.hidden_size * teacher, pre.hidden_size * cfg.hidden_size),
+    )
+    assert got == pytest.approx(want)
+    assert got < 0.5 * model_flops(cfg, tokens, pairs, logit_tokens=text, padded_vocab_size=vocab)  # stage 2's
+
+    big = family_preset("haplo-vicuna-7b")  # the real model: stage 1 is a few percent of a stage-2 step
+    heads = (big.pre_decoder.hidden_size * 1024, big.pre_decoder.hidden_size * big.hidden_size)
+    kwargs = dict(patches=2000, text_tokens=2000, padded_vocab_size=big.padded_vocab_size())
+    stage1 = stage1_flops(big, 4096, 4096 * 2048, heads=heads, **kwargs)
+    assert stage1 < 0.2 * model_flops(
+        big, 4096, 4096 * 2048, logit_tokens=2000, padded_vocab_size=kwargs["padded_vocab_size"]
     )

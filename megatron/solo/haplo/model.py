@@ -249,12 +249,13 @@ class HaploModel(SoloModel):
         Stage 1: ``teacher_features`` [p, C] (the teacher's feature of each patch, in ``patches`` order) and
         ``distill_mask`` [b, s] (1 at the text positions to distil) → per-token distillation loss [b, s]. Under
         pipeline parallelism (the pre-decoder split) stages before the last return its hidden states
-        [s(/tp), b, pre] and need neither; the last needs no ``patches``."""
+        [s(/tp), b, pre] and need neither; the last needs no ``patches``. A stage-1 model's last stage without
+        them raises ``ValueError``, at any pipeline size (its frozen LLM is not a fallback)."""
         b, s = tokens.shape
         if image_block_ids is None:
             image_block_ids = torch.full_like(tokens, NO_IMAGE)
         mask = haplo_attention_mask(cu_seqlens, image_block_ids)
-        if teacher_features is not None or self.split_pre_decoder:
+        if teacher_features is not None or self.distill is not None:  # stage 1 (its LLM never runs)
             hidden = self.embed(tokens, position_ids, mask, patches, patch_index, patch_table_index, image_block_ids)
             if not self.post_process:
                 return hidden

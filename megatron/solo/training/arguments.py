@@ -410,13 +410,11 @@ def check_model(cfg: TrainConfig, model: ModelConfig, padded_vocab_size: int) ->
         f"{cfg.tensor_model_parallel_size} does not divide the checkpoint's padded vocabulary {padded_vocab_size}",
     )
     pp = cfg.pipeline_model_parallel_size
-    if cfg.distill_teacher is not None and model.family == "haplo":
-        layers = model.pre_decoder.num_layers
-        _require(
-            layers % pp == 0,
-            "--pipeline-model-parallel-size",
-            f"{pp} does not divide the pre-decoder's {layers} layers (stage 1 splits them over the pipeline stages)",
-        )
+    if cfg.distill_teacher is not None and model.family == "haplo":  # stage 1 splits the pre-decoder instead
+        try:
+            model.pre_decoder.validate_parallel(pipeline_parallel=pp)
+        except ValueError as err:
+            raise ConfigError(f"--pipeline-model-parallel-size: {err}") from None
     if cfg.recompute_num_layers is not None:
         per_stage = model.num_layers // cfg.pipeline_model_parallel_size
         _require(

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import (
+    OptimizerConfig,
+    ParamKey,
+    ParamPredicate,
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
@@ -42,14 +48,12 @@ def build_components(
     weights (``tensor_model_parallel``, ``partition_dim``) only inside its init functions, and without the
     marks the gradient norm skips every sharded weight on tensor-parallel ranks > 0 (so clipping is wrong).
     """
-    if cfg.distill_teacher is not None and model_cfg.family != "haplo":
-        raise ConfigError(f"--distill-teacher: HaploVL's stage 1; this is a {model_cfg.family} model")
     if cfg.freeze_language_model and model_cfg.family != "solo":
         raise ConfigError(
             f"--freeze-language-model: SOLO's warm-up of the patch projection alone; a {model_cfg.family} model "
             "has no such stage"
         )
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    dtype = params_dtype(cfg)
     tc = make_transformer_config(
         model_cfg,
         tensor_parallel=cfg.tensor_model_parallel_size,
@@ -86,27 +90,40 @@ def build_components(
     tc.finalize_model_grads_func = finalize_model_grads  # DP all-reduce + per-token normalisation
     tc.no_sync_func = ddp.no_sync  # grads accumulate over micro-batches; reduced once per step
     install_distributed_optimizer_fixes()  # only where megatron-core wraps torch's Adam
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam",
-            lr=cfg.lr,
-            min_lr=cfg.min_lr,
-            decoupled_lr=cfg.decoupled_lr,
-            decoupled_min_lr=cfg.decoupled_min_lr,
-            weight_decay=cfg.weight_decay,
-            adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2,
-            adam_eps=cfg.adam_eps,
-            clip_grad=cfg.clip_grad,
-            bf16=cfg.bf16,
-            params_dtype=dtype,
-            use_distributed_optimizer=cfg.use_distributed_optimizer,
-        ),
-        [ddp],
-    )  # megatron-core's default groups: no weight decay on 1-D params (norms) and biases
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        decoupled_lr=cfg.decoupled_lr,
+        decoupled_min_lr=cfg.decoupled_min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=cfg.bf16,
+        params_dtype=dtype,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, [ddp], config_overrides=weight_decay_overrides(config))
     if not torch.cuda.is_available():
         use_fused_cpu_adam(optimizer)
     return Components(model, ddp, tc, optimizer, build_scheduler(cfg, optimizer))
+
+
+def weight_decay_overrides(config: OptimizerConfig) -> dict:
+    """megatron-core's standard parameter groups (``--decoupled-lr``'s included) with its no-weight-decay rule
+    widened from 1-d parameters and biases to every parameter of at most one dimension and biases: 0-d ones too,
+    such as HaploVL stage 1's learned logit scale (CLIP's recipe does not decay it)."""
+    overrides = {key: value for key, value in get_standard_config_overrides(config).items() if "wd_mult" not in value}
+    at_most_1d = ParamPredicate(name="ndim_at_most_1", fn=lambda param: param.dim() <= 1)
+    overrides[ParamKey(name="*.bias", predicate=at_most_1d)] = {"wd_mult": 0.0}
+    return overrides
+
+
+def params_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The model's parameters' dtype (bf16 under ``--bf16``); stage 1's teacher runs in it too."""
+    return torch.bfloat16 if cfg.bf16 else torch.float32
 
 
 def stage1_options(cfg: TrainConfig, teacher_hidden_size: int | None) -> dict:

@@ -25,6 +25,12 @@ def dry_run(cfg: TrainConfig, out: TextIO = sys.stdout, err: TextIO = sys.stderr
         missing = [p for p in output_files(prefix) if not os.path.isfile(p)]
         if missing:
             print(f"warning: --data-path {prefix}: not found here ({os.path.basename(missing[0])} missing)", file=err)
+    if cfg.distill_teacher is not None:
+        from megatron.solo.training.stage1 import Stage1Teacher
+
+        teacher_warning = Stage1Teacher.check(cfg, start.model, allow_missing=True)
+        if teacher_warning:
+            print(f"warning: {teacher_warning}", file=err)
     for warning in start.warnings:
         print(f"warning: {warning}", file=err)
     print("\n".join(describe(cfg, layout, start.model, start.padded_vocab_size)), file=out)

@@ -42,8 +42,10 @@ from megatron.solo.training.metrics import (
     MetricSinks,
     Window,
     default_peak_tflops,
+    head_weights,
     loss_with_breakdown,
     micro_batch_work,
+    stage1_micro_batch_work,
     sum_micro_batches,
 )
 from megatron.solo.training.stage1 import Stage1Teacher
@@ -119,6 +121,8 @@ class Trainer:
             self.start.padded_vocab_size,
             teacher_hidden_size=self.teacher.hidden_size if self.teacher is not None else None,
         )
+        has_heads = self.teacher is not None  # the last pipeline stage of stage 1
+        self.stage1_heads = head_weights(self.parts.model.distill_heads) if has_heads else (0, 0)
         self.metadata = CheckpointMetadata(self.start.model, self.start.padded_vocab_size)
         self.state = TrainingState()
         if self.start.kind != "scratch":
@@ -237,14 +241,14 @@ class Trainer:
             batch = next(data_iterator)
         except StopIteration:
             raise RuntimeError("the data loader ran out before --train-iters (a bug: it is sized to the run)") from None
-        work = micro_batch_work(batch, self.start.model, self.start.padded_vocab_size)  # host: no device sync
         image_rows = batch.image_rows()  # rows holding patches, from patch_index (complete on every stage)
         # per-sample weights on the host too: documents are spans of cu_seqlens; TP ranks compute the same
         weights, samples = sample_weights(batch.loss_mask, batch.cu_seqlens)
         weights = weights if self.cfg.loss_averaging == "sample" else None
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         if self.cfg.distill_teacher is not None:
-            return self._distillation_step(batch, model, work, image_rows, samples, device)
+            return self._distillation_step(batch, model, image_rows, samples, device)
+        work = micro_batch_work(batch, self.start.model, self.start.padded_vocab_size)  # host: no device sync
         # uint8 patches cross to the device (a quarter of float32's bytes) and are normalised there
         batch = batch.to(device, non_blocking=True).normalized(self.dataset.image_config)
         out = model(
@@ -268,11 +272,15 @@ class Trainer:
             weights=None if weights is None else weights.to(device, non_blocking=True),
         )
 
-    def _distillation_step(self, batch, model, work, image_rows, samples, device):
+    def _distillation_step(self, batch, model, image_rows, samples, device):
         """HaploVL stage 1: the teacher's features at the patches, the distillation loss per token; its
         "lm loss" is the mean over distilled positions (every patch and every real text token). Under pipeline
         parallelism only the last stage has the teacher (and its inputs); the others run the pre-decoder."""
         distill_mask, positions = Stage1Teacher.masks(batch)  # host: text positions; all distilled positions
+        # FLOPs of what runs (the frozen LLM does not); only the last stage's count is used (it has the heads)
+        work = stage1_micro_batch_work(
+            batch, distill_mask, self.start.model, self.start.padded_vocab_size, self.stage1_heads
+        )
         batch = batch.to(device, non_blocking=True).normalized(self.dataset.image_config)
         out = model(
             batch.tokens,

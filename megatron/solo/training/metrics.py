@@ -110,7 +110,41 @@ def model_flops(
     )
 
 
-def _pre_decoder_flops(cfg: ModelConfig, tokens: float, attention_pairs: float) -> float:
+def stage1_flops(
+    cfg: ModelConfig,
+    tokens: float,
+    attention_pairs: float,
+    *,
+    patches: float,
+    text_tokens: float,
+    padded_vocab_size: int,
+    heads: tuple[int, int],
+) -> float:
+    """Model FLOPs of a HaploVL stage-1 step (forward + backward), counting what runs: the pre-decoder as
+    :func:`model_flops` counts it, without the connector; the stem's patch projection, 4·patch_dim·pre per
+    patch (forward and its weight's gradient: the pixels need none); the vision and text heads, 6 per weight
+    (``heads``: their weight counts, :func:`head_weights`) per patch and per distilled text token; the CTP
+    logits against the frozen embedding, 4·H·V per text token (forward and the predictions' gradient). Not
+    counted: the frozen LLM and output layer (they do not run in stage 1) and the frozen teacher's forward."""
+    pre = cfg.pre_decoder
+    vision_head, text_head = heads
+    return (
+        _pre_decoder_flops(cfg, tokens, attention_pairs, connector=False)
+        + 4.0 * cfg.patch_dim * pre.hidden_size * patches
+        + 6.0 * (vision_head * patches + text_head * text_tokens)
+        + 4.0 * cfg.hidden_size * padded_vocab_size * text_tokens
+    )
+
+
+def head_weights(distill_heads) -> tuple[int, int]:
+    """(vision head, text head) weight counts of HaploVL's ``DistillationHeads`` (matrices only, no biases)."""
+    return tuple(
+        sum(p.numel() for p in head.parameters() if p.dim() == 2)
+        for head in (distill_heads.vision_head, distill_heads.text_head)
+    )
+
+
+def _pre_decoder_flops(cfg: ModelConfig, tokens: float, attention_pairs: float, connector: bool = True) -> float:
     """HaploVL: its pre-decoder (every token goes through it) and connector, counted as the LLM's layers
     (the causal pairs; an image's bidirectional pairs are a small addition); 0 for SOLO."""
     pre = getattr(cfg, "pre_decoder", None)
@@ -118,8 +152,8 @@ def _pre_decoder_flops(cfg: ModelConfig, tokens: float, attention_pairs: float) 
         return 0.0
     h, d, f = pre.hidden_size, pre.head_dim, pre.ffn_hidden_size
     per_layer = h * d * (2 * pre.num_attention_heads + 2 * pre.query_groups) + (3 if pre.gated else 2) * h * f
-    connector = h * cfg.hidden_size
-    return 6.0 * (pre.num_layers * per_layer + connector) * tokens + 12.0 * pre.num_layers * (
+    connector_weights = h * cfg.hidden_size if connector else 0
+    return 6.0 * (pre.num_layers * per_layer + connector_weights) * tokens + 12.0 * pre.num_layers * (
         pre.num_attention_heads * d * attention_pairs
     )
 
@@ -130,6 +164,25 @@ def micro_batch_work(batch, cfg: ModelConfig, padded_vocab_size: int) -> torch.T
     tokens, pairs = batch_work(batch.cu_seqlens, batch.pack_lengths, batch.tokens.shape[1], cfg.sliding_window).tolist()
     flops = model_flops(
         cfg, tokens, pairs, logit_tokens=float(batch.loss_mask.sum()), padded_vocab_size=padded_vocab_size
+    )
+    return torch.tensor([flops, tokens], dtype=torch.float32)
+
+
+def stage1_micro_batch_work(
+    batch, distill_mask: torch.Tensor, cfg: ModelConfig, padded_vocab_size: int, heads: tuple[int, int]
+) -> torch.Tensor:
+    """float32 [2]: (stage-1 FLOPs (:func:`stage1_flops`), real tokens) of a host ``Batch`` whose distilled
+    text positions are ``distill_mask`` [b, s]."""
+    tokens, pairs = batch_work(batch.cu_seqlens, batch.pack_lengths, batch.tokens.shape[1], cfg.sliding_window).tolist()
+    patches = 0 if batch.patch_index is None else batch.patch_index.numel()
+    flops = stage1_flops(
+        cfg,
+        tokens,
+        pairs,
+        patches=float(patches),
+        text_tokens=float(distill_mask.sum()),
+        padded_vocab_size=padded_vocab_size,
+        heads=heads,
     )
     return torch.tensor([flops, tokens], dtype=torch.float32)
 

@@ -20,32 +20,44 @@ class Stage1Teacher:
     def __init__(self, cfg: TrainConfig, model):
         from megatron.solo.haplo.anyres import AnyresConfig
         from megatron.solo.haplo.distill import load_vision_teacher
+        from megatron.solo.training.build import params_dtype
 
-        self.check(cfg, model)
+        # every rank ran check() (loop.py): the teacher's image size and layer fit the model and flags
         self.tiling = AnyresConfig(
             tile_size=model.tile_size,
             patch_size=model.patch_size,
             pinpoints=model.image_grid_pinpoints,
             anyres_max=model.anyres_max_tiles,
         )
-        dtype = torch.bfloat16 if cfg.bf16 else torch.float32  # the model's params dtype (training/build.py)
-        self.teacher = load_vision_teacher(cfg.distill_teacher, cfg.distill_teacher_layer, dtype)
-        if self.teacher.image_size != model.tile_size:
-            raise ConfigError(
-                f"--distill-teacher: the teacher sees {self.teacher.image_size}-px images, the model's tiles are "
-                f"{model.tile_size} px"
-            )
+        self.teacher = load_vision_teacher(cfg.distill_teacher, cfg.distill_teacher_layer, params_dtype(cfg))
         if torch.cuda.is_available():
             self.teacher.cuda(torch.cuda.current_device())
         self.hidden_size = self.teacher.hidden_size
 
     @staticmethod
-    def check(cfg: TrainConfig, model) -> None:
-        """What every rank can check without loading the teacher (only the last pipeline stage loads it)."""
+    def check(cfg: TrainConfig, model, *, allow_missing: bool = False) -> str | None:
+        """What every rank can check from the teacher's config.json alone (only the last pipeline stage loads
+        the teacher: an error found there only would leave the other stages waiting in collectives).
+
+        ``allow_missing`` (the dry run, often away from the cluster's storage): a directory that is not there
+        is returned as a warning instead of raised."""
         if model.family != "haplo":
             raise ConfigError(f"--distill-teacher: HaploVL's stage 1; the model is {model.family}")
-        if not Path(cfg.distill_teacher).is_dir():
-            raise FileNotFoundError(f"--distill-teacher: {cfg.distill_teacher} is not a directory")
+        if allow_missing and not Path(cfg.distill_teacher).exists():
+            return f"--distill-teacher {cfg.distill_teacher}: not found here"
+        teacher = teacher_config(cfg.distill_teacher)
+        if teacher.image_size != model.tile_size:
+            raise ConfigError(
+                f"--distill-teacher: the teacher sees {teacher.image_size}-px images, the model's tiles are "
+                f"{model.tile_size} px"
+            )
+        layers, layer = teacher.num_hidden_layers, cfg.distill_teacher_layer
+        if not -(layers + 1) <= layer <= layers:
+            raise ConfigError(
+                f"--distill-teacher-layer: {layer} is outside the teacher's {layers} layers "
+                f"(0..{layers}, or -{layers + 1}..-1: HF hidden_states indices)"
+            )
+        return None
 
     @staticmethod
     def masks(batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,3 +77,19 @@ class Stage1Teacher:
         group = parallel_state.get_tensor_model_parallel_group()
         features = self.teacher(patches_to_tiles(batch.tile_patches, self.tiling), group=group)  # [tiles, side², C]
         return features.reshape(-1, features.shape[-1]).index_select(0, batch.patch_tile_rows)
+
+
+def teacher_config(directory: str):
+    """The vision config of a local HF CLIP directory (``CLIPVisionModel``'s, or a full ``CLIPModel``'s
+    ``vision_config``), read without loading any weight; ``ConfigError`` naming ``--distill-teacher``."""
+    from transformers import CLIPVisionConfig
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConfigError(f"--distill-teacher: {directory} is not a directory")
+    if not (root / "config.json").is_file():
+        raise ConfigError(f"--distill-teacher: {directory} has no config.json (a local HF CLIP directory is needed)")
+    try:
+        return CLIPVisionConfig.from_pretrained(root, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:  # unreadable JSON, or not a CLIP config
+        raise ConfigError(f"--distill-teacher: {root / 'config.json'} is not a CLIP config: {err}") from None
