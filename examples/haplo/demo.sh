@@ -27,34 +27,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 
-SMOKE=0
-for arg in "$@"; do
-  case $arg in
-    --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
-    *) echo "demo.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
-  esac
-done
-
+DEMO="haplo demo"
 OUT=${HAPLO_DEMO_DIR:-$ROOT/haplo_demo_run}
 VENV=${VENV:-$ROOT/.venv}
-
-# --- environment: $PYTHON, python3 or .venv if one has everything, else install into .venv like CI ------
-has_all() { "$1" -c "import megatron.solo.demo, megatron.core, mistral_common, matplotlib, transformers" 2>/dev/null; }
-for candidate in ${PYTHON:-} python3 "$VENV/bin/python"; do
-  if command -v "$candidate" >/dev/null && has_all "$candidate"; then PYTHON=$candidate; break; fi
-  PYTHON=
-done
-if [ -z "$PYTHON" ]; then
-  echo "haplo demo: installing into $VENV (torch 2.13.0 CPU, megatron-core 0.16.1, this package's demo extra)"
-  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  export PIP_DISABLE_PIP_VERSION_CHECK=1
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q torch==2.13.0  # pinned first: the CPU wheel here (a bare torch pulls CUDA)
-  "$VENV/bin/python" -m pip install -q -e ".[demo,eval]"
-  PYTHON=$VENV/bin/python
-fi
-echo "haplo demo: using $PYTHON"
+# shellcheck source=examples/demo_common.sh
+. examples/demo_common.sh
+demo_args "$0" 2,26 "$@"
+demo_python "megatron.solo.demo, megatron.core, mistral_common, matplotlib, transformers"
 
 # --- sizes: the full miniature, or a smoke run of a few steps -------------------------------------------
 if [ "$SMOKE" = 1 ]; then
@@ -68,25 +47,7 @@ else
 fi
 SEQ=256; TILE=56  # haplo-tiny's tiles: 4 × 4 patches of 14 px
 
-TIMINGS=$OUT/timings.txt
-step() {
-  local name=$1; shift
-  local t0=$SECONDS
-  echo "haplo demo: $name"
-  "$@"
-  echo "$name $((SECONDS - t0))" >> "$TIMINGS"
-}
-
-if [ -d "$OUT" ] && [ ! -e "$OUT/.haplo-demo" ] && [ -n "$(ls -A "$OUT")" ]; then
-  echo "demo.sh: $OUT exists and is not a HaploVL demo output directory; refusing to replace it (set HAPLO_DEMO_DIR)" >&2
-  exit 2
-fi
-rm -rf "$OUT"
-mkdir -p "$OUT"
-touch "$OUT/.haplo-demo"
-CORES=$(nproc)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((CORES < 4 ? CORES : 4))}
-TOKENIZER=$("$PYTHON" -c "from megatron.solo.tokenizer import default_tokenizer_model as m; print(m())")
+demo_outputs .haplo-demo HAPLO_DEMO_DIR
 RAW=$OUT/raw; DATA=$OUT/data
 
 step data "$PYTHON" tools/make_demo_data.py --out "$RAW" "${DATA_ARGS[@]}"
@@ -97,18 +58,6 @@ preprocess() {  # name, then tools/preprocess_mm_data.py arguments
   local name=$1; shift
   "$PYTHON" tools/preprocess_mm_data.py --output-prefix "$DATA/$name" --seq-length "$SEQ" \
       --tokenizer-model "$TOKENIZER" --image-layout haplo --haplo-tile-size "$TILE" --log-interval 1000 "$@"
-}
-# In a smoke run each of these commands is mostly a Python start-up on one core: they run at once there; the
-# full run keeps them one after another (its preprocessing uses every core itself). Outputs do not overlap.
-together() {  # function names
-  if [ "$SMOKE" != 1 ]; then
-    local f; for f in "$@"; do "$f"; done
-    return
-  fi
-  local pids=() p rc=0 f
-  for f in "$@"; do "$f" & pids+=($!); done
-  for p in "${pids[@]}"; do wait "$p" || rc=1; done
-  return "$rc"
 }
 pp_labels() { preprocess labels --input "$RAW/labels/train" --class-names "$RAW/labels/classes.txt"; }
 pp_captions() { preprocess captions --input "$RAW/captions/train.jsonl"; }

@@ -22,36 +22,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 
-SMOKE=0
-for arg in "$@"; do
-  case $arg in
-    --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
-    *) echo "demo.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
-  esac
-done
-
+DEMO=demo
 OUT=${DEMO_DIR:-$ROOT/demo_run}
 VENV=${VENV:-$ROOT/.venv}
-
-# --- environment: $PYTHON, python3 or .venv if one has everything, else install into .venv like CI ------
-has_all() { "$1" -c "import megatron.solo.demo, megatron.core, mistral_common, matplotlib, lmms_eval" 2>/dev/null; }
-for candidate in ${PYTHON:-} python3 "$VENV/bin/python"; do
-  if command -v "$candidate" >/dev/null && has_all "$candidate"; then PYTHON=$candidate; break; fi
-  PYTHON=
-done
-if [ -z "$PYTHON" ]; then
-  echo "demo: installing into $VENV (torch 2.13.0 CPU, megatron-core 0.16.1, this package's demo and eval extras)"
-  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-  export PIP_DISABLE_PIP_VERSION_CHECK=1
-  "$VENV/bin/python" -m pip install -q --upgrade pip
-  "$VENV/bin/python" -m pip install -q torch==2.13.0  # pinned first: the CPU wheel here (a bare torch pulls CUDA)
-  "$VENV/bin/python" -m pip install -q -e ".[demo,eval]"
-  # without its own requirements: they pull PyPI's torchvision (CUDA), which breaks transformers here (README)
-  "$VENV/bin/python" -m pip install -q --no-deps "lmms-eval==0.7.3"
-  PYTHON=$VENV/bin/python
-fi
-echo "demo: using $PYTHON"
+# shellcheck source=examples/demo_common.sh
+. examples/demo_common.sh
+demo_args "$0" 2,21 "$@"
+demo_python "megatron.solo.demo, megatron.core, mistral_common, matplotlib, lmms_eval"
 
 # --- sizes: the full demo, or a smoke run of a few steps ------------------------------------------
 # Short packs (256 tokens): on CPU attention is a dense masked matrix, so its cost grows with the pack length;
@@ -69,26 +46,7 @@ fi
 SEQ=256; GBS=1
 
 # Each step's wall time goes to timings.txt (the report adds the evaluation's own and sums them).
-TIMINGS=$OUT/timings.txt
-step() {
-  local name=$1; shift
-  local t0=$SECONDS
-  echo "demo: $name"
-  "$@"
-  echo "$name $((SECONDS - t0))" >> "$TIMINGS"
-}
-
-if [ -d "$OUT" ] && [ ! -e "$OUT/.solo-demo" ] && [ -n "$(ls -A "$OUT")" ]; then
-  echo "demo.sh: $OUT exists and is not a demo output directory; refusing to replace it (set DEMO_DIR)" >&2
-  exit 2
-fi
-rm -rf "$OUT"
-mkdir -p "$OUT"
-touch "$OUT/.solo-demo"
-# A 64-wide model gains nothing from many threads; more than a few only contend.
-CORES=$(nproc)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((CORES < 4 ? CORES : 4))}
-TOKENIZER=$("$PYTHON" -c "from megatron.solo.tokenizer import default_tokenizer_model as m; print(m())")
+demo_outputs .solo-demo DEMO_DIR
 
 step data "$PYTHON" tools/make_demo_data.py --out "$OUT/raw" "${DATA_ARGS[@]}"
 
@@ -96,18 +54,6 @@ preprocess() {  # name, then tools/preprocess_mm_data.py arguments
   local name=$1; shift
   "$PYTHON" tools/preprocess_mm_data.py --output-prefix "$OUT/data/$name" --seq-length "$SEQ" \
       --tokenizer-model "$TOKENIZER" --log-interval 600 "$@"
-}
-# In a smoke run each of these commands is mostly a Python start-up on one core: they run at once there; the
-# full run keeps them one after another (its preprocessing uses every core itself). Outputs do not overlap.
-together() {  # function names
-  if [ "$SMOKE" != 1 ]; then
-    local f; for f in "$@"; do "$f"; done
-    return
-  fi
-  local pids=() p rc=0 f
-  for f in "$@"; do "$f" & pids+=($!); done
-  for p in "${pids[@]}"; do wait "$p" || rc=1; done
-  return "$rc"
 }
 pp_labels() { preprocess labels --input "$OUT/raw/labels/train" --class-names "$OUT/raw/labels/classes.txt"; }
 pp_captions() { preprocess captions --input "$OUT/raw/captions/train.jsonl"; }

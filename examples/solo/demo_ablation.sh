@@ -23,26 +23,11 @@ if ! "$PYTHON" -c "import megatron.solo.demo, megatron.core, matplotlib" 2>/dev/
   PYTHON=$ROOT/.venv/bin/python   # demo.sh installs it
   [ -x "$PYTHON" ] || { echo "demo_ablation.sh: run examples/solo/demo.sh once first (it installs .venv)" >&2; exit 2; }
 fi
-CORES=$(nproc)
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((CORES < 4 ? CORES : 4))}
-TOKENIZER=$("$PYTHON" -c "from megatron.solo.tokenizer import default_tokenizer_model as m; print(m())")
 SEQ=256
-
-if [ -d "$OUT" ] && [ ! -e "$OUT/.solo-demo" ] && [ -n "$(ls -A "$OUT")" ]; then
-  echo "demo_ablation.sh: $OUT exists and is not a demo output directory; refusing to replace it" >&2
-  exit 2
-fi
-rm -rf "$OUT"
-mkdir -p "$OUT"
-touch "$OUT/.solo-demo"
-TIMINGS=$OUT/timings.txt
-step() {
-  local name=$1; shift
-  local t0=$SECONDS
-  echo "ablation: $name"
-  "$@"
-  echo "$name $((SECONDS - t0))" >> "$TIMINGS"
-}
+DEMO=ablation
+# shellcheck source=examples/demo_common.sh
+. examples/demo_common.sh
+demo_outputs .solo-demo ABLATION_DIR
 
 WARMUP=$((ITERS < 100 ? 1 : 10))  # (a few-step check run: ITERS=4)
 TRAIN=(--tokenizer-model "$TOKENIZER" --seq-length "$SEQ" --micro-batch-size 1 --global-batch-size 1

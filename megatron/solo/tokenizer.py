@@ -113,16 +113,18 @@ class SoloTokenizer:
             full = spm.SentencePieceProcessor(model_proto=_truncate_pieces(self._model_bytes, self.base_vocab_size))
         self._sp = full
 
-        names = list(SPECIAL_TOKENS) + extra
-        self._special_to_id = {name: self.base_vocab_size + i for i, name in enumerate(names)}
-        self._id_to_special = {i: name for name, i in self._special_to_id.items()}
-        self.vocab_size = self.base_vocab_size + len(names)
-
+        self._set_special_ids(list(SPECIAL_TOKENS) + extra)
         self.unk_id = self._sp.unk_id()
         self.bos_id = self._sp.bos_id()
         self.eos_id = self._sp.eos_id()
         # Mistral has no pad piece; like the reference, pad with EOS (padding is never a target).
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+
+    def _set_special_ids(self, names: list[str]) -> None:
+        """``names`` (the stack's tokens, then any extra) take the ids from ``base_vocab_size`` on."""
+        self._special_to_id = {name: self.base_vocab_size + i for i, name in enumerate(names)}
+        self._id_to_special = {i: name for name, i in self._special_to_id.items()}
+        self.vocab_size = self.base_vocab_size + len(names)
         (
             self.vision_start_id,
             self.vision_patch_id,
@@ -130,6 +132,28 @@ class SoloTokenizer:
             self.vision_frame_sep_id,
             self.vision_end_id,
         ) = (self._special_to_id[t] for t in VISION_TOKENS)
+
+    # -- the base encoder (SentencePiece here; JsonSoloTokenizer overrides these four) ------------------
+
+    def _base_encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def _base_decode(self, run: list[int], follows_text: bool) -> str:
+        text = self._sp.decode(run)
+        # SentencePiece drops the leading space of what it decodes; keep it between segments.
+        first = next((i for i in run if not self._sp.is_control(i)), None)
+        if follows_text and first is not None and self._sp.id_to_piece(first).startswith("▁"):
+            text = " " + text
+        return text
+
+    def _base_token(self, idx: int) -> str | None:
+        return self._sp.id_to_piece(idx)
+
+    def _encoder_digest(self) -> str:
+        """sha256 of the encoder's model proto (base pieces only)."""
+        if not hasattr(self, "_encoder_sha256"):
+            self._encoder_sha256 = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
+        return self._encoder_sha256
 
     # -- ids ------------------------------------------------------------------------------------
 
@@ -156,9 +180,10 @@ class SoloTokenizer:
     def id_to_token(self, idx: int) -> str:
         if idx in self._id_to_special:
             return self._id_to_special[idx]
-        if 0 <= idx < self.base_vocab_size:
-            return self._sp.id_to_piece(idx)
-        raise KeyError(f"token id {idx} is outside the vocabulary (size {self.vocab_size})")
+        token = self._base_token(idx) if 0 <= idx < self.base_vocab_size else None
+        if token is None:
+            raise KeyError(f"token id {idx} is outside the vocabulary (size {self.vocab_size})")
+        return token
 
     def padded_vocab_size(self, tensor_model_parallel_size: int = 1, make_vocab_size_divisible_by: int = 128) -> int:
         """Embedding rows for a TP degree: 33152 at TP1, 33280 at TP2 for SOLO's 33029."""
@@ -167,23 +192,20 @@ class SoloTokenizer:
     # -- text -----------------------------------------------------------------------------------
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        """Text → SentencePiece ids (no BOS/EOS unless asked). Never yields a special id."""
-        ids = self._sp.encode(text)
+        """Text → base ids (no BOS/EOS unless asked). Never yields a special id (nor, for a tokenizer.json, one
+        of the base's own special tokens)."""
+        ids = self._base_encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Ids → text. Vision tokens are skipped; other specials (``<loc_k>``) are written out."""
+        """Ids → text. Vision tokens (and a tokenizer.json's own special tokens) are skipped; other specials
+        (``<loc_k>``) are written out."""
         pieces: list[str] = []
         run: list[int] = []
 
         def flush():
             if run:
-                text = self._sp.decode(run)
-                # SentencePiece drops the leading space of what it decodes; keep it between segments.
-                first = next((i for i in run if not self._sp.is_control(i)), None)
-                if pieces and first is not None and self._sp.id_to_piece(first).startswith("▁"):
-                    text = " " + text
-                pieces.append(text)
+                pieces.append(self._base_decode(run, follows_text=bool(pieces)))
                 run.clear()
 
         for idx in ids:
@@ -260,10 +282,8 @@ class SoloTokenizer:
         prefix and compared by the loader): sha256 of the encoder's model proto (base pieces only, so a
         SOLO-7B ``tokenizer.model`` that carries the special pieces matches its base), the vocabulary size,
         BOS/EOS and the vision ids."""
-        if not hasattr(self, "_encoder_sha256"):
-            self._encoder_sha256 = hashlib.sha256(self._sp.serialized_model_proto()).hexdigest()
         return {
-            "encoder_sha256": self._encoder_sha256,
+            "encoder_sha256": self._encoder_digest(),
             "vocab_size": self.vocab_size,
             "bos_id": self.bos_id,
             "eos_id": self.eos_id,
@@ -317,22 +337,13 @@ class JsonSoloTokenizer(SoloTokenizer):
         self.model_path = files[0]
         self._model_bytes = self._encoder.json_bytes  # what metadata()'s tokenizer_model_sha256 hashes
         self.base_vocab_size = self._encoder.size
-        self._special_to_id = {name: self.base_vocab_size + i for i, name in enumerate(SPECIAL_TOKENS)}
-        self._id_to_special = {i: name for name, i in self._special_to_id.items()}
-        self.vocab_size = self.base_vocab_size + len(SPECIAL_TOKENS)
+        self._set_special_ids(list(SPECIAL_TOKENS))
         self.unk_id, self.bos_id, self.eos_id, self.pad_id = (
             self._encoder.unk_id,
             self._encoder.bos_id,
             self._encoder.eos_id,
             self._encoder.pad_id,
         )
-        (
-            self.vision_start_id,
-            self.vision_patch_id,
-            self.vision_row_sep_id,
-            self.vision_frame_sep_id,
-            self.vision_end_id,
-        ) = (self._special_to_id[t] for t in VISION_TOKENS)
 
     def token_to_id(self, token: str) -> int:
         """Id of a special token or a base token (a byte-level piece, e.g. "Ġthe", or an added token)."""
@@ -341,36 +352,18 @@ class JsonSoloTokenizer(SoloTokenizer):
             raise KeyError(f"unknown token {token!r}")
         return idx
 
-    def id_to_token(self, idx: int) -> str:
-        if idx in self._id_to_special:
-            return self._id_to_special[idx]
-        token = self._encoder.id_to_token(idx) if 0 <= idx < self.base_vocab_size else None
-        if token is None:
-            raise KeyError(f"token id {idx} is outside the vocabulary (size {self.vocab_size})")
-        return token
+    def _base_encode(self, text: str) -> list[int]:
+        return self._encoder.encode(text)
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        """Text → base ids (no BOS/EOS unless asked). Never yields a special id, the base's own included."""
-        ids = self._encoder.encode(text)
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+    def _base_decode(self, run: list[int], follows_text: bool) -> str:
+        return self._encoder.decode(run)  # byte-level: spaces are part of the pieces
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Ids → text. Vision tokens and the base's special tokens are skipped; ``<loc_k>`` are written out."""
-        pieces: list[str] = []
-        run: list[int] = []
-        for idx in ids:
-            idx = int(idx)
-            if 0 <= idx < self.base_vocab_size:
-                run.append(idx)
-                continue
-            if idx not in self._id_to_special:
-                raise ValueError(f"cannot decode id {idx}: outside the vocabulary (size {self.vocab_size})")
-            pieces.append(self._encoder.decode(run))
-            run.clear()
-            if idx not in self.vision_token_ids:
-                pieces.append(self._id_to_special[idx])
-        pieces.append(self._encoder.decode(run))
-        return "".join(pieces)
+    def _base_token(self, idx: int) -> str | None:
+        return self._encoder.id_to_token(idx)
+
+    def _encoder_digest(self) -> str:
+        """sha256 of the ``tokenizer.json`` bytes."""
+        return self._encoder.sha256
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``solo_base_tokenizer.json`` (+ ``solo_base_tokenizer_config.json``), the bytes loaded, and
@@ -380,16 +373,6 @@ class JsonSoloTokenizer(SoloTokenizer):
         self._encoder.save(directory)
         write_atomic(directory / METADATA_FILE, (json.dumps(self.metadata(), indent=2) + "\n").encode())
         return directory
-
-    def fingerprint(self) -> dict:
-        """As :meth:`SoloTokenizer.fingerprint`, the encoder's hash being the ``tokenizer.json`` bytes'."""
-        return {
-            "encoder_sha256": self._encoder.sha256,
-            "vocab_size": self.vocab_size,
-            "bos_id": self.bos_id,
-            "eos_id": self.eos_id,
-            "vision_ids": list(self.vision_token_ids),
-        }
 
     def metadata(self) -> dict:
         """The id layout; ``tokenizer_model_sha256`` is the ``tokenizer.json``'s."""
