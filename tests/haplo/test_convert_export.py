@@ -237,7 +237,6 @@ def test_chat_messages_and_a_padded_batch_are_preprocessings(tokenizer, sample_p
     from megatron.solo.data.encode import EncodeConfig, encode_turns
     from megatron.solo.data.errors import Origin
     from megatron.solo.data.packed_format import decode_patches
-    from megatron.solo.data.samples import ImageRef, Turn
     from megatron.solo.families import get_preset
     from megatron.solo.haplo import anyres
     from megatron.solo.image import normalize_patches
@@ -246,22 +245,8 @@ def test_chat_messages_and_a_padded_batch_are_preprocessings(tokenizer, sample_p
     cfg = get_preset("haplo-tiny")
     processor = haplo_processor(cfg, tokenizer)
     tiling = haplo_tiling(cfg.tile_size)
-    a, b = tmp_path / "a.png", tmp_path / "b.png"
-    im.load_image(sample_photos[0]).resize((150, 60)).save(a)
-    im.load_image(sample_photos[3]).resize((40, 130)).save(b)
-    messages = [
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": [{"type": "image", "image": str(a)}, {"type": "text", "text": "What is it?"}]},
-        {"role": "assistant", "content": "A person."},
-        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image", "path": str(b)}]},
-    ]
+    messages, turns, (a, b) = chat_sample(sample_photos, tmp_path)
     out = processor.apply_chat_template(messages, tokenize=True)
-    turns = (
-        Turn("system", ("Answer briefly.",)),
-        Turn("user", (ImageRef(str(a)), "What is it?")),
-        Turn("assistant", ("A person.",)),
-        Turn("user", ("And this?", ImageRef(str(b)))),
-    )
     config = EncodeConfig(layout="haplo", anyres=tiling, image_format="raw", chat_template="mistral", append_eod=False)
     ids, _, images = encode_turns(turns, tokenizer, config, Origin("<test>"))
     assert out["input_ids"][0].tolist() == ids.tolist()
@@ -295,3 +280,26 @@ def test_a_llama3_export_of_a_mistral_checkpoint_is_refused(megatron_ckpt, tmp_p
     with pytest.raises(ValueError, match=r"llama3 needs the tokenizer's <\|start_header_id\|>"):
         haplo_megatron_to_hf(megatron_ckpt, out, chat_template="llama3")
     assert not out.exists()
+
+
+def chat_sample(sample_photos, tmp_path):
+    """(chat messages, the same chat as preprocessing's turns, the two image paths): a system turn, an image
+    before and one after the text, and a follow-up turn."""
+    from megatron.solo.data.samples import ImageRef, Turn
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    im.load_image(sample_photos[0]).resize((150, 60)).save(a)
+    im.load_image(sample_photos[3]).resize((40, 130)).save(b)
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "image", "image": str(a)}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "A person."},
+        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image", "path": str(b)}]},
+    ]
+    turns = (
+        Turn("system", ("Answer briefly.",)),
+        Turn("user", (ImageRef(str(a)), "What is it?")),
+        Turn("assistant", ("A person.",)),
+        Turn("user", ("And this?", ImageRef(str(b)))),
+    )
+    return messages, turns, (a, b)

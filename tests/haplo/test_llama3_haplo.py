@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
 from pretrain_helpers import losses, recipe_args, run_pretrain  # noqa: E402
+from test_convert_export import chat_sample  # noqa: E402
 from test_convert_export import test_chat_messages_and_a_padded_batch_are_preprocessings as check_chat  # noqa: E402
 from test_convert_init import hf_weights, plain  # noqa: E402
 from tiny_llama3 import SPECIAL_NAMES, llama3_dir  # noqa: E402
@@ -227,28 +228,13 @@ def test_the_llama3_chat_layout_is_preprocessings_and_llama3s(llama, llama_token
     from megatron.solo.convert.haplo_export import haplo_processor
     from megatron.solo.data.encode import EncodeConfig, encode_turns
     from megatron.solo.data.errors import Origin
-    from megatron.solo.data.samples import ImageRef, Turn
     from megatron.solo.families import get_preset
     from tools.preprocess_mm_data import haplo_tiling
 
     cfg = get_preset("haplo-tiny")
     processor = haplo_processor(cfg, llama_tokenizer, "llama3")
-    a, b = tmp_path / "a.png", tmp_path / "b.png"
-    im.load_image(sample_photos[0]).resize((150, 60)).save(a)
-    im.load_image(sample_photos[3]).resize((40, 130)).save(b)
-    messages = [
-        {"role": "system", "content": "Answer briefly."},
-        {"role": "user", "content": [{"type": "image", "image": str(a)}, {"type": "text", "text": "What is it?"}]},
-        {"role": "assistant", "content": "A person."},
-        {"role": "user", "content": [{"type": "text", "text": "And this?"}, {"type": "image", "path": str(b)}]},
-    ]
+    messages, turns, (a, b) = chat_sample(sample_photos, tmp_path)
     out = processor.apply_chat_template(messages, tokenize=True)
-    turns = (
-        Turn("system", ("Answer briefly.",)),
-        Turn("user", (ImageRef(str(a)), "What is it?")),
-        Turn("assistant", ("A person.",)),
-        Turn("user", ("And this?", ImageRef(str(b)))),
-    )
     config = EncodeConfig(
         layout="haplo", anyres=haplo_tiling(cfg.tile_size), image_format="raw", chat_template="llama3", append_eod=False
     )
