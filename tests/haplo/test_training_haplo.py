@@ -416,22 +416,22 @@ def test_stage1_tensor_parallel_follows_the_single_process_run(data, release, te
         assert got[it] == pytest.approx(want[it], rel=1e-5 if it == 1 else 3e-4), (it, got, want)
 
 
-def test_stage1_pipeline_parallel_follows_the_single_process_run_and_serves_both_stages(
+def test_stage1_pipeline_parallel_follows_the_single_process_run_and_resumes_at_pp1(
     data, teacher_dir, stage1_reference, tmp_path
 ):
     """Stage 1 through the trainer at PP=2 (the pre-decoder's layers split over the stages, the teacher on the
-    last) follows the PP=1 run's losses; its checkpoint, saved at PP=2, starts stage 2 and resumes stage 1 at
-    PP=1 (optimizer included) onto the PP=1 run's next loss. Both start from a stage-1 checkpoint: fresh heads
-    are drawn where the RNG stands after the stage's other layers, which depends on the layout."""
+    last) follows the PP=1 run's losses; its checkpoint, saved at PP=2, resumes stage 1 at PP=1 (optimizer
+    included) onto the PP=1 run's next loss. (That a PP=2 stage-1 checkpoint loads into a stage-2 model is
+    test_model_parallel_haplo's; that the trainer starts stage 2 from a stage-1 checkpoint,
+    test_stage1_distils_the_pre_decoder_then_stage2_starts_without_heads'.) Both start from a stage-1
+    checkpoint: fresh heads are drawn where the RNG stands after the stage's other layers, which depends on the
+    layout."""
     s1 = str(stage1_reference / "s1")
     args = recipe_args(data, s1, SEQ_LENGTH, 2, "--finetune", "--distill-teacher", teacher_dir)
     run_pretrain([*args, "--metrics-file", str(tmp_path / "pp1.jsonl")])
     pp2 = ["--pipeline-model-parallel-size", "2", "--exit-interval", "1", "--metrics-file", str(tmp_path / "a.jsonl")]
     save = ["--save", str(tmp_path / "pp2")]
     run_pretrain([*args, *save, *pp2], nproc=2, timeout=400)
-    stage2 = ["--finetune", "--metrics-file", str(tmp_path / "s2.jsonl")]
-    run_pretrain(recipe_args(data, str(tmp_path / "pp2"), SEQ_LENGTH, 1, *stage2))
-    assert list(losses(tmp_path / "s2.jsonl")) == [1]
     resumed = run_pretrain([*args, *save, "--metrics-file", str(tmp_path / "b.jsonl")])
     assert "resume" in resumed.stdout
     want, got = losses(tmp_path / "pp1.jsonl"), {**losses(tmp_path / "a.jsonl"), **losses(tmp_path / "b.jsonl")}
