@@ -27,7 +27,8 @@ from megatron.solo.config import ModelConfig
 from megatron.solo.convert.hf_export import read_hf_checkpoint, write_hf_export
 from megatron.solo.convert.hf_solo import SoloConfig
 from megatron.solo.convert.name_table import PATCH_INIT_SEED, hf_to_megatron, megatron_to_hf, model_config_from_hf
-from megatron.solo.model import build_model, make_transformer_config
+from megatron.solo.families import build_model
+from megatron.solo.model import make_transformer_config
 from megatron.solo.parallel import ensure_model_parallel_of_one
 from megatron.solo.tokenizer import SoloTokenizer, has_tokenizer
 
@@ -113,8 +114,21 @@ def hf_to_megatron_checkpoint(
     m_sd = hf_to_megatron(
         hf_sd, cfg, padded_vocab_size=metadata.padded_vocab_size, generator=torch.Generator().manual_seed(seed)
     )
-    m_sd = {name: tensor.to(dtype) for name, tensor in m_sd.items()}
+    save_converted(out_dir, cfg, m_sd, metadata, tokenizer, dtype)
+    return metadata
 
+
+def save_converted(
+    out_dir: Path,
+    cfg: ModelConfig,
+    weights: dict[str, torch.Tensor],
+    metadata: CheckpointMetadata,
+    tokenizer: SoloTokenizer,
+    dtype: torch.dtype,
+) -> None:
+    """Write converted ``weights`` (the model's state-dict names, any family) in ``dtype`` as a release
+    checkpoint of ``cfg`` in ``out_dir``, with ``tokenizer``; every tensor of the model must be given."""
+    weights = {name: tensor.to(dtype) for name, tensor in weights.items()}
     ensure_model_parallel_of_one()
     # The local spec on any machine: its parameter names are the name table's, and the checkpoint it writes
     # loads into either backend. On meta, shapes only: the converted tensors are assigned, not copied.
@@ -123,10 +137,9 @@ def hf_to_megatron_checkpoint(
     )
     with torch.device("meta"):
         model = build_model(cfg, tc, padded_vocab_size=metadata.padded_vocab_size)
-    load_model_state(model, m_sd, assign=True)
+    load_model_state(model, weights, assign=True)
     tokenizer.save_pretrained(out_dir)  # before the tracker file marks the checkpoint complete
     save_model(out_dir, model, metadata)
-    return metadata
 
 
 def megatron_to_hf_checkpoint(

@@ -194,12 +194,9 @@ def haplo_hf_to_megatron(
     vocabulary size (the released Qwen2-based model's tokenizer, which carries them differently, is not supported)."""
     import json
 
-    from megatron.solo.checkpointing import load_model_state, save_model
+    from megatron.solo.convert.checkpoint import save_converted
     from megatron.solo.convert.hf_export import _read_weights
-    from megatron.solo.families import build_model
     from megatron.solo.haplo.release_layout import release_to_megatron
-    from megatron.solo.model import make_transformer_config
-    from megatron.solo.parallel import ensure_model_parallel_of_one
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if (out_dir / "latest_checkpointed_iteration.txt").exists():
@@ -222,14 +219,5 @@ def haplo_hf_to_megatron(
     m_sd = release_to_megatron(
         sd, pre=cfg.pre_decoder, llm=cfg, llm_bias=cfg.llm_bias, padded_vocab_size=metadata.padded_vocab_size
     )
-    m_sd = {k: v.to(dtype) for k, v in m_sd.items()}
-    ensure_model_parallel_of_one()
-    tc = make_transformer_config(
-        cfg, params_dtype=dtype, perform_initialization=False, backend="local", cpu_initialization=True
-    )
-    with torch.device("meta"):
-        model = build_model(cfg, tc, padded_vocab_size=metadata.padded_vocab_size)
-    load_model_state(model, m_sd, assign=True)
-    tokenizer.save_pretrained(out_dir)  # before the tracker file marks the checkpoint complete
-    save_model(out_dir, model, metadata)
+    save_converted(out_dir, cfg, m_sd, metadata, tokenizer, dtype)
     return metadata
