@@ -153,6 +153,8 @@ def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int
         effective = min(int(width * scale) * int(height * scale), width * height)
         if effective > best_effective or (effective == best_effective and w * h - effective < best_waste):
             best, best_effective, best_waste = (h, w), effective, w * h - effective
+    if best is None:
+        raise ValueError(f"no pinpoint keeps any pixel of a {width}x{height} image")
     return best
 
 

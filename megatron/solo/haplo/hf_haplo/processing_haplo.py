@@ -30,6 +30,8 @@ import torch
 from PIL import Image, ImageOps
 from transformers import BatchFeature, ProcessorMixin
 
+from .modeling_haplo import select_best_resolution
+
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_TOKEN = "<vpatch>"
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
@@ -247,19 +249,7 @@ class HaploProcessor(ProcessorMixin):
         return self.batch_decode([ids], skip_special_tokens=skip_special_tokens, **kwargs)[0]
 
 
-# -- anyres (the released rules; megatron.solo.haplo.anyres re-implemented) -----------------------------------
-
-
-def select_best_resolution(height: int, width: int, pinpoints) -> tuple[int, int]:
-    best, best_effective, best_waste = None, 0, math.inf
-    for h, w in pinpoints:
-        scale = min(w / width, h / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        if effective > best_effective or (effective == best_effective and w * h - effective < best_waste):
-            best, best_effective, best_waste = (h, w), effective, w * h - effective
-    if best is None:
-        raise ValueError(f"no pinpoint keeps any pixel of a {width}x{height} image")
-    return best
+# -- anyres (the released rules; megatron.solo.haplo.anyres re-implemented; the best fit is modeling_haplo's) --------
 
 
 def resized_size(height: int, width: int, target) -> tuple[int, int]:
