@@ -21,7 +21,7 @@ from megatron.solo import image as im  # noqa: E402
 pytestmark = pytest.mark.timeout(600)
 SEQ_LENGTH = 160
 ITERS = 4
-BF16_STAGE1_RTOL = 5e-3  # bf16 stage 1 against fp32, per iteration: measured ≤ 1e-4 on CPU (4 iterations)
+BF16_STAGE1_RTOL = 1e-3  # bf16 stage 1 against fp32, per iteration: measured ≤ 1e-4 on CPU (4 iterations), 2e-4 at PP=2
 SIZES = [(96, 64), (64, 96), (70, 50), (120, 120), (40, 160)]
 
 
